@@ -1,0 +1,5 @@
+"""lookupd: answers Exim ${readsocket} queries about the connecting client."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

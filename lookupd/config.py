@@ -1,0 +1,493 @@
+"""lookupd's one configuration: frozen, typed dataclasses loaded from TOML and fully validated.
+
+Defaults live only in the dataclass fields below. `load_config()` rejects unknown keys, wrong
+types and out-of-range values, naming the file, the key and the fix. Code outside this module
+never sees the raw TOML dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lookupd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/lookupd/lookupd.toml")
+
+# Where geoipupdate (Debian: /var/lib/GeoIP) and Debian's geoip packages put the databases,
+# tried in this order when no path is configured.
+GEOIP_COUNTRY_PATHS = (
+    Path("/var/lib/GeoIP/GeoLite2-Country.mmdb"),
+    Path("/usr/share/GeoIP/GeoLite2-Country.mmdb"),
+    Path("/var/lib/GeoIP/GeoIP2-Country.mmdb"),
+    Path("/usr/share/GeoIP/GeoIP2-Country.mmdb"),
+    Path("/var/lib/GeoIP/GeoLite2-City.mmdb"),
+    Path("/usr/share/GeoIP/GeoLite2-City.mmdb"),
+    Path("/var/lib/GeoIP/GeoIP2-City.mmdb"),
+    Path("/usr/share/GeoIP/GeoIP2-City.mmdb"),
+    Path("/var/lib/GeoIP/dbip-country-lite.mmdb"),
+    Path("/usr/share/GeoIP/dbip-country-lite.mmdb"),
+    Path("/var/lib/GeoIP/dbip-city-lite.mmdb"),
+    Path("/usr/share/GeoIP/dbip-city-lite.mmdb"),
+)
+GEOIP_ASN_PATHS = (
+    Path("/var/lib/GeoIP/GeoLite2-ASN.mmdb"),
+    Path("/usr/share/GeoIP/GeoLite2-ASN.mmdb"),
+    Path("/var/lib/GeoIP/dbip-asn-lite.mmdb"),
+    Path("/usr/share/GeoIP/dbip-asn-lite.mmdb"),
+)
+# nftfw keeps its database in /var/lib/nftfw; Sympl and Symbiosis in /var/lib/{sympl,symbiosis}.
+FIREWALL_DB_PATHS = (
+    Path("/var/lib/nftfw/firewall.db"),
+    Path("/usr/local/var/lib/nftfw/firewall.db"),
+    Path("/var/lib/sympl/firewall-blacklist-count.db"),
+    Path("/var/lib/symbiosis/firewall-blacklist-count.db"),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Value parsers used through field metadata: each takes the raw TOML value and returns the typed
+# value, or raises ValueError with the fix in words.
+
+
+def parse_duration(raw: object) -> float:
+    """Seconds from a number or a string such as "90", "2s", "500ms", "1h", "1h30m"."""
+    if isinstance(raw, bool):
+        raise ValueError("expected a duration such as 2.5, \"500ms\", \"30s\", \"1h\"")
+    if isinstance(raw, int | float):
+        value = float(raw)
+    elif isinstance(raw, str):
+        text = raw.strip().lower()
+        parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)?", text)
+        if not text or "".join(n + u for n, u in parts) != text:
+            raise ValueError(f'"{raw}" is not a duration: write e.g. 2.5, "500ms", "30s", "1h"')
+        scale = {"ms": 0.001, "": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0,
+                 "w": 604800.0}
+        value = sum(float(n) * scale[u] for n, u in parts)
+    else:
+        raise ValueError("expected a duration such as 2.5, \"500ms\", \"30s\", \"1h\"")
+    if value < 0:
+        raise ValueError("a duration cannot be negative")
+    return value
+
+
+def parse_mode(raw: object) -> int:
+    """A Unix file mode given as an integer (0o660) or an octal string ("0660")."""
+    if isinstance(raw, bool):
+        raise ValueError('expected a file mode such as "0660"')
+    if isinstance(raw, str):
+        try:
+            raw = int(raw, 8)
+        except ValueError:
+            raise ValueError(f'"{raw}" is not an octal file mode: write e.g. "0660"') from None
+    if not isinstance(raw, int) or not 0 <= raw <= 0o777:
+        raise ValueError('expected a file mode from "0000" to "0777", such as "0660"')
+    return raw
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(raw: object, *, loopback_only: bool = False) -> HostPort | None:
+    """ "127.0.0.1:8899", "[::1]:53" or "" (off) into a HostPort."""
+    if not isinstance(raw, str):
+        raise ValueError('expected a string such as "127.0.0.1:8899", or "" for off')
+    if raw == "":
+        return None
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", raw)
+    if not m:
+        raise ValueError(f'"{raw}" is not HOST:PORT: write e.g. "127.0.0.1:8899" or "[::1]:8899"')
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 1-65535")
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f'"{host}" is not an IP address: write e.g. "127.0.0.1"') from None
+    if loopback_only and not addr.is_loopback:
+        raise ValueError(
+            f"{host} is not a loopback address: lookupd answers anyone who connects, so the "
+            'TCP listener must be on 127.0.0.1 or ::1 (e.g. "127.0.0.1:8899")'
+        )
+    return HostPort(str(addr), port)
+
+
+def _parse_tcp(raw: object) -> HostPort | None:
+    return parse_host_port(raw, loopback_only=True)
+
+
+def parse_nameserver(raw: object) -> HostPort:
+    """A resolver address, "127.0.0.1" (port 53) or "127.0.0.1:5353" or "[::1]:5353"."""
+    if isinstance(raw, str) and raw and not raw.endswith("]") and raw.count(":") != 1 \
+            and not raw.startswith("["):
+        try:  # a bare IPv6 address, no port
+            return HostPort(str(ipaddress.ip_address(raw)), 53)
+        except ValueError:
+            pass
+    if isinstance(raw, str) and ":" not in raw:
+        raw = raw + ":53"
+    hp = parse_host_port(raw)
+    if hp is None:
+        raise ValueError('expected a nameserver such as "127.0.0.1" or "127.0.0.1:5353"')
+    return hp
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
+def _port_list(value: tuple[int, ...]) -> str | None:
+    bad = [p for p in value if not 1 <= p <= 65535]
+    return f"ports out of range 1-65535: {bad}" if bad else None
+
+
+def _country_codes(value: tuple[str, ...]) -> str | None:
+    bad = [c for c in value if not re.fullmatch(r"[A-Z]{2}", c)]
+    return f"not ISO 3166-1 alpha-2 codes in upper case (e.g. \"GB\"): {bad}" if bad else None
+
+
+def _parsed(parse: Callable[[object], Any], check: Callable[[Any], str | None] | None = None,
+            ) -> dict[str, Any]:
+    meta: dict[str, Any] = {"parse": parse}
+    if check is not None:
+        meta["check"] = check
+    return meta
+
+
+def _checked(check: Callable[[Any], str | None]) -> dict[str, Any]:
+    return {"check": check}
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections.
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """[server]: where lookupd listens and how long it waits for clients."""
+
+    # Unix socket for Exim. "" turns it off (then `tcp` must be set).
+    socket: Path | None = Path("/run/lookupd/lookupd.sock")
+    socket_mode: int = field(default=0o660, metadata=_parsed(parse_mode))
+    # Group that owns the socket, e.g. "Debian-exim"; "" leaves the process's group.
+    socket_group: str = ""
+    # Optional loopback TCP listener for Exim's `inet:127.0.0.1:PORT` form; "" is off.
+    tcp: HostPort | None = field(default=None, metadata=_parsed(_parse_tcp))
+    # How long a client may take to send its request before lookupd closes the connection.
+    read_timeout: float = field(default=3.0, metadata=_parsed(parse_duration, _positive))
+    # How long in-flight requests may run after SIGTERM before lookupd exits anyway.
+    drain_timeout: float = field(default=5.0, metadata=_parsed(parse_duration, _positive))
+    # Durable state (user blocks, cache snapshots).
+    state_dir: Path = Path("/var/lib/lookupd")
+    log_level: Literal["debug", "info", "warning", "error"] = "warning"
+
+
+@dataclass(frozen=True)
+class GeoIPConfig:
+    """[geoip]: country and ASN databases (MaxMind GeoIP2/GeoLite2 or DB-IP .mmdb files)."""
+
+    # Country (or City) database; unset tries GEOIP_COUNTRY_PATHS in order.
+    country_db: Path | None = None
+    # ASN database; unset tries GEOIP_ASN_PATHS. The `asn` verb answers ?? without one.
+    asn_db: Path | None = None
+    # "country": where the address is; "registered_country": where its owner registered it.
+    country_field: Literal["country", "registered_country"] = "country"
+    # How often lookupd looks whether geoipupdate replaced a database file.
+    check_interval: float = field(default=30.0, metadata=_parsed(parse_duration, _positive))
+
+
+@dataclass(frozen=True)
+class IncidentsConfig:
+    """[incidents]: the firewall's sqlite database of offending addresses."""
+
+    # nftfw firewall.db or Sympl/Symbiosis firewall-blacklist-count.db; unset tries
+    # FIREWALL_DB_PATHS in order.
+    db: Path | None = None
+    # "auto" detects the schema from the table's columns.
+    schema: Literal["auto", "nftfw", "sympl"] = "auto"
+    # nftfw: which column counts (matchcount = log matches, incidents = distinct incidents).
+    nftfw_column: Literal["matchcount", "incidents"] = "matchcount"
+    # Sympl: count only rows newer than this (0 = all rows).
+    sympl_window: float = field(default=0.0, metadata=_parsed(parse_duration))
+    # How often lookupd looks whether the firewall rewrote the database.
+    check_interval: float = field(default=2.0, metadata=_parsed(parse_duration, _positive))
+
+
+@dataclass(frozen=True)
+class DnsblListConfig:
+    """One [[dnsbl.list]] entry."""
+
+    zone: str
+    # Name shown in answers and stats; defaults to the zone.
+    name: str = ""
+    # Added to the score on a hit; negative for allow lists (e.g. a DNSWL).
+    weight: float = 1.0
+    # Which answers count: "127.0.0.2", ranges "127.0.0.[2..11]", or bitmasks "&0x04".
+    # Empty: any 127.0.0.0/8 answer except the reserved error codes.
+    codes: tuple[str, ...] = ()
+    families: tuple[Literal["ipv4", "ipv6"], ...] = ("ipv4", "ipv6")
+    kind: Literal["ip", "domain"] = "ip"
+    # Spamhaus: with [dnsbl] dqs_key set, ZONE becomes KEY.<zone minus spamhaus.org>.dq.spamhaus.net
+    spamhaus: bool = False
+
+
+def _default_lists() -> tuple[DnsblListConfig, ...]:
+    return (
+        DnsblListConfig(zone="zen.spamhaus.org", codes=("127.0.0.[2..11]",), spamhaus=True),
+        DnsblListConfig(zone="bl.spamcop.net", codes=("127.0.0.2",), families=("ipv4",)),
+        DnsblListConfig(zone="b.barracudacentral.org", codes=("127.0.0.2",),
+                        families=("ipv4",)),
+        DnsblListConfig(zone="dbl.spamhaus.org", kind="domain", codes=("127.0.1.[2..99]",),
+                        spamhaus=True),
+    )
+
+
+@dataclass(frozen=True)
+class DnsblConfig:
+    """[dnsbl]: DNS block lists, asked in parallel, cached for every Exim process."""
+
+    lists: tuple[DnsblListConfig, ...] = field(default_factory=_default_lists)
+    # Resolvers to ask ("127.0.0.1", "127.0.0.1:5353"); empty uses /etc/resolv.conf.
+    nameservers: tuple[HostPort, ...] = field(default=(),
+                                              metadata=_parsed(parse_nameserver))
+    # One deadline for all lists of one query; keep it well under Exim's readsocket timeout.
+    deadline: float = field(default=1.5, metadata=_parsed(parse_duration, _positive))
+    # Summed weight at which `verdict=listed`.
+    threshold: float = field(default=1.0, metadata=_checked(_positive))
+    # Spamhaus Data Query Service key; never written to answers or logs.
+    dqs_key: str = ""
+    cache_size: int = field(default=50_000, metadata=_checked(_positive))
+    # Upper bound for caching NXDOMAIN (the zone's SOA minimum is used when smaller).
+    negative_ttl_max: float = field(default=900.0, metadata=_parsed(parse_duration))
+    # How long a timeout or SERVFAIL is remembered before the list is asked again.
+    error_ttl: float = field(default=30.0, metadata=_parsed(parse_duration))
+    # RFC 5782 test-point probes of every list.
+    probe_interval: float = field(default=300.0, metadata=_parsed(parse_duration, _positive))
+    # How often the cache is written to the state directory (and on stop).
+    snapshot_interval: float = field(default=300.0,
+                                     metadata=_parsed(parse_duration, _positive))
+
+
+@dataclass(frozen=True)
+class UsersConfig:
+    """[users]: blocking authenticated users who send to too many invalid recipients."""
+
+    # Invalid-recipient events in `window` that block the user.
+    limit: int = field(default=100, metadata=_checked(_positive))
+    window: float = field(default=3600.0, metadata=_parsed(parse_duration, _positive))
+    # Compare user names without regard to case (most authenticators do).
+    case_insensitive: bool = True
+    # Members of this group (and root) may run user-block / user-unblock over the socket.
+    admin_group: str = ""
+    # Command that gets the notification mail on stdin; "" sends none.
+    notify_command: str = "/usr/sbin/sendmail -t -oi"
+    notify_to: str = "postmaster"
+    notify_retries: int = field(default=3, metadata=_checked(_non_negative))
+    # Optional Exim lsearch file of blocked users kept in sync (classic
+    # blocked_authenticated_users); unset: none.
+    lsearch_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ConnectConfig:
+    """[connect]: the policy behind the `connect` verb."""
+
+    # Exim net-iplsearch style files of IPs/CIDRs that bypass every check.
+    allowlist_files: tuple[Path, ...] = ()
+    # Deny when the firewall counted more incidents than this; 0 turns the rule off.
+    incidents_threshold: int = field(default=10, metadata=_checked(_non_negative))
+    deny_on_dnsbl: bool = True
+    # Deny clients without a PTR record; off by default: it blocks real senders.
+    deny_no_ptr: bool = False
+    # Ports where only known clients may connect (submission).
+    submission_ports: tuple[int, ...] = field(default=(465, 587),
+                                              metadata=_checked(_port_list))
+    # IMAP-before-submission style access file (one IP/CIDR per line); unset: none.
+    submission_access_file: Path | None = None
+    # Countries allowed to use submission ports; empty: every country.
+    submission_countries: tuple[str, ...] = field(default=(),
+                                                  metadata=_checked(_country_codes))
+    deny_countries: tuple[str, ...] = field(default=(), metadata=_checked(_country_codes))
+    # When non-empty, only these countries may connect (on every port).
+    allow_countries: tuple[str, ...] = field(default=(), metadata=_checked(_country_codes))
+    # All sources of one connect query answer within this, or count as unknown.
+    deadline: float = field(default=2.0, metadata=_parsed(parse_duration, _positive))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; `source` is the file it came from (None: embedded defaults)."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    geoip: GeoIPConfig = field(default_factory=GeoIPConfig)
+    incidents: IncidentsConfig = field(default_factory=IncidentsConfig)
+    dnsbl: DnsblConfig = field(default_factory=DnsblConfig)
+    users: UsersConfig = field(default_factory=UsersConfig)
+    connect: ConnectConfig = field(default_factory=ConnectConfig)
+    source: Path | None = field(default=None, metadata={"internal": True})
+
+
+# TOML table names that differ from the field name ([[dnsbl.list]] fills `lists`).
+_TOML_NAMES = {(DnsblConfig, "lists"): "list"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load_config(path: Path | None = None, *, required: bool = False,
+                overrides: Mapping[str, object] | None = None) -> Config:
+    """Read and validate `path` (default /etc/lookupd/lookupd.toml).
+
+    A missing default file means embedded defaults; a missing file that was asked for
+    (`required`) is an error. `overrides` maps "section.key" to raw values (CLI flags), applied
+    on top of the file and validated the same way.
+    """
+    source = path or DEFAULT_CONFIG_PATH
+    raw: dict[str, Any] = {}
+    where = str(source)
+    if source.exists() or required or path is not None:
+        try:
+            with open(source, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{source}: no such file; create it (see README, 'Configuration') or leave "
+                "--config out to run on the embedded defaults"
+            ) from None
+        except PermissionError:
+            raise ConfigError(f"{source}: permission denied; make it readable by lookupd") \
+                from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    else:
+        where = "embedded defaults"
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{section}] must be a table")
+        table[key] = value
+    config = _build(Config, raw, where, "")
+    return dataclasses.replace(config, source=source if where != "embedded defaults" else None)
+
+
+def _build(cls: type[Any], raw: object, where: str, prefix: str) -> Any:
+    label = prefix or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {label} must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    toml_names = {_TOML_NAMES.get((cls, name), name): name for name in fields}
+    unknown = sorted(set(raw) - set(toml_names))
+    if unknown:
+        known = ", ".join(sorted(toml_names))
+        raise ConfigError(
+            f"{where}: unknown key {_join(prefix, unknown[0])}: check the spelling; "
+            f"{label} takes {known}"
+        )
+    values: dict[str, Any] = {}
+    for toml_name, name in toml_names.items():
+        f = fields[name]
+        key = _join(prefix, toml_name)
+        if toml_name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: {key} is required")
+            continue
+        value = _convert(hints[name], f.metadata, raw[toml_name], where, key)
+        check = f.metadata.get("check")
+        if check is not None:
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"{where}: {key} {problem}")
+        values[name] = value
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {label}: {exc}") from None
+
+
+def _convert(tp: Any, meta: Mapping[str, Any], raw: object, where: str, key: str) -> Any:
+    parse = meta.get("parse")
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(raw, list):
+            raise ConfigError(f"{where}: {key} must be a list, e.g. {key.split('.')[-1]} = [...]")
+        return tuple(_convert(item_tp, meta, item, where, f"{key}[{i}]")
+                     for i, item in enumerate(raw))
+    if parse is not None:
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {key}: {exc}") from None
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return _build(tp, raw, where, key)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if raw == "" and len(args) < len(typing.get_args(tp)):
+            return None  # "" means unset for optional paths and strings
+        return _convert(args[0], meta, raw, where, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if raw not in choices:
+            opts = ", ".join(f'"{c}"' for c in choices)
+            raise ConfigError(f"{where}: {key} = {raw!r} is not one of {opts}")
+        return raw
+    if tp is Path:
+        if not isinstance(raw, str) or not raw:
+            raise ConfigError(f'{where}: {key} must be a path string, e.g. "/var/lib/x"')
+        p = Path(raw)
+        if not p.is_absolute():
+            base = Path(where).parent if where != "embedded defaults" else Path.cwd()
+            p = base / p
+        return p
+    if tp is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{where}: {key} must be true or false")
+        return raw
+    if tp is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"{where}: {key} must be a whole number")
+        return raw
+    if tp is float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ConfigError(f"{where}: {key} must be a number")
+        return float(raw)
+    if tp is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f'{where}: {key} must be a string in quotes, e.g. "{raw}"')
+        return raw
+    raise ConfigError(f"{where}: {key}: lookupd cannot read values of type {tp}")  # pragma: no cover
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def find_existing(configured: Path | None, candidates: tuple[Path, ...]) -> Path | None:
+    """The configured path, else the first standard location that exists."""
+    if configured is not None:
+        return configured
+    return next((p for p in candidates if p.exists()), None)
