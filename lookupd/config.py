@@ -198,7 +198,8 @@ class ServerConfig:
     drain_timeout: float = field(default=5.0, metadata=_parsed(parse_duration, _positive))
     # Durable state (user blocks, cache snapshots).
     state_dir: Path = Path("/var/lib/lookupd")
-    log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    # "info" logs start, stop and reloads; problems are warnings; "debug" adds a line a request.
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 @dataclass(frozen=True)
@@ -232,19 +233,60 @@ class IncidentsConfig:
     check_interval: float = field(default=2.0, metadata=_parsed(parse_duration, _positive))
 
 
+def _dns_zone(value: str) -> str | None:
+    ok = re.fullmatch(r"(?!-)[A-Za-z0-9_-]{1,63}(\.(?!-)[A-Za-z0-9_-]{1,63})+\.?", value)
+    return None if ok else 'must be a DNS zone such as "zen.spamhaus.org"'
+
+
+def _list_name(value: str) -> str | None:
+    ok = re.fullmatch(r"[A-Za-z0-9._-]*", value)
+    return None if ok else "may hold only letters, digits, dots, dashes and underscores"
+
+
+def _dnsbl_codes(value: tuple[str, ...]) -> str | None:
+    octet = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+    for code in value:
+        if re.fullmatch(rf"({octet}\.){{3}}{octet}", code):
+            continue
+        m = re.fullmatch(rf"({octet}\.){{3}}\[(?P<low>\d+)\.\.(?P<high>\d+)\]", code)
+        if m and int(m["low"]) <= int(m["high"]) <= 255:
+            continue
+        m = re.fullmatch(r"&(0[xX][0-9a-fA-F]{1,2}|\d{1,3})", code)
+        if m and 0 < int(m.group(1), 0) <= 255:
+            continue
+        return (f'has "{code}": write answer codes as "127.0.0.2", a range '
+                '"127.0.0.[2..11]" (low..high) or a bitmask "&0x04" (1-255)')
+    return None
+
+
+def _dqs_key(value: str) -> str | None:
+    # The key itself is never repeated in a message.
+    ok = re.fullmatch(r"([a-z0-9]{8,64})?", value)
+    return None if ok else "must be your Spamhaus DQS key: lower-case letters and digits"
+
+
+def _dnsbl_lists(value: tuple[DnsblListConfig, ...]) -> str | None:
+    names = [lst.name or lst.zone.rstrip(".").lower() for lst in value]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    return (f"names {dupes} more than once: give each list a distinct name" if dupes
+            else None)
+
+
 @dataclass(frozen=True)
 class DnsblListConfig:
     """One [[dnsbl.list]] entry."""
 
-    zone: str
+    zone: str = field(metadata=_checked(_dns_zone))
     # Name shown in answers and stats; defaults to the zone.
-    name: str = ""
+    name: str = field(default="", metadata=_checked(_list_name))
     # Added to the score on a hit; negative for allow lists (e.g. a DNSWL).
     weight: float = 1.0
     # Which answers count: "127.0.0.2", ranges "127.0.0.[2..11]", or bitmasks "&0x04".
     # Empty: any 127.0.0.0/8 answer except the reserved error codes.
-    codes: tuple[str, ...] = ()
+    codes: tuple[str, ...] = field(default=(), metadata=_checked(_dnsbl_codes))
+    # Address families the list answers for (SpamCop and Barracuda: IPv4 only).
     families: tuple[Literal["ipv4", "ipv6"], ...] = ("ipv4", "ipv6")
+    # "ip": asked with reversed addresses (`dnsbl`); "domain": with names (`dbl`).
     kind: Literal["ip", "domain"] = "ip"
     # Spamhaus: with [dnsbl] dqs_key set, ZONE becomes KEY.<zone minus spamhaus.org>.dq.spamhaus.net
     spamhaus: bool = False
@@ -265,7 +307,8 @@ def _default_lists() -> tuple[DnsblListConfig, ...]:
 class DnsblConfig:
     """[dnsbl]: DNS block lists, asked in parallel, cached for every Exim process."""
 
-    lists: tuple[DnsblListConfig, ...] = field(default_factory=_default_lists)
+    lists: tuple[DnsblListConfig, ...] = field(default_factory=_default_lists,
+                                               metadata=_checked(_dnsbl_lists))
     # Resolvers to ask ("127.0.0.1", "127.0.0.1:5353"); empty uses /etc/resolv.conf.
     nameservers: tuple[HostPort, ...] = field(default=(),
                                               metadata=_parsed(parse_nameserver))
@@ -274,7 +317,8 @@ class DnsblConfig:
     # Summed weight at which `verdict=listed`.
     threshold: float = field(default=1.0, metadata=_checked(_positive))
     # Spamhaus Data Query Service key; never written to answers or logs.
-    dqs_key: str = ""
+    dqs_key: str = field(default="", metadata=_checked(_dqs_key))
+    # Most answers kept in the shared cache (entries: one per list and name asked).
     cache_size: int = field(default=50_000, metadata=_checked(_positive))
     # Upper bound for caching NXDOMAIN (the zone's SOA minimum is used when smaller).
     negative_ttl_max: float = field(default=900.0, metadata=_parsed(parse_duration))
@@ -302,6 +346,8 @@ class UsersConfig:
     notify_command: str = "/usr/sbin/sendmail -t -oi"
     notify_to: str = "postmaster"
     notify_retries: int = field(default=3, metadata=_checked(_non_negative))
+    # How long one run of notify_command may take before it is killed (and retried).
+    notify_timeout: float = field(default=30.0, metadata=_parsed(parse_duration, _positive))
     # Optional Exim lsearch file of blocked users kept in sync (classic
     # blocked_authenticated_users); unset: none.
     lsearch_file: Path | None = None

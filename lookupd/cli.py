@@ -1,0 +1,267 @@
+"""Command line: serve | query | check-config (and users). The only place that exits or sets up
+logging."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lookupd import __version__
+from lookupd.config import Config, HostPort, load_config, parse_host_port
+from lookupd.errors import ConfigError, ListenError, LookupdError
+
+log = logging.getLogger("lookupd")
+
+# `serve` flags that override a config key: flag dest -> "section.key".
+SERVE_OVERRIDES = {
+    "socket": "server.socket",
+    "tcp": "server.tcp",
+    "geoip_db": "geoip.country_db",
+    "asn_db": "geoip.asn_db",
+    "firewall_db": "incidents.db",
+    "state_dir": "server.state_dir",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lookupd",
+        description="Answers Exim ${readsocket} lookups: GeoIP country, firewall incidents, "
+                    "DNSBL verdicts, authenticated-user block state.")
+    parser.add_argument("--version", action="version", version=f"lookupd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, metavar="FILE",
+                       help="configuration file (default /etc/lookupd/lookupd.toml; without "
+                            "it lookupd runs on embedded defaults)")
+
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    config_arg(serve)
+    serve.add_argument("--socket", metavar="PATH",
+                       help='Unix socket to listen on ("" for none)')
+    serve.add_argument("--tcp", metavar="HOST:PORT", help="also listen on loopback TCP")
+    serve.add_argument("--geoip-db", metavar="PATH", help="country (or city) .mmdb file")
+    serve.add_argument("--asn-db", metavar="PATH", help="ASN .mmdb file")
+    serve.add_argument("--firewall-db", metavar="PATH",
+                       help="nftfw firewall.db or Sympl firewall-blacklist-count.db")
+    serve.add_argument("--state-dir", metavar="DIR", help="where lookupd keeps its state")
+    serve.add_argument("--debug", action="store_true", help="log every request")
+
+    check = sub.add_parser("check-config", help="validate the configuration and exit")
+    config_arg(check)
+
+    query = sub.add_parser("query", help="ask the running daemon, as Exim does")
+    config_arg(query)
+    where = query.add_mutually_exclusive_group()
+    where.add_argument("--socket", type=Path, metavar="PATH",
+                       help="Unix socket (default: server.socket of the config)")
+    where.add_argument("--tcp", metavar="HOST:PORT", help="loopback TCP listener")
+    where.add_argument("--local", action="store_true",
+                       help="answer in this process from the configured sources, no daemon")
+    query.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    query.add_argument("verb", metavar="VERB", help="ping, version, country, asn, incidents ...")
+    query.add_argument("args", nargs="*", metavar="ARG")
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub: Any) -> None:
+    try:
+        from lookupd.users_cli import add_users_parser
+    except ImportError:  # pragma: no cover - the users module is part of the package
+        return
+    add_users_parser(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(debug=getattr(args, "debug", False))
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "check-config":
+            return cmd_check_config(args)
+        if args.command == "query":
+            return cmd_query(args)
+        if args.command == "users":
+            from lookupd.users_cli import run_users
+            return run_users(args, load_config(args.config))
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return os.EX_CONFIG
+    except ListenError as exc:
+        log.error("cannot start: %s", exc)
+        return os.EX_UNAVAILABLE
+    except LookupdError as exc:
+        log.error("%s", exc)
+        return os.EX_SOFTWARE
+    except KeyboardInterrupt:
+        return 130
+    return os.EX_USAGE  # pragma: no cover - argparse requires a command
+
+
+# --- logging ---------------------------------------------------------------------------------
+
+
+class _JournalFormatter(logging.Formatter):
+    """Under journald: `<priority>` prefixes (sd-daemon(3)) and no timestamps."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        prefix = f"<{self.PRIORITY.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in text.splitlines())
+
+
+def setup_logging(debug: bool = False, level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else level.upper())
+
+
+# --- serve / check-config ----------------------------------------------------------------------
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {key: getattr(args, dest) for dest, key in SERVE_OVERRIDES.items()
+            if getattr(args, dest, None) is not None}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    overrides = _serve_overrides(args)
+
+    def reload() -> Config:
+        return load_config(args.config, overrides=overrides)
+
+    config = reload()
+    if not args.debug:
+        setup_logging(level=config.server.log_level)
+    if config.source is None:
+        log.info("no configuration file (%s): running on embedded defaults",
+                 args.config or "/etc/lookupd/lookupd.toml")
+    from lookupd.server import run
+    _run_loop(run(config, reload_config=reload))
+    return os.EX_OK
+
+
+def _run_loop(coro: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but optional in spirit
+        asyncio.run(coro)
+        return
+    uvloop.run(coro)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config, required=args.config is not None)
+    where = config.source or "embedded defaults (no /etc/lookupd/lookupd.toml)"
+    print(f"{where}: configuration OK")
+    return os.EX_OK
+
+
+# --- query ---------------------------------------------------------------------------------------
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    request = " ".join([args.verb, *args.args])
+    if args.local:
+        config = load_config(args.config)
+        started = time.perf_counter()
+        reply = asyncio.run(_local_answer(config, request))
+        return _print_answer(reply, time.perf_counter() - started, "in-process")
+    target: Path | HostPort
+    if args.tcp:
+        try:
+            hp = parse_host_port(args.tcp)
+        except ValueError as exc:
+            log.error("--tcp: %s", exc)
+            return os.EX_USAGE
+        assert hp is not None
+        target = hp
+    elif args.socket:
+        target = args.socket
+    else:
+        config = load_config(args.config)
+        if config.server.socket is None:
+            if config.server.tcp is None:
+                log.error("the configuration sets neither server.socket nor server.tcp")
+                return os.EX_CONFIG
+            target = config.server.tcp
+        else:
+            target = config.server.socket
+    started = time.perf_counter()
+    try:
+        reply = ask(target, request.encode("ascii", "replace"), args.timeout)
+    except TimeoutError:
+        log.error("lookupd at %s did not answer within %.1fs: is it overloaded or stuck? "
+                  "see journalctl -u lookupd", target, args.timeout)
+        return os.EX_TEMPFAIL
+    except OSError as exc:
+        log.error("lookupd is not answering on %s (%s): start it with "
+                  "'systemctl start lookupd.socket' or 'lookupd serve'", target,
+                  exc.strerror or exc)
+        return os.EX_UNAVAILABLE
+    return _print_answer(reply, time.perf_counter() - started, str(target))
+
+
+def ask(target: Path | HostPort, request: bytes, timeout: float) -> str:
+    """One lookup exactly as Exim makes it: connect, write, half-close, read until EOF."""
+    if isinstance(target, HostPort):
+        sock = socket.create_connection((target.host, target.port), timeout=timeout)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+    with sock:
+        if not isinstance(target, HostPort):
+            sock.connect(str(target))
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode("ascii", "replace")
+
+
+async def _local_answer(config: Config, request: str) -> str:
+    from lookupd.dispatch import Dispatcher
+    from lookupd.errors import BadRequest
+    from lookupd.protocol import Peer, parse_request
+    from lookupd.sources import Sources
+
+    try:
+        parsed = parse_request(request.encode("ascii", "replace"))
+    except BadRequest as exc:
+        return str(exc)
+    sources = Sources.from_config(config)
+    await sources.open()
+    try:
+        reply = Dispatcher(sources).handle(parsed, Peer("unix", os.getuid(), os.getgid(),
+                                                        os.getpid()))
+        return reply if isinstance(reply, str) else await reply
+    finally:
+        await sources.close()
+
+
+def _print_answer(reply: str, seconds: float, where: str) -> int:
+    print(reply)
+    print(f"({seconds * 1000:.2f} ms, {where})", file=sys.stderr)
+    return os.EX_DATAERR if reply.startswith("error ") else os.EX_OK

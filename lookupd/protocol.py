@@ -1,0 +1,90 @@
+"""The wire protocol: bytes in, a typed request out; reply text out. No I/O here.
+
+One request per connection: ``VERB [ARG ...]`` in printable ASCII, words separated by spaces
+or tabs, ended by ``\\n``, ``\\r\\n`` or EOF (Exim half-closes after its single write, see
+shared/docs/exim-readsocket.md section 3). At most MAX_REQUEST bytes. The reply is one line
+with **no trailing newline**: Exim keeps a newline in its result (section 4), so
+``${readsocket{SOCK}{country $sender_host_address}}`` yields exactly ``GB``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from lookupd.errors import BadRequest
+
+MAX_REQUEST = 512
+# After an oversized request lookupd keeps reading (and dropping) up to this much, so that the
+# client's write completes before the close (an early close races Exim's write: EPIPE -> DEFER).
+MAX_DISCARD = 64 * 1024
+
+# Replies lookupd sends for a request it cannot take. Documented in the README.
+ERR_EMPTY = "error empty request"
+ERR_TOO_LONG = f"error request longer than {MAX_REQUEST} bytes"
+ERR_NOT_ASCII = "error request is not printable ASCII"
+ERR_TIMEOUT = "error request not received in time"
+ERR_INTERNAL = "error internal error, see the lookupd log"
+
+_PRINTABLE = re.compile(rb"[\x20-\x7e\t]*")
+_MAX_SHOWN = 40  # longest piece of client text echoed in an error reply
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A parsed request: the verb in lower case and its arguments as given."""
+
+    verb: str
+    args: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who sent a request. uid/gid/pid come from SO_PEERCRED on the Unix socket only."""
+
+    transport: Literal["unix", "tcp"]
+    uid: int | None = None
+    gid: int | None = None
+    pid: int | None = None
+
+
+def request_end(buffer: bytes | bytearray) -> int:
+    """Index of the newline that ends the request in `buffer`, or -1 while it is incomplete."""
+    return buffer.find(b"\n")
+
+
+def parse_request(data: bytes | bytearray) -> Request:
+    """Parse one request (without or with its line end). Raises BadRequest with the reply."""
+    if len(data) > MAX_REQUEST:
+        raise BadRequest(ERR_TOO_LONG)
+    line = bytes(data)
+    if line.endswith(b"\n"):
+        line = line[:-1]
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if not _PRINTABLE.fullmatch(line):
+        raise BadRequest(ERR_NOT_ASCII)
+    words = line.decode("ascii").split()
+    if not words:
+        raise BadRequest(ERR_EMPTY)
+    return Request(words[0].lower(), tuple(words[1:]))
+
+
+def shown(text: str) -> str:
+    """Client text made safe to echo in a reply or a log line: printable, short."""
+    clean = "".join(c if " " < c < "\x7f" else "?" for c in text)
+    return clean if len(clean) <= _MAX_SHOWN else clean[: _MAX_SHOWN - 3] + "..."
+
+
+def error_reply(reason: str) -> str:
+    """`error <reason>`, the reply to any request lookupd cannot answer as asked."""
+    return f"error {reason}"
+
+
+def check_reply(reply: str) -> bytes:
+    """Encode a reply for the wire; a reply must be one printable ASCII line."""
+    data = reply.encode("ascii", "replace")
+    if b"\n" in data or b"\r" in data:
+        raise ValueError(f"reply contains a line break: {reply!r}")
+    return data

@@ -1,0 +1,53 @@
+"""Every source lookupd answers from, built from one Config and opened and closed together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from lookupd.config import Config
+from lookupd.geoip import GeoIPSource
+from lookupd.incidents import IncidentsSource
+
+log = logging.getLogger(__name__)
+
+
+class Source(Protocol):
+    """What the daemon needs of a source besides its lookups."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class Sources:
+    """The sources of one configuration. A source that cannot open answers "unknown"."""
+
+    config: Config
+    geoip: GeoIPSource
+    incidents: IncidentsSource
+
+    @classmethod
+    def from_config(cls, config: Config) -> Sources:
+        return cls(
+            config=config,
+            geoip=GeoIPSource(config.geoip),
+            incidents=IncidentsSource(config.incidents),
+        )
+
+    def all(self) -> tuple[Source, ...]:
+        return (self.geoip, self.incidents)
+
+    async def open(self) -> None:
+        await asyncio.gather(*(source.open() for source in self.all()))
+
+    async def close(self) -> None:
+        results = await asyncio.gather(*(source.close() for source in self.all()),
+                                       return_exceptions=True)
+        for source, result in zip(self.all(), results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("closing %s failed: %s", type(source).__name__, result,
+                          exc_info=result)

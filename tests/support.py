@@ -1,0 +1,187 @@
+"""Helpers for tests: free ports, short socket dirs, a real lookupd process, a real Exim."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TESTDATA = REPO.parent / "shared" / "testdata"
+MAXMIND = TESTDATA / "maxmind"
+FIREWALL = TESTDATA / "firewall"
+EXIM = shutil.which("exim4") or shutil.which("exim") or "/usr/sbin/exim4"
+
+
+def free_port(family: int = socket.AF_INET) -> int:
+    """A TCP port nobody listens on right now (bind port 0 and let the kernel choose)."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1" if family == socket.AF_INET else "::1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def short_dir(prefix: str = "lkd") -> Path:
+    """A short private directory: AF_UNIX paths must stay under 108 bytes, and pytest's
+    tmp_path is often longer than that."""
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def ask(path: Path | str, request: bytes, timeout: float = 5.0, *,
+        half_close: bool = True) -> bytes:
+    """One request exactly as Exim makes it: connect, write, half-close, read to EOF."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(request)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        return read_all(sock)
+
+
+def ask_tcp(port: int, request: bytes, timeout: float = 5.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        return read_all(sock)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@dataclass
+class Lookupd:
+    """A real `lookupd serve` process on a short private socket path."""
+
+    workdir: Path
+    config_text: str = ""
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    tcp_port: int | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "s"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "lookupd.toml"
+
+    def start(self, wait: bool = True) -> Lookupd:
+        self.config_path.write_text(self.config_text)
+        (self.workdir / "state").mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "lookupd", "serve", "--config", str(self.config_path),
+               "--socket", str(self.socket), "--state-dir", str(self.workdir / "state"),
+               *self.args]
+        if self.tcp_port is not None:
+            cmd += ["--tcp", f"127.0.0.1:{self.tcp_port}"]
+        self.log_path = self.workdir / "lookupd.log"
+        env = {**os.environ, **self.env}
+        env.pop("NOTIFY_SOCKET", None)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=REPO)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"lookupd exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if ask(self.socket, b"ping", 1.0) == b"pong":
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"lookupd did not answer ping within {timeout}s:\n{self.log()}")
+
+    def query(self, request: str | bytes, timeout: float = 5.0) -> str:
+        data = request.encode() if isinstance(request, str) else request
+        return ask(self.socket, data, timeout).decode("ascii", "replace")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"lookupd did not stop on SIGTERM:\n{self.log()}") from None
+
+
+@dataclass
+class Exim:
+    """A real Exim driven with -C (a config of the test's own), -be and -bh. No MTA runs."""
+
+    workdir: Path
+    config_text: str
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config = self.workdir / "exim.conf"
+        for sub in ("spool", "log"):
+            (self.workdir / sub).mkdir(exist_ok=True)
+            os.chmod(self.workdir / sub, 0o777)
+        self.write(self.config_text)
+
+    def write(self, text: str) -> None:
+        # As root, Exim trusts only a config owned by root and not world-writable.
+        self.config.write_text(text)
+        os.chmod(self.config, 0o644)
+
+    def _cmd(self, *args: str, defines: Iterable[str] = ()) -> list[str]:
+        return [EXIM, "-C", str(self.config), *(f"-D{d}" for d in defines), *args]
+
+    def be(self, expression: str, defines: Iterable[str] = (), timeout: float = 20) -> str:
+        """`exim -be EXPR`: the expansion's result, or `Failed: ...` (exit code is 0 either
+        way, see exim-readsocket.md section 7)."""
+        out = subprocess.run(self._cmd("-be", expression, defines=defines), capture_output=True,
+                             timeout=timeout, check=False)
+        return out.stdout.decode(errors="replace").rstrip("\n")
+
+    def bh(self, ip: str, smtp: str, defines: Iterable[str] = (), extra: Iterable[str] = (),
+           timeout: float = 30) -> tuple[str, str]:
+        """`exim -bh IP`: a fake SMTP session from IP; returns (stdout, stderr log lines)."""
+        out = subprocess.run(self._cmd(*extra, "-bh", ip, defines=defines),
+                             input=smtp.replace("\n", "\r\n").encode(), capture_output=True,
+                             timeout=timeout, check=False)
+        return out.stdout.decode(errors="replace"), out.stderr.decode(errors="replace")
+
+
+EXIM_BASE = """\
+primary_hostname = test.example
+spool_directory = {workdir}/spool
+log_file_path = {workdir}/log/%slog
+keep_environment =
+"""
