@@ -377,6 +377,9 @@ class ConnectConfig:
     allow_countries: tuple[str, ...] = field(default=(), metadata=_checked(_country_codes))
     # All sources of one connect query answer within this, or count as unknown.
     deadline: float = field(default=2.0, metadata=_parsed(parse_duration, _positive))
+    # Rules that only say what they would do (action=accept would=deny|defer), to try them
+    # out first: "incidents", "dnsbl", "country", "no_ptr", "submission".
+    log_only: tuple[Literal["incidents", "dnsbl", "country", "no_ptr", "submission"], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -525,7 +528,7 @@ def _convert(tp: Any, meta: Mapping[str, Any], raw: object, where: str, key: str
         if not isinstance(raw, str):
             raise ConfigError(f'{where}: {key} must be a string in quotes, e.g. "{raw}"')
         return raw
-    raise ConfigError(f"{where}: {key}: lookupd cannot read values of type {tp}")  # pragma: no cover
+    raise ConfigError(f"{where}: {key}: lookupd cannot read values of type {tp}")
 
 
 def _join(prefix: str, name: str) -> str:

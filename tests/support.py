@@ -35,9 +35,11 @@ def free_udp_port() -> int:
 
 
 def short_dir(prefix: str = "lkd") -> Path:
-    """A short private directory: AF_UNIX paths must stay under 108 bytes, and pytest's
-    tmp_path is often longer than that."""
-    return Path(tempfile.mkdtemp(prefix=prefix))
+    """A short directory for sockets: AF_UNIX paths must stay under 108 bytes, and pytest's
+    tmp_path is often longer. Mode 0755: Exim's -bh runs as Debian-exim and must reach it."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
 
 
 def ask(path: Path | str, request: bytes, timeout: float = 5.0, *,
@@ -66,6 +68,20 @@ def read_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+# Sections a test config gets unless it has its own: tests never ask the Internet's DNS
+# (the embedded defaults query Spamhaus through the system resolver) and never mail anyone.
+TEST_DEFAULTS = {
+    "dnsbl": 'list = []\nnameservers = ["127.0.0.1:9"]\n',
+    "users": 'notify_command = ""\n',
+}
+
+
+def with_test_defaults(config_text: str) -> str:
+    extra = [f"\n[{name}]\n{body}" for name, body in TEST_DEFAULTS.items()
+             if f"[{name}]" not in config_text and f"[[{name}." not in config_text]
+    return config_text + "".join(extra)
+
+
 @dataclass
 class Lookupd:
     """A real `lookupd serve` process on a short private socket path."""
@@ -87,7 +103,7 @@ class Lookupd:
         return self.workdir / "lookupd.toml"
 
     def start(self, wait: bool = True) -> Lookupd:
-        self.config_path.write_text(self.config_text)
+        self.config_path.write_text(with_test_defaults(self.config_text))
         (self.workdir / "state").mkdir(exist_ok=True)
         cmd = [sys.executable, "-m", "lookupd", "serve", "--config", str(self.config_path),
                "--socket", str(self.socket), "--state-dir", str(self.workdir / "state"),
@@ -164,11 +180,17 @@ class Exim:
         return [EXIM, "-C", str(self.config), *(f"-D{d}" for d in defines), *args]
 
     def be(self, expression: str, defines: Iterable[str] = (), timeout: float = 20) -> str:
-        """`exim -be EXPR`: the expansion's result, or `Failed: ...` (exit code is 0 either
-        way, see exim-readsocket.md section 7)."""
-        out = subprocess.run(self._cmd("-be", expression, defines=defines), capture_output=True,
-                             timeout=timeout, check=False)
-        return out.stdout.decode(errors="replace").rstrip("\n")
+        """`exim -be`: the expansion's result, or `Failed: ...` (exit code is 0 either
+        way, see exim-readsocket.md section 7). The expression goes on stdin, where Exim
+        takes lines of any length (arguments are limited to 256 bytes)."""
+        if "\n" in expression:
+            raise ValueError("one expression per call, without a newline")
+        out = subprocess.run(self._cmd("-be", defines=defines),
+                             input=_continued(expression).encode() + b"\n",
+                             capture_output=True, timeout=timeout, check=False)
+        text = out.stdout.decode(errors="replace")
+        # In stdin mode Exim prompts with "> " and echoes nothing else.
+        return text.removeprefix("> ").rstrip("\n").removesuffix("> ").rstrip("\n")
 
     def bh(self, ip: str, smtp: str, defines: Iterable[str] = (), extra: Iterable[str] = (),
            timeout: float = 30) -> tuple[str, str]:
@@ -177,6 +199,21 @@ class Exim:
                              input=smtp.replace("\n", "\r\n").encode(), capture_output=True,
                              timeout=timeout, check=False)
         return out.stdout.decode(errors="replace"), out.stderr.decode(errors="replace")
+
+
+def _continued(expression: str, width: int = 500) -> str:
+    """Exim's -be reads stdin in lines of about 1 kB; longer expressions go on continuation
+    lines (a trailing backslash; Exim strips the next line's leading blanks, so never split
+    before a blank)."""
+    pieces, start = [], 0
+    while len(expression) - start > width:
+        cut = start + width
+        while cut < len(expression) and expression[cut] in " \t":
+            cut += 1
+        pieces.append(expression[start:cut])
+        start = cut
+    pieces.append(expression[start:])
+    return "\\\n".join(pieces)
 
 
 EXIM_BASE = """\

@@ -11,11 +11,23 @@ from pathlib import Path
 
 import pytest
 from conftest import StartLookupd
-from support import EXIM, EXIM_BASE, FIREWALL, MAXMIND, REPO, Exim, ask, free_port
+from support import (
+    EXIM,
+    EXIM_BASE,
+    FIREWALL,
+    MAXMIND,
+    REPO,
+    Exim,
+    ask,
+    free_port,
+    with_test_defaults,
+)
 
 pytestmark = pytest.mark.skipif(not Path(EXIM).exists(), reason="exim4 is not installed")
 
 CONFIG = f"""
+[server]
+socket_group = "Debian-exim"   # exim -bh runs as Debian-exim, as the real daemon does
 [geoip]
 country_db = "{MAXMIND / 'GeoIP2-Country-Test.mmdb'}"
 [incidents]
@@ -100,7 +112,7 @@ def test_socket_activation_with_systemd_socket_activate(exim: Exim, sockdir: Pat
         pytest.skip("systemd-socket-activate is not installed")
     path = sockdir / "activated.sock"
     config = sockdir / "c.toml"
-    config.write_text(CONFIG)
+    config.write_text(with_test_defaults(CONFIG))
     log = open(sockdir / "log", "wb")
     proc = subprocess.Popen(
         [activate, "-l", str(path), "-E", "PYTHONPATH",
