@@ -183,6 +183,7 @@ class Server:
         self.tasks: set[asyncio.Task[None]] = set()
         self.listeners: list[asyncio.Server] = []
         self.owned_paths: list[tuple[Path, int]] = []  # socket files we bound: (path, inode)
+        self.retired: list[Sources] = []  # replaced by SIGHUP, closed ANSWER_LIMIT later
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -190,6 +191,11 @@ class Server:
         self.connections.discard(conn)
         if not self.connections:
             self._idle.set()
+
+    def close_retired(self, sources: Sources) -> None:
+        if sources in self.retired:
+            self.retired.remove(sources)
+            self.track(self.loop.create_task(sources.close()))
 
     def track(self, task: asyncio.Task[None]) -> None:
         self.tasks.add(task)
@@ -355,7 +361,8 @@ async def run(config: Config, reload_config: Callable[[], Config] | None = None,
         log.info("lookupd stopping: finishing requests in flight (at most %.1fs)",
                     config.server.drain_timeout)
         await server.stop(config.server.drain_timeout)
-        await server.dispatcher.sources.close()
+        for sources in (*server.retired, server.dispatcher.sources):
+            await sources.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
@@ -378,11 +385,10 @@ async def _reload(server: Server, reload_config: Callable[[], Config]) -> None:
     server.config = config
     server.read_timeout = config.server.read_timeout
     log.info("SIGHUP: configuration and databases reloaded")
-    # Requests already in flight may still use the old sources: close them a little later.
-    try:
-        await asyncio.sleep(ANSWER_LIMIT)
-    finally:
-        await old.close()
+    # Requests already in flight may still use the old sources: close them a little later
+    # (or at stop, whichever comes first).
+    server.retired.append(old)
+    server.loop.call_later(ANSWER_LIMIT, server.close_retired, old)
 
 
 def _describe(sock: socket.socket) -> str:

@@ -268,3 +268,25 @@ def _wait_for(condition, timeout: float = 10.0) -> None:  # type: ignore[no-unty
             return
         time.sleep(0.05)
     raise AssertionError("condition not met in time")
+
+
+def test_sigterm_lets_requests_in_flight_finish(start_lookupd: StartLookupd) -> None:
+    # A nameserver that never answers keeps a dnsbl request in flight until its deadline.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        port = silent.getsockname()[1]
+        daemon = start_lookupd(CONFIG + f"""
+[dnsbl]
+nameservers = ["127.0.0.1:{port}"]
+deadline = "1s"
+[[dnsbl.list]]
+zone = "bl.test"
+""")
+        result: list[str] = []
+        thread = threading.Thread(target=lambda: result.append(daemon.query("dnsbl 192.0.2.1")))
+        thread.start()
+        time.sleep(0.3)
+        assert daemon.stop() == 0
+        thread.join(5)
+    assert len(result) == 1 and result[0].startswith("verdict=unknown"), result
+    assert "finishing requests in flight" in daemon.log()
