@@ -73,7 +73,7 @@ def parse_request(data: bytes | bytearray) -> Request:
 
 def shown(text: str) -> str:
     """Client text made safe to echo in a reply or a log line: printable, short."""
-    clean = "".join(c if " " < c < "\x7f" else "?" for c in text)
+    clean = "".join(c if " " <= c < "\x7f" else "?" for c in text)
     return clean if len(clean) <= _MAX_SHOWN else clean[: _MAX_SHOWN - 3] + "..."
 
 

@@ -61,7 +61,7 @@ def test_request_end() -> None:
 
 
 def test_shown_is_printable_and_short() -> None:
-    assert shown("a\x00b\nc") == "a?b?c"
+    assert shown("a\x00b\nc d") == "a?b?c d"
     assert len(shown("x" * 1000)) == 40
 
 

@@ -1,0 +1,162 @@
+"""One answer cache for every client: TTL-bounded, size-bounded, with in-flight merging.
+
+Keys are (zone, type, label) with the configured zone (never the DQS one, so the key stays
+out of the snapshot) or "" for reverse DNS. Values are DnsAnswer with a wall-clock expiry.
+Identical questions asked while one is on the wire wait for that one (one DNS packet).
+The snapshot is msgpack: {"v": 1, "entries": [[zone, type, label, status, records, reason,
+expires], ...]}; decoding is pure, the file helpers write atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+import msgpack
+from cachetools import TLRUCache
+
+from lookupd.dnsbl.answers import DnsAnswer
+from lookupd.outcome import Status
+
+logger = logging.getLogger(__name__)
+
+CacheKey = tuple[str, str, str]
+SNAPSHOT_VERSION = 1
+
+
+def _expiry(_key: CacheKey, value: DnsAnswer, _now: float) -> float:
+    return value.expires
+
+
+class AnswerCache:
+    """TLRU cache of DnsAnswer plus the questions currently being asked."""
+
+    def __init__(self, maxsize: int, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._cache: TLRUCache[CacheKey, DnsAnswer] = TLRUCache(maxsize, ttu=_expiry,
+                                                                 timer=clock)
+        self._inflight: dict[CacheKey, asyncio.Task[DnsAnswer]] = {}
+
+    def __len__(self) -> int:
+        self._cache.expire()
+        return len(self._cache)
+
+    @property
+    def maxsize(self) -> int:
+        return int(self._cache.maxsize)
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def get(self, key: CacheKey) -> DnsAnswer | None:
+        return self._cache.get(key)
+
+    def put(self, key: CacheKey, answer: DnsAnswer) -> None:
+        # TLRUCache silently skips values that are already expired (TTL 0, errors with
+        # error_ttl 0): those are still shared by in-flight waiters, just not kept.
+        self._cache[key] = answer
+
+    async def fetch(self, key: CacheKey,
+                    ask: Callable[[], Awaitable[DnsAnswer]]) -> tuple[DnsAnswer, bool]:
+        """The cached answer, else the in-flight one, else ask; True when no packet was sent
+        for this call. The question runs in its own task: a caller that gives up (deadline,
+        disconnect) does not cancel it, so the answer still lands in the cache."""
+        cached = self.get(key)
+        if cached is not None:
+            return cached, True
+        task = self._inflight.get(key)
+        merged = task is not None
+        if task is None:
+            task = asyncio.create_task(self._ask(key, ask))
+            self._inflight[key] = task
+        return await asyncio.shield(task), merged
+
+    async def _ask(self, key: CacheKey, ask: Callable[[], Awaitable[DnsAnswer]]) -> DnsAnswer:
+        try:
+            answer = await ask()
+        except Exception:
+            # Not a DNS failure (those are values): a bug. Every waiter gets "unknown".
+            logger.exception("DNSBL lookup of a %s record failed unexpectedly", key[1])
+            answer = DnsAnswer(Status.UNKNOWN, reason="error", expires=0.0)
+        finally:
+            self._inflight.pop(key, None)
+        self.put(key, answer)
+        return answer
+
+    def items(self) -> list[tuple[CacheKey, DnsAnswer]]:
+        self._cache.expire()
+        return list(self._cache.items())
+
+    def load(self, entries: Iterable[tuple[CacheKey, DnsAnswer]]) -> int:
+        count = 0
+        for key, answer in entries:
+            self.put(key, answer)
+            count += 1
+        return count
+
+    async def aclose(self) -> None:
+        """Cancel the questions still on the wire (at shutdown)."""
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._inflight.clear()
+
+
+def encode_snapshot(entries: Iterable[tuple[CacheKey, DnsAnswer]]) -> bytes:
+    rows = [[k[0], k[1], k[2], a.status.value, list(a.records), a.reason, a.expires]
+            for k, a in entries]
+    data = msgpack.packb({"v": SNAPSHOT_VERSION, "entries": rows})
+    assert isinstance(data, bytes)
+    return data
+
+
+def decode_snapshot(data: bytes, now: float) -> list[tuple[CacheKey, DnsAnswer]]:
+    """Entries still valid at `now`; ValueError when `data` is not a whole, sane snapshot."""
+    try:
+        doc = msgpack.unpackb(data)
+        if not isinstance(doc, dict) or doc.get("v") != SNAPSHOT_VERSION:
+            raise ValueError("not a lookupd DNSBL cache snapshot (version 1)")
+        entries: list[tuple[CacheKey, DnsAnswer]] = []
+        for row in doc["entries"]:
+            zone, rdtype, label, status, records, reason, expires = row
+            if not all(isinstance(x, str) for x in (zone, rdtype, label, reason, *records)):
+                raise ValueError("snapshot row with a non-text field")
+            if isinstance(expires, bool) or not isinstance(expires, int | float):
+                raise ValueError("snapshot row with a non-numeric expiry")
+            if expires > now:
+                entries.append(((zone, rdtype, label),
+                                DnsAnswer(Status(status), tuple(records), reason,
+                                          float(expires))))
+        return entries
+    except (TypeError, KeyError, msgpack.UnpackException) as exc:
+        raise ValueError(f"corrupt snapshot ({exc.__class__.__name__})") from None
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write temp file, fsync, rename over `path`, fsync the directory (blocking)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique temp name: after a reload the old and the new source may write at once.
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o640)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,79 @@
+"""List health from RFC 5782 test points (pure), and "say it once per period" for logs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+from lookupd.dnsbl.answers import DnsAnswer
+from lookupd.dnsbl.codes import error_advice
+from lookupd.dnsbl.names import Probe
+from lookupd.outcome import Status
+
+# How often the same problem of the same list is logged again.
+LOG_PERIOD = 600.0
+
+
+@dataclass(frozen=True)
+class Health:
+    """A probe round's judgement. `quarantine` is "" (in service), "lists-everything" or
+    "not-answering"; `note` is advice for the admin when something is off but the list
+    stays in service (error codes, a missing positive test point)."""
+
+    quarantine: str = ""
+    note: str = ""
+
+    @property
+    def quarantined(self) -> bool:
+        return bool(self.quarantine)
+
+
+def judge(outcomes: Sequence[tuple[Probe, DnsAnswer]]) -> Health:
+    """Quarantine a list that lists a must-not-list test point, or that answered no probe."""
+    if not outcomes:
+        return Health()
+    for probe, answer in outcomes:
+        if (not probe.listed and answer.status is Status.FOUND
+                and any(error_advice(r) is None for r in answer.records)):
+            return Health("lists-everything",
+                          f"it lists the RFC 5782 test point that must never be listed "
+                          f"({_show(probe)}), so it would list every client")
+    if all(answer.status is Status.UNKNOWN for _, answer in outcomes):
+        reason = outcomes[0][1].reason
+        return Health("not-answering", f"no test-point query got an answer ({reason})")
+    for _, answer in outcomes:
+        for record in answer.records if answer.status is Status.FOUND else ():
+            advice = error_advice(record)
+            if advice is not None:
+                return Health(note=f"it answers {record} to its test points: {advice}")
+    for probe, answer in outcomes:
+        if probe.listed and answer.status is Status.NOT_FOUND:
+            return Health(note=f"it does not list its RFC 5782 test point {_show(probe)}: "
+                               "check the zone name in [[dnsbl.list]]")
+    return Health()
+
+
+def _show(probe: Probe) -> str:
+    if probe.family == "domain":
+        return probe.label.upper()
+    return {"ipv4": {True: "127.0.0.2", False: "127.0.0.1"},
+            "ipv6": {True: "::FFFF:7F00:2", False: "::FFFF:7F00:1"}}[probe.family][probe.listed]
+
+
+class OncePer:
+    """True the first time a key is seen in each `period` (rate-limits repeated warnings)."""
+
+    def __init__(self, period: float = LOG_PERIOD,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._period = period
+        self._clock = clock
+        self._last: dict[Hashable, float] = {}
+
+    def __call__(self, key: Hashable) -> bool:
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._period:
+            return False
+        self._last[key] = now
+        return True

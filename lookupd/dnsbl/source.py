@@ -1,0 +1,407 @@
+"""The DNSBL / DBL / reverse-DNS source: asks every list of a query in parallel under one
+deadline, through one shared cache, keeps lists that misbehave in quarantine.
+
+The decisions (codes, verdicts, health, FCrDNS) live in the pure modules beside this one;
+this class only fetches, times, counts and logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lookupd.config import DnsblConfig
+from lookupd.dnsbl.answers import DnsAnswer
+from lookupd.dnsbl.cache import AnswerCache, decode_snapshot, encode_snapshot, write_atomically
+from lookupd.dnsbl.codes import error_advice
+from lookupd.dnsbl.health import Health, OncePer, judge
+from lookupd.dnsbl.names import (
+    IPAddress,
+    normalize_domain,
+    parse_ip,
+    probe_points,
+    query_zone,
+    redact,
+    reverse_ip,
+)
+from lookupd.dnsbl.resolver import DnsClient, make_resolver
+from lookupd.dnsbl.stats import DnsblStats, ListCounters, list_stats
+from lookupd.dnsbl.verdict import (
+    DnsblResult,
+    ListAnswer,
+    ListSpec,
+    PtrResult,
+    combine,
+    decide_fcrdns,
+    interpret,
+    ptr_names,
+    with_text,
+)
+from lookupd.errors import BadRequest
+from lookupd.outcome import Status
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_NAME = "dnsbl-cache.msgpack"
+# Quarantined lists are probed again after this long (or probe_interval, if shorter).
+QUARANTINE_RECHECK = 30.0
+
+# What to tell the admin, once per list and period, when a list cannot answer.
+_FAILURE_ADVICE = {
+    "timeout": "did not answer within dnsbl.deadline ({deadline:g}s): check that {resolver} "
+               "is up and can reach the list",
+    "servfail": "got SERVFAIL from {resolver}: the list's servers are down or unreachable "
+                "from it",
+    "refused": "got REFUSED from {resolver}: allow this host in the resolver's access "
+               "control, or point dnsbl.nameservers at one that serves it",
+    "unreachable": "cannot reach {resolver} (network error): check dnsbl.nameservers or "
+                   "/etc/resolv.conf",
+    "error": "got an answer from {resolver} that lookupd cannot use (malformed)",
+}
+
+
+@dataclass
+class _ListState:
+    spec: ListSpec
+    qzone: str  # the zone actually asked; holds the DQS key: never log it
+    counters: ListCounters = field(default_factory=ListCounters)
+    health: Health = field(default_factory=Health)
+
+
+class DnsblSource:
+    """DNSBL verdicts for IPs (`check_ip`), domains (`check_domain`) and reverse DNS (`ptr`)."""
+
+    def __init__(self, config: DnsblConfig, state_dir: Path, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._snapshot_path = state_dir / SNAPSHOT_NAME
+        self._clock = clock
+        self._lists = tuple(
+            _ListState(spec, query_zone(spec.zone, spamhaus=spec.spamhaus,
+                                        dqs_key=config.dqs_key))
+            for spec in (ListSpec.from_config(c) for c in config.lists))
+        # Cache keys use the configured zone; the question goes to the DQS one.
+        self._qzones = {state.spec.zone: state.qzone for state in self._lists}
+        self._ptr_counters = ListCounters()
+        self._cache = AnswerCache(config.cache_size, clock)
+        self._once = OncePer()
+        self._client: DnsClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        if config.nameservers:
+            self._resolver_name = "the resolver " + ", ".join(str(n) for n in
+                                                              config.nameservers)
+        else:
+            self._resolver_name = "the system resolver (/etc/resolv.conf)"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Load the cache snapshot and start the periodic jobs.
+
+        The first probe round starts at once but is not waited for: readiness (and a reload)
+        must not wait on a list that times out. Until it ends every list is in service.
+        """
+        resolver = make_resolver(self._config.nameservers, self._config.deadline)
+        self._client = DnsClient(resolver, negative_ttl_max=self._config.negative_ttl_max,
+                                 error_ttl=self._config.error_ttl, clock=self._clock)
+        await self._load_snapshot()
+        self._tasks = [asyncio.create_task(self._probe_loop()),
+                       asyncio.create_task(self._snapshot_loop())]
+
+    async def close(self) -> None:
+        """Stop the periodic jobs and the questions on the wire, write the snapshot."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._cache.aclose()
+        if self._client is not None:
+            await self.save_snapshot()
+            self._client = None
+
+    async def _probe_loop(self) -> None:
+        interval = self._config.probe_interval
+        while True:
+            try:
+                await self.probe()
+            except Exception:
+                logger.exception("DNSBL probe round failed; it runs again in %gs", interval)
+            # A quarantined list is asked again sooner: a resolver that was down for a
+            # moment must not leave every list out of service for a whole interval.
+            quarantined = any(s.health.quarantined for s in self._lists)
+            await asyncio.sleep(min(interval, QUARANTINE_RECHECK) if quarantined else interval)
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.snapshot_interval)
+            try:
+                await self.save_snapshot()
+            except Exception:
+                logger.exception("DNSBL cache snapshot failed; it is tried again in %gs",
+                                 self._config.snapshot_interval)
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    async def check_ip(self, ip: str | IPAddress) -> DnsblResult:
+        """Every IP list serving the address's family, in parallel, within dnsbl.deadline."""
+        try:
+            address = parse_ip(ip)
+        except ValueError:
+            raise BadRequest("not an IP address") from None
+        family = "ipv4" if isinstance(address, ipaddress.IPv4Address) else "ipv6"
+        lists = [s for s in self._lists if s.spec.kind == "ip" and family in s.spec.families]
+        return await self._check(lists, reverse_ip(address))
+
+    async def check_domain(self, name: str) -> DnsblResult:
+        """Every domain list (Spamhaus DBL and the like), in parallel, within the deadline."""
+        try:
+            domain = normalize_domain(name)
+        except ValueError:
+            raise BadRequest("not a domain name") from None
+        return await self._check([s for s in self._lists if s.spec.kind == "domain"], domain)
+
+    async def ptr(self, ip: str | IPAddress) -> PtrResult:
+        """The PTR name of an address and whether it resolves back to it (FCrDNS)."""
+        try:
+            address = parse_ip(ip)
+        except ValueError:
+            raise BadRequest("not an IP address") from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.deadline
+        suffix = "in-addr.arpa" if isinstance(address, ipaddress.IPv4Address) else "ip6.arpa"
+        self._ptr_counters.queries += 1
+        ptr = await self._within(deadline, self._lookup(
+            "", "PTR", f"{reverse_ip(address)}.{suffix}", self._ptr_counters, count_hit=True))
+        if ptr is None:
+            self._ptr_counters.timeouts += 1
+            return PtrResult(Status.UNKNOWN, fcrdns="unknown", reason="timeout")
+        rdtype = "A" if isinstance(address, ipaddress.IPv4Address) else "AAAA"
+        names = ptr_names(ptr) if ptr.status is Status.FOUND else ()
+        tasks = {n: asyncio.create_task(self._lookup("", rdtype, n, self._ptr_counters))
+                 for n in names}
+        if tasks:
+            await self._wait_all(deadline, set(tasks.values()))
+        forwards = {n: t.result() for n, t in tasks.items() if t.done() and not t.cancelled()}
+        result = decide_fcrdns(address, ptr, forwards)
+        # stats: a hit is "has a PTR"; a failed PTR or forward lookup is a timeout or error.
+        if result.status is Status.FOUND:
+            self._ptr_counters.hits += 1
+        if result.fcrdns == "unknown":
+            if result.reason == "timeout":
+                self._ptr_counters.timeouts += 1
+            else:
+                self._ptr_counters.errors += 1
+        return result
+
+    async def _check(self, lists: list[_ListState], label: str) -> DnsblResult:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.deadline
+        answers: dict[int, ListAnswer] = {}
+        a_tasks: dict[asyncio.Task[Any], int] = {}
+        for i, state in enumerate(lists):
+            state.counters.queries += 1
+            if state.health.quarantined:
+                answers[i] = ListAnswer(state.spec.name, state.spec.weight, Status.UNKNOWN,
+                                        reason="quarantined")
+            else:
+                a_tasks[asyncio.create_task(self._list_answer(state, label))] = i
+        # A hit's TXT is asked as soon as its A answer is in, still within the deadline; a
+        # TXT that comes too late only costs the text.
+        txt_tasks: dict[asyncio.Task[Any], int] = {}
+        pending: set[asyncio.Task[Any]] = set(a_tasks)
+        try:
+            while pending:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                done, pending = await asyncio.wait(pending, timeout=remaining,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    i = a_tasks.get(task, -1)
+                    if i < 0:
+                        continue
+                    answer = task.result()
+                    assert isinstance(answer, ListAnswer)
+                    answers[i] = answer
+                    if answer.status is Status.FOUND:
+                        state = lists[i]
+                        txt = asyncio.create_task(
+                            self._lookup(state.spec.zone, "TXT", label, None))
+                        txt_tasks[txt] = i
+                        pending.add(txt)
+        finally:
+            await self._cancel(pending)
+        for txt_task, i in txt_tasks.items():
+            if txt_task.done() and not txt_task.cancelled():
+                answers[i] = with_text(lists[i].spec, answers[i], txt_task.result())
+            else:
+                answers[i] = with_text(lists[i].spec, answers[i], None)
+        ordered: list[ListAnswer] = []
+        for i, state in enumerate(lists):
+            answer = answers.get(i) or ListAnswer(state.spec.name, state.spec.weight,
+                                                  Status.UNKNOWN, reason="timeout")
+            self._account(state, answer)
+            ordered.append(answer)
+        return combine(ordered, self._config.threshold)
+
+    async def _list_answer(self, state: _ListState, label: str) -> ListAnswer:
+        answer = await self._lookup(state.spec.zone, "A", label, state.counters,
+                                    count_hit=True)
+        return interpret(state.spec, answer)
+
+    async def _lookup(self, zone: str, rdtype: str, label: str,
+                      counters: ListCounters | None, *, count_hit: bool = False) -> DnsAnswer:
+        """One question through the shared cache; `zone` "" asks `label` as it is."""
+        client = self._client
+        if client is None:
+            raise RuntimeError("DnsblSource used before open()")
+        qzone = self._qzones.get(zone, zone)
+        qname = f"{label}.{qzone}." if qzone else f"{label}."
+
+        async def ask() -> DnsAnswer:
+            started = time.monotonic()
+            # Redacted before it is cached: the snapshot on disk must not hold the key either.
+            answer = self._redacted(await client.ask(qname, rdtype, self._config.deadline))
+            if counters is not None and answer.reason != "timeout":
+                counters.latencies.append(time.monotonic() - started)
+            return answer
+
+        answer, without_packet = await self._cache.fetch((zone, rdtype, label), ask)
+        if counters is not None and count_hit and without_packet:
+            counters.cache_hits += 1
+        return answer
+
+    def _redacted(self, answer: DnsAnswer) -> DnsAnswer:
+        key = self._config.dqs_key
+        if not key or not any(key.lower() in r.lower() for r in answer.records):
+            return answer
+        return DnsAnswer(answer.status, tuple(redact(r, key) for r in answer.records),
+                         answer.reason, answer.expires)
+
+    def _account(self, state: _ListState, answer: ListAnswer) -> None:
+        counters = state.counters
+        if answer.status is Status.FOUND:
+            counters.hits += 1
+            return
+        if answer.status is not Status.UNKNOWN or answer.reason == "quarantined":
+            return
+        if answer.reason == "timeout":
+            counters.timeouts += 1
+        else:
+            counters.errors += 1
+        if not self._once((state.spec.name, answer.reason)):
+            return
+        if answer.reason.startswith("error-code-"):
+            code = answer.reason.removeprefix("error-code-")
+            logger.warning("DNSBL %s answered %s, which is not a listing: %s; its answers "
+                           "count as unknown meanwhile", state.spec.name, code,
+                           error_advice(code))
+        else:
+            advice = _FAILURE_ADVICE.get(answer.reason, _FAILURE_ADVICE["error"]).format(
+                deadline=self._config.deadline, resolver=self._resolver_name)
+            logger.warning("DNSBL %s %s; its answers count as unknown meanwhile",
+                           state.spec.name, advice)
+
+    # -- health ----------------------------------------------------------------------------
+
+    async def probe(self) -> None:
+        """Ask every list its RFC 5782 test points; quarantine or release it accordingly."""
+        await asyncio.gather(*(self._probe(state) for state in self._lists))
+
+    async def _probe(self, state: _ListState) -> None:
+        client = self._client
+        if client is None:
+            return
+        points = probe_points(state.spec.kind, state.spec.families)
+        # Probes bypass the cache: they are about the list now, not about a client.
+        answers = await asyncio.gather(*(
+            client.ask(f"{p.label}.{state.qzone}.", "A", self._config.deadline)
+            for p in points))
+        health = judge(list(zip(points, answers, strict=True)))
+        name = state.spec.name
+        if health.quarantined and not state.health.quarantined:
+            logger.warning("DNSBL %s quarantined: %s; its answers count as unknown until "
+                           "its test points are right again (checked every %gs)",
+                           name, health.note, self._config.probe_interval)
+        elif state.health.quarantined and not health.quarantined:
+            logger.warning("DNSBL %s answers its test points correctly again: back in "
+                           "service", name)
+        elif health.note and health.note != state.health.note:
+            # Said when it starts (or changes), not every round: a list that merely lacks
+            # its positive test point would otherwise nag forever.
+            logger.warning("DNSBL %s: %s", name, health.note)
+        state.health = health
+
+    # -- snapshot --------------------------------------------------------------------------
+
+    async def save_snapshot(self) -> None:
+        """Write the cache to state_dir (temp file, fsync, rename) in a worker thread."""
+        entries = self._cache.items()
+        path = self._snapshot_path
+        try:
+            await asyncio.to_thread(lambda: write_atomically(path, encode_snapshot(entries)))
+        except OSError as exc:
+            logger.warning("cannot write the DNSBL cache snapshot %s: %s; make state_dir "
+                           "writable by lookupd (the cache then survives restarts)",
+                           path, exc.strerror or exc)
+
+    async def _load_snapshot(self) -> None:
+        path = self._snapshot_path
+        now = self._clock()
+        try:
+            entries = await asyncio.to_thread(lambda: decode_snapshot(path.read_bytes(), now))
+        except FileNotFoundError:
+            logger.warning("no DNSBL cache snapshot at %s (normal on a first start): "
+                           "starting with an empty cache", path)
+            return
+        except OSError as exc:
+            logger.warning("cannot read the DNSBL cache snapshot %s: %s; starting with an "
+                           "empty cache", path, exc.strerror or exc)
+            return
+        except ValueError as exc:
+            logger.warning("the DNSBL cache snapshot %s is truncated or corrupt (%s): "
+                           "ignored, starting with an empty cache; it is rewritten on stop",
+                           path, exc)
+            return
+        self._cache.load(entries)
+
+    # -- stats -----------------------------------------------------------------------------
+
+    def stats(self) -> DnsblStats:
+        lists = [list_stats(s.spec.name, s.spec.kind, s.counters, s.health.quarantine)
+                 for s in self._lists]
+        lists.append(list_stats("reverse-dns", "ptr", self._ptr_counters, ""))
+        return DnsblStats(tuple(lists), len(self._cache), self._cache.maxsize,
+                          self._cache.inflight)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _within(self, deadline: float, lookup: Awaitable[DnsAnswer]) -> DnsAnswer | None:
+        task = asyncio.ensure_future(lookup)
+        await self._wait_all(deadline, {task})
+        return task.result() if task.done() and not task.cancelled() else None
+
+    async def _wait_all(self, deadline: float, tasks: set[asyncio.Task[DnsAnswer]]) -> None:
+        """Wait until `tasks` are done or the deadline passed; cancel the stragglers."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        pending = tasks
+        try:
+            if remaining > 0:
+                _, pending = await asyncio.wait(tasks, timeout=remaining)
+        finally:
+            await self._cancel({t for t in tasks if not t.done()} | pending)
+
+    @staticmethod
+    async def _cancel(tasks: Collection[asyncio.Task[Any]]) -> None:
+        # Only the waiting wrappers are cancelled; the DNS question itself runs on in the
+        # cache's task and its answer is kept for the next client.
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)

@@ -1,0 +1,499 @@
+"""DnsblSource against real servers: rbldnsd zones, knot for reverse DNS, a silent server,
+SERVFAIL and REFUSED, all behind a cache-less dnsmasq (see tests/dnsservers.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from dnsservers import DQS_KEY, DelayProxy, DnsLab, Rbldnsd, ask, dns_lab
+
+from lookupd.config import DnsblConfig, DnsblListConfig, HostPort
+from lookupd.dnsbl import DnsblSource, render_dnsbl, render_ptr, render_stats
+from lookupd.dnsbl.source import SNAPSHOT_NAME
+from lookupd.errors import BadRequest
+from lookupd.outcome import Status
+
+FOUND, NOT_FOUND, UNKNOWN = Status.FOUND, Status.NOT_FOUND, Status.UNKNOWN
+
+BL = DnsblListConfig(zone="bl.test", codes=("127.0.0.[2..11]",))
+COP = DnsblListConfig(zone="cop.test", codes=("127.0.0.2",), families=("ipv4",))
+MASK = DnsblListConfig(zone="mask.test", codes=("&0x04",), families=("ipv4",))
+EVERYTHING = DnsblListConfig(zone="everything.test")
+DBL = DnsblListConfig(zone="dbl.test", kind="domain", codes=("127.0.1.[2..99]",))
+SLOW = DnsblListConfig(zone="slow.test")
+BROKEN = DnsblListConfig(zone="broken.test")
+ZEN_DQS = DnsblListConfig(zone="zen.spamhaus.org", codes=("127.0.0.[2..11]",), spamhaus=True)
+DBL_DQS = DnsblListConfig(zone="dbl.spamhaus.org", kind="domain", codes=("127.0.1.[2..99]",),
+                          spamhaus=True)
+
+OpenSource = Callable[..., Awaitable[DnsblSource]]
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def all_logs() -> Iterator[list[logging.LogRecord]]:
+    """Every log record of this module, at every level: the DQS key must be in none."""
+    handler = _Collect()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    yield handler.records
+    root.removeHandler(handler)
+    root.setLevel(level)
+    leaked = [r.getMessage() for r in handler.records if DQS_KEY in r.getMessage().lower()]
+    assert leaked == []
+    assert handler.records, "the log capture saw nothing: the DQS check would be empty"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsLab]:
+    with dns_lab(tmp_path_factory.mktemp("dnslab")) as started:
+        yield started
+
+
+@pytest.fixture
+async def open_source(lab: DnsLab, tmp_path: Path) -> AsyncIterator[OpenSource]:
+    """Open DnsblSources on the lab's resolver (probed once before use); closed afterwards."""
+    opened: list[DnsblSource] = []
+
+    async def start(*lists: DnsblListConfig, state_dir: Path | None = None,
+                    clock: Callable[[], float] = time.time, port: int | None = None,
+                    **settings: object) -> DnsblSource:
+        settings.setdefault("deadline", 1.0)
+        config = DnsblConfig(lists=lists, nameservers=(
+            HostPort("127.0.0.1", port or lab.resolver_port),), **settings)  # type: ignore[arg-type]
+        source = DnsblSource(config, state_dir or tmp_path / "state", clock=clock)
+        await source.open()
+        opened.append(source)
+        await source.probe()
+        return source
+
+    yield start
+    for source in opened:
+        await source.close()
+
+
+def count(lab: DnsLab, qname: str, qtype: str = "A") -> int:
+    return len(lab.rbldnsd.queries(qname, qtype))
+
+
+# --- verdicts -----------------------------------------------------------------------------
+
+
+async def test_listed_with_several_codes_and_the_lists_txt(open_source: OpenSource) -> None:
+    source = await open_source(BL, COP)
+    result = await source.check_ip("192.0.2.20")
+    assert result.status is FOUND and result.score == 1
+    assert [(a.name, a.codes) for a in result.listed] == \
+        [("bl.test", ("127.0.0.2", "127.0.0.10"))]
+    assert render_dnsbl(result) == (
+        'verdict=listed score=1 lists=bl.test:127.0.0.2,bl.test:127.0.0.10 unknown="" '
+        'text="bl.test: Spam source 192.0.2.20 Dynamic range 192.0.2.20"')
+
+    both = await source.check_ip("192.0.2.4")
+    assert both.score == 2
+    assert render_dnsbl(both).startswith(
+        "verdict=listed score=2 lists=bl.test:127.0.0.4,cop.test:127.0.0.2 unknown=\"\" ")
+    # The TXT's quote and backslash come out escaped for Exim, in one line.
+    assert 'text="bl.test: Exploited host 192.0.2.4 \\"quoted\\" \\\\ backslash; cop.test: ' \
+        'Blocked, see https://cop.test/query?ip=192.0.2.4"' in render_dnsbl(both)
+
+
+async def test_clean_and_ipv6(open_source: OpenSource) -> None:
+    source = await open_source(BL, COP)
+    clean = await source.check_ip("192.0.2.99")
+    assert render_dnsbl(clean) == 'verdict=clean score=0 lists="" unknown="" text=""'
+    v6 = await source.check_ip("2001:db8::4")
+    assert v6.status is FOUND
+    # cop.test serves IPv4 only: it is not asked about an IPv6 client.
+    assert [a.name for a in v6.answers] == ["bl.test"]
+    mapped = await source.check_ip("::ffff:192.0.2.4")
+    assert [a.name for a in mapped.listed] == ["bl.test", "cop.test"]
+    with pytest.raises(BadRequest):
+        await source.check_ip("192.0.2.999")
+
+
+async def test_bitmask_codes(open_source: OpenSource) -> None:
+    source = await open_source(MASK)
+    assert (await source.check_ip("192.0.2.4")).listed[0].codes == ("127.0.0.6",)
+    assert (await source.check_ip("192.0.2.40")).status is NOT_FOUND  # 127.0.0.10: no 0x04
+
+
+@pytest.mark.parametrize(("ip", "code"), [
+    ("192.0.2.254", "127.255.255.254"), ("192.0.2.255", "127.255.255.255"),
+    ("192.0.2.100", "10.0.0.1"), ("192.0.2.1", "127.0.0.1"),
+])
+async def test_error_answers_are_never_listed(open_source: OpenSource, ip: str, code: str,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    # No codes configured: any 127/8 answer would count, except the error codes.
+    source = await open_source(DnsblListConfig(zone="bl.test"))
+    caplog.set_level(logging.WARNING, logger="lookupd")
+    first = await source.check_ip(ip)
+    assert first.status is UNKNOWN
+    assert render_dnsbl(first).startswith(
+        f'verdict=unknown score=0 lists="" unknown=bl.test:error-code-{code} ')
+    again = await source.check_ip(ip)
+    assert again.status is UNKNOWN
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                and code in r.getMessage()]
+    assert len(warnings) == 1  # once per list and period, not per query
+    assert "bl.test" in warnings[0] and "not a listing" in warnings[0]
+    if code == "127.255.255.254":
+        assert "run a local resolver such as unbound, or set dnsbl.dqs_key" in warnings[0]
+
+
+async def test_domain_list(open_source: OpenSource) -> None:
+    source = await open_source(BL, DBL)
+    spam = await source.check_domain("Spam.Example.")
+    assert [(a.name, a.codes) for a in spam.listed] == [("dbl.test", ("127.0.1.2",))]
+    assert [a.name for a in spam.answers] == ["dbl.test"]  # IP lists are not asked
+    assert (await source.check_domain("phish.example")).listed[0].codes == ("127.0.1.4",)
+    assert (await source.check_domain("a.b.malware.example")).status is FOUND
+    assert (await source.check_domain("clean.example")).status is NOT_FOUND
+    # 127.0.1.102 is outside the configured codes; 127.0.1.255 is an error.
+    assert (await source.check_domain("abused.example")).status is NOT_FOUND
+    ipq = await source.check_domain("ipquery.example")
+    assert (ipq.status, ipq.reason) == (UNKNOWN, "dbl.test:error-code-127.0.1.255")
+    with pytest.raises(BadRequest):
+        await source.check_domain("192.0.2.1")
+
+
+# --- failures -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ip", "reason"), [
+    ("192.0.2.201", "timeout"), ("192.0.2.202", "servfail"), ("192.0.2.203", "refused"),
+])
+async def test_failures_are_unknown_never_clean(open_source: OpenSource, ip: str,
+                                                reason: str) -> None:
+    source = await open_source(BL, deadline=0.3)
+    started = time.monotonic()
+    result = await source.check_ip(ip)
+    elapsed = time.monotonic() - started
+    assert render_dnsbl(result) == \
+        f'verdict=unknown score=0 lists="" unknown=bl.test:{reason} text=""'
+    if reason == "timeout":
+        assert 0.25 <= elapsed < 0.6
+    else:
+        assert elapsed < 0.25  # an answer, not the deadline
+
+
+async def test_at_the_deadline_it_answers_with_what_it_has(open_source: OpenSource) -> None:
+    source = await open_source(BL, COP, deadline=0.3)
+    started = time.monotonic()
+    result = await source.check_ip("192.0.2.201")  # bl.test times out, cop.test lists it
+    assert time.monotonic() - started < 0.6
+    assert render_dnsbl(result).startswith(
+        "verdict=listed score=1 lists=cop.test:127.0.0.2 unknown=bl.test:timeout ")
+    # With a threshold the missing list could have reached, the verdict is unknown.
+    strict = await open_source(BL, COP, deadline=0.3, threshold=2.0)
+    assert (await strict.check_ip("192.0.2.201")).status is UNKNOWN
+
+
+async def test_refused_by_a_real_server_directly(open_source: OpenSource, lab: DnsLab) -> None:
+    # knot itself (no forwarder) refuses a zone it does not serve.
+    source = await open_source(BL, port=lab.knot.port)
+    result = await source.check_ip("192.0.2.4")
+    assert result.reason == "bl.test:quarantined"  # its probes were refused too
+    assert source.stats().lists[0].quarantine == "not-answering"
+
+
+# --- health ---------------------------------------------------------------------------------
+
+
+async def test_a_list_that_lists_everything_is_quarantined(
+        open_source: OpenSource, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="lookupd")
+    source = await open_source(EVERYTHING, COP)
+    result = await source.check_ip("192.0.2.4")
+    assert render_dnsbl(result).startswith(
+        "verdict=listed score=1 lists=cop.test:127.0.0.2 unknown=everything.test:quarantined ")
+    assert (await source.check_ip("192.0.2.99")).status is UNKNOWN
+    await source.probe()
+    quarantined = [r for r in caplog.records if "quarantined" in r.getMessage()]
+    assert len(quarantined) == 1 and quarantined[0].levelno == logging.WARNING
+    assert "everything.test" in quarantined[0].getMessage()
+    assert "127.0.0.1" in quarantined[0].getMessage()
+    assert "state:quarantined-lists-everything" in render_stats(source.stats())
+
+
+async def test_odd_test_points_are_said_once(open_source: OpenSource,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    # A domain list configured as an IP list does not list 127.0.0.2: the admin hears it
+    # once, and the list stays in service.
+    caplog.set_level(logging.WARNING, logger="lookupd")
+    source = await open_source(DnsblListConfig(zone="dbl.test"))
+    await source.probe()
+    await source.probe()
+    notes = [r.getMessage() for r in caplog.records if "test point" in r.getMessage()]
+    assert notes == ["DNSBL dbl.test: it does not list its RFC 5782 test point 127.0.0.2: "
+                     "check the zone name in [[dnsbl.list]]"]
+    assert source.stats().lists[0].quarantine == ""
+
+
+@pytest.mark.parametrize("dead", [SLOW, BROKEN])
+async def test_a_list_that_stops_answering_is_quarantined(open_source: OpenSource,
+                                                          dead: DnsblListConfig) -> None:
+    source = await open_source(dead, BL, deadline=0.3)
+    started = time.monotonic()
+    result = await source.check_ip("192.0.2.4")
+    assert time.monotonic() - started < 0.25  # the dead list is not even asked (deadline 0.3)
+    assert result.reason == f"{dead.zone}:quarantined"
+    assert source.stats().lists[0].quarantine == "not-answering"
+
+
+async def test_quarantine_ends_when_the_probes_pass_again(
+        tmp_path: Path, open_source: OpenSource, caplog: pytest.LogCaptureFixture) -> None:
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "flaky.zone").write_text("$SOA 60 ns.flaky.test. h.flaky.test. 1 600 60 3600 45\n"
+                                      "0.0.0.0/0 :127.0.0.2:\n")
+    server = Rbldnsd(tmp_path / "rbl", zones=(("flaky.test", "ip4trie", "flaky.zone"),),
+                     source_dir=zones).start()
+    try:
+        caplog.set_level(logging.WARNING, logger="lookupd")
+        source = await open_source(DnsblListConfig(zone="flaky.test"), port=server.port,
+                                   probe_interval=0.2)
+        assert (await source.check_ip("192.0.2.99")).reason == "flaky.test:quarantined"
+        server.zone_file("flaky.zone").write_text(
+            "$SOA 60 ns.flaky.test. h.flaky.test. 2 600 60 3600 45\n127.0.0.2/32 :127.0.0.2:\n")
+        server.reload()
+        # No probe() call here: the source's own probe loop finds out.
+        for _ in range(150):
+            if source.stats().lists[0].quarantine == "":
+                break
+            await asyncio.sleep(0.02)
+        assert ask(server.port, "1.0.0.127.flaky.test").answer == []
+        assert source.stats().lists[0].quarantine == ""
+        assert (await source.check_ip("192.0.2.99")).status is NOT_FOUND
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("quarantined" in m for m in messages) == 1
+        assert sum("back in service" in m for m in messages) == 1
+    finally:
+        server.stop()
+
+
+# --- cache ----------------------------------------------------------------------------------
+
+
+async def test_a_second_query_within_the_ttl_sends_no_packet(open_source: OpenSource,
+                                                             lab: DnsLab) -> None:
+    source = await open_source(BL, COP)
+    names = [("30.2.0.192.bl.test", "A"), ("30.2.0.192.cop.test", "A"),
+             ("30.2.0.192.cop.test", "TXT")]
+    before = [count(lab, n, t) for n, t in names]
+    first = await source.check_ip("192.0.2.30")
+    assert [count(lab, n, t) for n, t in names] == [b + 1 for b in before]
+    second = await source.check_ip("192.0.2.30")
+    assert [count(lab, n, t) for n, t in names] == [b + 1 for b in before]
+    assert first == second and second.status is FOUND
+    assert [s.cache_hit_rate for s in source.stats().lists[:2]] == [0.5, 0.5]
+
+
+async def test_concurrent_identical_queries_send_one_packet(open_source: OpenSource,
+                                                            lab: DnsLab) -> None:
+    source = await open_source(BL)
+    before = count(lab, "31.2.0.192.bl.test")
+    results = await asyncio.gather(*(source.check_ip("192.0.2.31") for _ in range(20)))
+    assert {r.status for r in results} == {NOT_FOUND}
+    assert count(lab, "31.2.0.192.bl.test") == before + 1
+
+
+async def test_entries_expire_with_their_ttl(open_source: OpenSource, lab: DnsLab) -> None:
+    now = [time.time()]
+    source = await open_source(BL, clock=lambda: now[0], error_ttl=30.0)
+    listed, clean = "10.2.0.192.bl.test", "97.2.0.192.bl.test"
+    servfail = lab.dnsmasq.queries("A", "202.2.0.192.bl.test")
+    base = count(lab, listed), count(lab, clean), len(servfail)
+
+    async def asked() -> tuple[int, int, int]:
+        for ip in ("192.0.2.10", "192.0.2.97", "192.0.2.202"):
+            await source.check_ip(ip)
+        return (count(lab, listed) - base[0], count(lab, clean) - base[1],
+                len(lab.dnsmasq.queries("A", "202.2.0.192.bl.test")) - base[2])
+
+    assert await asked() == (1, 1, 1)
+    now[0] += 29  # all still cached: listed 120 s, NXDOMAIN 45 s (SOA minimum), error 30 s
+    assert await asked() == (1, 1, 1)
+    now[0] += 2  # the SERVFAIL is asked again
+    assert await asked() == (1, 1, 2)
+    now[0] += 15  # 46 s: the NXDOMAIN too (the SERVFAIL asked at 31 s is kept until 61 s)
+    assert await asked() == (1, 2, 2)
+    now[0] += 75  # 121 s: and the listing
+    assert (await asked())[0] == 2
+
+
+async def test_negative_ttl_is_bounded(open_source: OpenSource, lab: DnsLab) -> None:
+    now = [time.time()]
+    source = await open_source(BL, clock=lambda: now[0], negative_ttl_max=10.0)
+    before = count(lab, "96.2.0.192.bl.test")
+    await source.check_ip("192.0.2.96")
+    now[0] += 11
+    await source.check_ip("192.0.2.96")
+    assert count(lab, "96.2.0.192.bl.test") == before + 2
+
+
+# --- snapshot -------------------------------------------------------------------------------
+
+
+async def test_the_cache_survives_a_restart(open_source: OpenSource, lab: DnsLab,
+                                            tmp_path: Path) -> None:
+    state = tmp_path / "snap"
+    first = await open_source(BL, state_dir=state)
+    before = count(lab, "32.2.0.192.bl.test"), count(lab, "4.2.0.192.bl.test", "TXT")
+    await first.check_ip("192.0.2.32")
+    listed = await first.check_ip("192.0.2.4")
+    await first.close()
+    assert (state / SNAPSHOT_NAME).stat().st_size > 0
+    second = await open_source(BL, state_dir=state)
+    assert await second.check_ip("192.0.2.4") == listed
+    await second.check_ip("192.0.2.32")
+    assert (count(lab, "32.2.0.192.bl.test"), count(lab, "4.2.0.192.bl.test", "TXT")) == \
+        (before[0] + 1, before[1] + 1)
+    await second.close()
+    # Loaded later than the entries' TTL, the snapshot brings nothing back.
+    later = await open_source(BL, state_dir=state, clock=lambda: time.time() + 200)
+    await later.check_ip("192.0.2.32")
+    assert count(lab, "32.2.0.192.bl.test") == before[0] + 2
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "garbage", "empty"])
+async def test_a_bad_snapshot_is_ignored_with_one_warning(
+        open_source: OpenSource, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        damage: str) -> None:
+    state = tmp_path / "snap"
+    state.mkdir()
+    path = state / SNAPSHOT_NAME
+    if damage != "missing":
+        writer = await open_source(BL, state_dir=state)
+        for i in range(40, 60):
+            await writer.check_ip(f"192.0.2.{i}")
+        await writer.close()
+        data = path.read_bytes()
+        path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x00not msgpack",
+                          "empty": b""}[damage])
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="lookupd")
+    source = await open_source(BL, state_dir=state)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert str(path) in warnings[0]
+    assert ("no DNSBL cache snapshot" if damage == "missing" else "truncated or corrupt") \
+        in warnings[0]
+    assert (await source.check_ip("192.0.2.4")).status is FOUND
+    await source.close()
+    assert path.stat().st_size > 20  # rewritten whole on close
+
+
+# --- Spamhaus DQS ----------------------------------------------------------------------------
+
+
+async def test_dqs_key_is_used_but_never_shown(open_source: OpenSource, lab: DnsLab,
+                                               caplog: pytest.LogCaptureFixture,
+                                               tmp_path: Path) -> None:
+    caplog.set_level(logging.DEBUG)
+    source = await open_source(ZEN_DQS, DBL_DQS, dqs_key=DQS_KEY, state_dir=tmp_path / "dqs")
+    result = await source.check_ip("192.0.2.4")
+    reply = render_dnsbl(result)
+    assert reply.startswith("verdict=listed score=1 lists=zen.spamhaus.org:127.0.0.4 ")
+    # The queries went to KEY.zen.dq.spamhaus.net...
+    assert count(lab, f"4.2.0.192.{DQS_KEY}.zen.dq.spamhaus.net") >= 1
+    # ...whose TXT names the key: it is blanked out.
+    assert "<key>.zen.dq.spamhaus.net" in reply
+    domain = render_dnsbl(await source.check_domain("spam.example"))
+    assert domain.startswith("verdict=listed score=1 lists=dbl.spamhaus.org:127.0.1.2 ")
+    refused = await source.check_ip("192.0.2.254")
+    assert refused.reason == "zen.spamhaus.org:error-code-127.255.255.254"
+    everything = [reply, domain, render_dnsbl(refused), render_stats(source.stats()),
+                  *(r.getMessage() for r in caplog.records)]
+    assert any("zen.spamhaus.org" in line for line in everything[4:])  # it did log
+    assert not [line for line in everything if DQS_KEY in line.lower()]
+    await source.close()
+    snapshot = (tmp_path / "dqs" / SNAPSHOT_NAME).read_bytes()
+    assert b"zen.spamhaus.org" in snapshot and DQS_KEY.encode() not in snapshot
+
+
+# --- reverse DNS ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ip", "reply"), [
+    ("192.0.2.1", "name=mail.example.test fcrdns=yes"),
+    ("192.0.2.2", "name=liar.example.test fcrdns=no"),
+    ("192.0.2.3", "name=nowhere.example.test fcrdns=no"),
+    ("192.0.2.4", 'name="" fcrdns=no'),
+    ("192.0.2.5", "name=host.slow.test fcrdns=unknown"),
+    ("192.0.2.6", "name=host.broken.test fcrdns=unknown"),
+    ("192.0.2.7", "name=mail7.example.test fcrdns=yes"),
+    ("2001:db8::25", "name=mail6.example.test fcrdns=yes"),
+    ("198.51.100.1", 'name="" fcrdns=unknown'),
+])
+async def test_ptr(open_source: OpenSource, ip: str, reply: str) -> None:
+    source = await open_source(deadline=0.3)
+    assert render_ptr(await source.ptr(ip)) == reply
+
+
+async def test_ptr_answers_are_cached(open_source: OpenSource, lab: DnsLab) -> None:
+    source = await open_source()
+    first = await source.ptr("192.0.2.1")
+    ptrs = len(lab.dnsmasq.queries("PTR", "1.2.0.192.in-addr.arpa"))
+    forwards = len(lab.dnsmasq.queries("A", "mail.example.test"))
+    assert await source.ptr("192.0.2.1") == first
+    assert len(lab.dnsmasq.queries("PTR", "1.2.0.192.in-addr.arpa")) == ptrs
+    assert len(lab.dnsmasq.queries("A", "mail.example.test")) == forwards
+    ptr_stats = source.stats().lists[-1]
+    assert (ptr_stats.name, ptr_stats.queries, ptr_stats.hits) == ("reverse-dns", 2, 2)
+
+
+# --- stats and latency --------------------------------------------------------------------
+
+
+async def test_stats(open_source: OpenSource) -> None:
+    source = await open_source(BL, COP, deadline=0.3)
+    for ip in ("192.0.2.4", "192.0.2.4", "192.0.2.99", "192.0.2.202", "192.0.2.201"):
+        await source.check_ip(ip)
+    bl, cop, _ = source.stats().lists
+    assert (bl.queries, bl.hits, bl.errors, bl.timeouts) == (5, 2, 1, 1)
+    assert (cop.queries, cop.hits, cop.errors, cop.timeouts) == (5, 3, 0, 0)
+    assert bl.cache_hit_rate == pytest.approx(0.2)
+    assert 0 < bl.p50_ms <= bl.p99_ms < 300
+    line = render_stats(source.stats())
+    assert "bl.test=queries:5,hits:2,errors:1,timeouts:1,cache_hit_rate:0.20,state:ok," in line
+
+
+async def test_cold_queries_to_three_lists_cost_one_round_trip(open_source: OpenSource,
+                                                               lab: DnsLab) -> None:
+    delay = 0.08
+    proxy = DelayProxy(lab.rbldnsd.port, delay)
+    try:
+        one = await open_source(BL, port=proxy.port)
+        three = await open_source(BL, COP, MASK, port=proxy.port)
+        timings: dict[str, list[float]] = {"one": [], "three": []}
+        for i in range(5):
+            for name, source in (("one", one), ("three", three)):
+                started = time.monotonic()
+                result = await source.check_ip(f"192.0.2.{110 + i}")  # cold, not listed
+                timings[name].append(time.monotonic() - started)
+                assert result.status is NOT_FOUND
+    finally:
+        proxy.stop()
+    t1, t3 = statistics.median(timings["one"]), statistics.median(timings["three"])
+    print(f"\ncold dnsbl, {delay * 1000:.0f} ms per DNS answer: one list {t1 * 1000:.1f} ms, "
+          f"three lists in parallel {t3 * 1000:.1f} ms (sequential would be "
+          f"~{3 * delay * 1000:.0f} ms)")
+    assert t3 < 1.75 * delay  # sequential asking would take 3 * delay
+    assert t3 < t1 + delay / 2
