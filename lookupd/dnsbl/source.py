@@ -357,8 +357,8 @@ class DnsblSource:
         try:
             entries = await asyncio.to_thread(lambda: decode_snapshot(path.read_bytes(), now))
         except FileNotFoundError:
-            logger.warning("no DNSBL cache snapshot at %s (normal on a first start): "
-                           "starting with an empty cache", path)
+            logger.info("no DNSBL cache snapshot at %s (normal on a first start): "
+                        "starting with an empty cache", path)
             return
         except OSError as exc:
             logger.warning("cannot read the DNSBL cache snapshot %s: %s; starting with an "
