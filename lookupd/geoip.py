@@ -24,9 +24,10 @@ import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import maxminddb
+from cachetools import LRUCache
 from maxminddb.decoder import Decoder
 from maxminddb.types import Record
 
@@ -538,6 +539,8 @@ class GeoIPSource:
         self._country = _Database("country", config.country_db, GEOIP_COUNTRY_PATHS,
                                   config.check_interval)
         self._asn = _Database("asn", config.asn_db, GEOIP_ASN_PATHS, config.check_interval)
+        self._country_cache: _ResultCache[CountryResult] = _ResultCache()
+        self._asn_cache: _ResultCache[AsnResult] = _ResultCache()
 
     async def open(self) -> None:
         """Find, open and verify both databases; a missing or bad one only logs a WARNING."""
@@ -564,7 +567,15 @@ class GeoIPSource:
 
     def country(self, ip: IPAddress | None) -> CountryResult:
         """Country of `ip`; None (empty argument) and non-public addresses have none."""
-        if ip is None or not is_public(ip):
+        if ip is None:
+            return _NO_COUNTRY
+        cached = self._country_cache.get(ip)
+        if cached is not None and self._country.current() is self._country_cache.db:
+            return cached
+        return self._country_cache.put(ip, self._country.current(), self._country_lookup(ip))
+
+    def _country_lookup(self, ip: IPAddress) -> CountryResult:
+        if not is_public(ip):
             return _NO_COUNTRY
         try:
             record = self._country.get(ip)
@@ -574,10 +585,43 @@ class GeoIPSource:
 
     def asn(self, ip: IPAddress | None) -> AsnResult:
         """AS number and organisation of `ip`; None and non-public addresses have none."""
-        if ip is None or not is_public(ip):
+        if ip is None:
+            return _NO_ASN
+        cached = self._asn_cache.get(ip)
+        if cached is not None and self._asn.current() is self._asn_cache.db:
+            return cached
+        return self._asn_cache.put(ip, self._asn.current(), self._asn_lookup(ip))
+
+    def _asn_lookup(self, ip: IPAddress) -> AsnResult:
+        if not is_public(ip):
             return _NO_ASN
         try:
             record = self._asn.get(ip)
         except _LookupFailed as exc:
             return AsnResult(Status.UNKNOWN, reason=str(exc))
         return asn_from_record(record)
+
+
+_Result = TypeVar("_Result", CountryResult, AsnResult)
+
+
+class _ResultCache(Generic[_Result]):
+    """Answers of one database by address. Decoding an mmdb record costs microseconds (a City
+    record much more), and the same client asks again and again (every verb, every
+    connection of a spam run). Emptied whenever another database file takes over; UNKNOWN
+    answers are never kept."""
+
+    def __init__(self, size: int = 65536) -> None:
+        self._entries: LRUCache[IPAddress, _Result] = LRUCache(maxsize=size)
+        self.db: OpenedDb | None = None
+
+    def get(self, ip: IPAddress) -> _Result | None:
+        return self._entries.get(ip)
+
+    def put(self, ip: IPAddress, db: OpenedDb | None, result: _Result) -> _Result:
+        if db is not self.db:
+            self._entries.clear()
+            self.db = db
+        if result.status is not Status.UNKNOWN:
+            self._entries[ip] = result
+        return result

@@ -122,7 +122,8 @@ class Connection(asyncio.Protocol):
                         shown(bytes(data[:MAX_REQUEST]).decode("ascii", "replace")), exc)
             self._reply(str(exc))
             return
-        log.debug("request %s %s", request.verb, shown(" ".join(request.args)))
+        if self.server.debug:  # built only when wanted: this is the hot path
+            log.debug("request %s %s", request.verb, shown(" ".join(request.args)))
         dispatcher = self.server.dispatcher
         try:
             reply = dispatcher.handle(request, self._peer(dispatcher.needs_peer(request.verb)))
@@ -179,6 +180,7 @@ class Server:
         self.config = config
         self.dispatcher = dispatcher
         self.read_timeout = config.server.read_timeout
+        self.debug = log.isEnabledFor(logging.DEBUG)
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.listeners: list[asyncio.Server] = []
