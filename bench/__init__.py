@@ -1,0 +1,1 @@
+"""Benchmarks of lookupd against a C baseline: `python -m bench` (see bench/README.md)."""
