@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from bench import core, designs, harness
+from bench import connect, core, designs, harness
 from bench.harness import BenchError, Context, Settings, SuiteResult
 
 log = logging.getLogger("bench")
@@ -38,6 +38,7 @@ class Suite:
 SUITES = (
     Suite("core", core.DESCRIPTION, core.run, default=True),
     Suite("designs", designs.DESCRIPTION, designs.run, default=False),
+    Suite("connect", connect.DESCRIPTION, connect.run, default=False),
 )
 
 

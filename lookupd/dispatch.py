@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from lookupd import __version__
+from lookupd.authblock import render_admin, render_check
+from lookupd.connect import ConnectChecker, ConnectRequest, parse_args
+from lookupd.dnsbl import DnsblResult, render_dnsbl, render_ptr, render_stats
+from lookupd.dnsbl.names import normalize_domain
+from lookupd.dnsbl.verdict import PtrResult
 from lookupd.errors import BadRequest
 from lookupd.geoip import AsnResult, CountryResult
 from lookupd.incidents import IncidentsResult
@@ -47,6 +52,8 @@ class Dispatcher:
 
     def __init__(self, sources: Sources) -> None:
         self.sources = sources
+        self.connect_checker = ConnectChecker(sources.config.connect, sources.geoip,
+                                              sources.incidents, sources.dnsbl)
         self.table: dict[str, Handler] = {
             "ping": Handler(lambda a, p: "pong", 0, 0, "ping"),
             "version": Handler(lambda a, p: f"lookupd {__version__}", 0, 0, "version"),
@@ -54,6 +61,23 @@ class Dispatcher:
             "country": Handler(self.country, 0, 1, "country IP"),
             "asn": Handler(self.asn, 0, 1, "asn IP"),
             "incidents": Handler(self.incidents, 0, 1, "incidents IP"),
+            # No address (local submission) or no domain (bounce sender): nothing to list.
+            "dnsbl": Handler(self.dnsbl, 0, 1, "dnsbl IP"),
+            "dbl": Handler(self.dbl, 0, 1, "dbl DOMAIN"),
+            "ptr": Handler(self.ptr, 0, 1, "ptr IP"),
+            "stats": Handler(self.stats, 0, 0, "stats"),
+            # One verdict per SMTP connection from every source at once. HELO is optional
+            # (none yet at connect time); whatever follows PORT is taken as the HELO name.
+            "connect": Handler(self.connect, 0, 64, "connect IP [PORT] [HELO]"),
+            # Authenticated-user block state. No user (an unauthenticated session): `ok`.
+            "user": Handler(self.user, 0, 1, "user USER"),
+            # The recipient is the rest of the line: a quoted local part may hold spaces, and
+            # a request that failed to parse would let that recipient go uncounted.
+            "user-fail": Handler(self.user_fail, 0, 64, "user-fail USER [RECIPIENT]"),
+            "user-block": Handler(self.user_block, 1, 64, "user-block USER [REASON]",
+                                  needs_peer=True),
+            "user-unblock": Handler(self.user_unblock, 1, 1, "user-unblock USER",
+                                    needs_peer=True),
         }
 
     def needs_peer(self, verb: str) -> bool:
@@ -93,6 +117,87 @@ class Dispatcher:
         if ip is None:
             return "0"
         return render_incidents(self.sources.incidents.count(ip))
+
+    # --- DNSBL, DBL, reverse DNS (answers need the network: coroutines) -------------------
+
+    def dnsbl(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        ip = _optional_ip(args)
+        if ip is None:
+            return render_dnsbl(DnsblResult(Status.NOT_FOUND))
+        return self._dnsbl(ip)
+
+    async def _dnsbl(self, ip: IPv4Address | IPv6Address) -> str:
+        return render_dnsbl(await self.sources.dnsbl.check_ip(ip))
+
+    def dbl(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        if not args:
+            return render_dnsbl(DnsblResult(Status.NOT_FOUND))
+        try:
+            domain = normalize_domain(args[0])
+        except ValueError:
+            raise BadRequest(f'not a domain name: "{shown(args[0])}"') from None
+        return self._dbl(domain)
+
+    async def _dbl(self, domain: str) -> str:
+        return render_dnsbl(await self.sources.dnsbl.check_domain(domain))
+
+    def ptr(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        ip = _optional_ip(args)
+        if ip is None:
+            return render_ptr(PtrResult(Status.UNKNOWN, fcrdns="unknown"))
+        return self._ptr(ip)
+
+    async def _ptr(self, ip: IPv4Address | IPv6Address) -> str:
+        return render_ptr(await self.sources.dnsbl.ptr(ip))
+
+    def stats(self, args: tuple[str, ...], peer: Peer) -> str:
+        return render_stats(self.sources.dnsbl.stats())
+
+    # --- connect: every fact and the policy's verdict (DNS involved: a coroutine) ----------
+
+    def connect(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        return self._connect(parse_args(args))
+
+    async def _connect(self, request: ConnectRequest) -> str:
+        return await self.connect_checker.answer(request)
+
+    # --- authenticated-user block state (reads from memory, writes through the disk) -----
+
+    def user(self, args: tuple[str, ...], peer: Peer) -> str:
+        if not args:
+            return "ok"
+        return render_check(self.sources.users.status(args[0]))
+
+    def user_fail(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        if not args:
+            return "ok"
+        self.sources.users.check(args[0])  # a bad name gets its `error` reply here
+        return self._user_fail(args[0], " ".join(args[1:]) or None)
+
+    async def _user_fail(self, user: str, recipient: str | None) -> str:
+        return render_check(await self.sources.users.fail(user, recipient))
+
+    def user_block(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        self.sources.users.check(args[0])
+        return self._user_admin(peer, args[0], " ".join(args[1:]))
+
+    def user_unblock(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        self.sources.users.check(args[0])
+        return self._user_admin(peer, args[0], None)
+
+    async def _user_admin(self, peer: Peer, user: str, reason: str | None) -> str:
+        """user-block (reason given, maybe "") or user-unblock: root or admin_group only."""
+        users = self.sources.users
+        verb = "user-unblock" if reason is None else "user-block"
+        if not await users.admin_allowed(peer.uid, peer.gid):
+            log.warning("%s %s refused: the %s client (uid %s, pid %s) is neither root nor in "
+                        "users.admin_group; run `lookupd users` as root instead", verb,
+                        shown(user), peer.transport, peer.uid, peer.pid)
+            return error_reply("not permitted")
+        by = await users.describe_peer(peer.uid, peer.pid)
+        if reason is None:
+            return render_admin(await users.unblock(user, by=by))
+        return render_admin(await users.block(user, reason, by=by))
 
 
 def _optional_ip(args: tuple[str, ...]) -> IPv4Address | IPv6Address | None:

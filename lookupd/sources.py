@@ -7,7 +7,9 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
+from lookupd.authblock import UserState
 from lookupd.config import Config
+from lookupd.dnsbl import DnsblSource
 from lookupd.geoip import GeoIPSource
 from lookupd.incidents import IncidentsSource
 
@@ -29,6 +31,8 @@ class Sources:
     config: Config
     geoip: GeoIPSource
     incidents: IncidentsSource
+    dnsbl: DnsblSource
+    users: UserState
 
     @classmethod
     def from_config(cls, config: Config) -> Sources:
@@ -36,10 +40,12 @@ class Sources:
             config=config,
             geoip=GeoIPSource(config.geoip),
             incidents=IncidentsSource(config.incidents),
+            dnsbl=DnsblSource(config.dnsbl, config.server.state_dir),
+            users=UserState(config.users, config.server.state_dir),
         )
 
     def all(self) -> tuple[Source, ...]:
-        return (self.geoip, self.incidents)
+        return (self.geoip, self.incidents, self.dnsbl, self.users)
 
     async def open(self) -> None:
         await asyncio.gather(*(source.open() for source in self.all()))
