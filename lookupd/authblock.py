@@ -1,0 +1,352 @@
+"""Authenticated-user block state: the `user`, `user-fail`, `user-block`, `user-unblock` source.
+
+Replaces the classic RCPT-ACL recipe (ratelimit on invalid recipients, `${run{/bin/sh -c "echo
+$user >> blocked_authenticated_users"}}`, freeze later mail): events and blocks live in
+STATE_DIR/users.sqlite, written by one thread; `user` answers from an in-memory mirror.
+
+Changes made by `lookupd users ...` while the daemon runs reach it through sqlite's
+data_version, looked at on every write batch and, on lookups, at most once a second.
+
+In Exim's RCPT ACL (${escape:} keeps what the client typed printable ASCII on one line; the
+FAIL string `ok` fails open when lookupd is down):
+
+    warn  authenticated = *
+          set acl_m_user = ${readsocket{/run/lookupd/lookupd.sock}\
+                             {user ${escape:$authenticated_id}\n}{3s}{}{ok}}
+          condition = ${extract{blocked}{$acl_m_user}{yes}{no}}
+          control   = freeze/no_tell
+          logwrite  = froze mail of blocked user $authenticated_id: \
+                      ${extract{reason}{$acl_m_user}} since ${extract{since}{$acl_m_user}}
+    deny  authenticated = *
+          !verify   = recipient
+          set acl_m_fail = ${readsocket{/run/lookupd/lookupd.sock}{user-fail \
+                             ${escape:$authenticated_id} ${escape:$local_part@$domain}\n}\
+                             {3s}{}{ok}}
+          message   = no such user here
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import os
+import pwd
+import time
+from pathlib import Path
+from typing import TypeVar
+
+from lookupd.config import UsersConfig
+from lookupd.users import lsearch, store
+from lookupd.users.decide import (
+    MAX_REASON_CHARS,
+    Block,
+    FailOutcome,
+    UserStatus,
+    blocked,
+    check_name,
+    clean_recipient,
+    clean_text,
+    may_administer,
+    ok,
+    render_admin,
+    render_check,
+    unknown,
+)
+from lookupd.users.notify import Notice, Notifier
+
+__all__ = ["UserState", "UserStatus", "render_admin", "render_check"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How long an answer waits for its commit. Exim's readsocket timeout is a few seconds; past
+# this the answer is `ok` (fail open) and the event is still committed when the disk wakes up.
+WRITE_DEADLINE = 2.0
+# More queued writes than this means the disk cannot keep up: answer `ok` at once.
+MAX_PENDING = 10_000
+# Look for changes by `lookupd users` at most this often on lookups.
+REFRESH_EVERY = 1.0
+# Storage problems are logged at most this often (with a count of the requests meanwhile).
+WARN_EVERY = 60.0
+# How long close() lets notifications under way finish.
+NOTIFY_GRACE = 2.0
+
+
+class UserState:
+    """Blocked users and their invalid-recipient events, built from [users]."""
+
+    def __init__(self, config: UsersConfig, state_dir: Path, *,
+                 notify_backoff: float = 5.0) -> None:
+        self.config = config
+        self.path = store.db_path(state_dir)
+        self._blocked: dict[str, Block] = {}
+        self._writer = store.Writer(self.path, config.window, store.WriterHooks(
+            blocks_written=self._write_lsearch, external_change=self._external_change))
+        self._notifier = Notifier(config.notify_command, config.notify_to,
+                                  retries=config.notify_retries,
+                                  timeout=config.notify_timeout, backoff=notify_backoff)
+        self._admin_gid: int | None = None
+        self._last_refresh = 0.0
+        self._last_warning = -WARN_EVERY
+        self._suppressed = 0
+        self._open = False
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._admin_gid = _resolve_group(self.config.admin_group)
+        blocks = await self._writer.start()
+        self._open = True
+        if blocks is not None:
+            self._blocked = blocks
+            await asyncio.to_thread(self._write_lsearch, blocks)
+            await self._resend_notifications()
+            log.info("users: %d blocked user(s) in %s", len(blocks), self.path)
+            return
+        # Fail open, but keep the blocks we can still read: a read-only disk must not unblock.
+        self._blocked = await asyncio.to_thread(_read_blocks, self.path)
+        log.warning("users: %s; user-fail answers ok and blocks nobody new until this is "
+                    "fixed (make %s writable by lookupd and free some space); %d existing "
+                    "block(s) still hold", self._writer.open_error, self.path.parent,
+                    len(self._blocked))
+
+    async def close(self) -> None:
+        if not self._open:
+            return
+        await self._notifier.drain(NOTIFY_GRACE)  # a mail taken meanwhile is still marked
+        self._open = False
+        await self._writer.stop()
+
+    # --- lookups -------------------------------------------------------------------------
+
+    def check(self, user: str) -> str:
+        """The stored form of `user`, or BadRequest: lets a caller refuse a bad name before it
+        starts a coroutine."""
+        return check_name(user, case_insensitive=self.config.case_insensitive)
+
+    def status(self, user: str) -> UserStatus:
+        """`user USER`: from memory, no sqlite. BadRequest for an invalid name."""
+        name = self.check(user)
+        now = time.monotonic()
+        if self._open and now - self._last_refresh >= REFRESH_EVERY:
+            self._last_refresh = now
+            self._writer.poke()
+        block = self._blocked.get(name)
+        return blocked(block) if block is not None else ok(name)
+
+    async def refresh(self) -> None:
+        """Pick up changes made by other processes now (tests, and after `users import`)."""
+        if self._open:
+            await self._writer.submit(lambda tx: None)
+
+    async def fail(self, user: str, recipient: str | None = None) -> UserStatus:
+        """`user-fail USER [RECIPIENT]`: one invalid-recipient event, and the state after it."""
+        name = self.check(user)
+        rcpt = clean_recipient(recipient)
+        cfg = self.config
+        if not self._open:
+            return unknown(name, "the user state is not open")
+        if self._writer.pending >= MAX_PENDING:
+            return self._storage_problem(name, f"{MAX_PENDING} writes are waiting for the disk")
+
+        def op(tx: store.Tx) -> store.FailRecord:
+            record = store.record_fail(tx.conn, name, rcpt, now=time.time(),
+                                       window=cfg.window, limit=cfg.limit)
+            tx.blocks_changed = record.outcome is FailOutcome.NEWLY_BLOCKED
+            return record
+
+        result = await self._commit(name, self._writer.submit(op, self._apply_fail))
+        if isinstance(result, UserStatus):
+            return result
+        if result.block is not None:
+            return blocked(result.block, result.count)
+        return ok(name, result.count)
+
+    async def block(self, user: str, reason: str, *, by: str = "admin") -> UserStatus:
+        """`user-block USER [REASON]` (the caller checked the peer). Durable before it returns."""
+        name = self.check(user)
+        why = clean_text(reason, MAX_REASON_CHARS) or "blocked by an administrator"
+
+        def op(tx: store.Tx) -> tuple[Block, bool]:
+            result = store.set_block(tx.conn, name, why, now=time.time(), by=by)
+            tx.blocks_changed = result[1]
+            return result
+
+        result = await self._commit(name, self._writer.submit(op, self._apply_block),
+                                    admin=True)
+        if isinstance(result, UserStatus):
+            return result
+        return blocked(result[0])
+
+    async def unblock(self, user: str, *, by: str = "admin") -> UserStatus:
+        """`user-unblock USER` (the caller checked the peer). Durable before it returns."""
+        name = self.check(user)
+
+        def op(tx: store.Tx) -> bool:
+            removed = store.clear_block(tx.conn, name, now=time.time(), by=by)
+            tx.blocks_changed = removed
+            return removed
+
+        result = await self._commit(name, self._writer.submit(op, lambda _: self._forget(name)),
+                                    admin=True)
+        if isinstance(result, UserStatus):
+            return result
+        return ok(name)
+
+    async def admin_allowed(self, uid: int | None, gid: int | None) -> bool:
+        """May this peer run user-block / user-unblock? Root or admin_group; TCP (no uid) never."""
+        if uid is None:
+            return False
+        if uid == 0 or self._admin_gid is None:
+            return may_administer(uid, frozenset(), self._admin_gid)
+        groups = await asyncio.to_thread(_groups_of, uid, gid)
+        return may_administer(uid, groups, self._admin_gid)
+
+    async def describe_peer(self, uid: int | None, pid: int | None) -> str:
+        """Who sent an admin verb, for the history: "alice (uid 1000, pid 4242)"."""
+        return await asyncio.to_thread(_describe_peer, uid, pid)
+
+    # --- commits and the mirror ----------------------------------------------------------
+
+    async def _commit(self, name: str, future: asyncio.Future[T], *,
+                         admin: bool = False) -> T | UserStatus:
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), WRITE_DEADLINE)
+        except TimeoutError:
+            problem = f"the state store did not answer within {WRITE_DEADLINE:g}s"
+        except store.StorageError as exc:
+            problem = str(exc)
+        if admin:
+            log.warning("users: cannot change %s: %s", name, problem)
+            return unknown(name, "state not writable, see the lookupd log")
+        return self._storage_problem(name, problem)
+
+    def _storage_problem(self, name: str, problem: str) -> UserStatus:
+        """Fail open: `ok` (or the block we know of), and a loud line at most once a minute."""
+        now = time.monotonic()
+        if now - self._last_warning >= WARN_EVERY:
+            more = f" ({self._suppressed} more since the last warning)" if self._suppressed \
+                else ""
+            log.warning("users: cannot record an invalid-recipient event in %s: %s%s; "
+                        "answering ok (fail open): nobody new gets blocked until this is "
+                        "fixed; check free space and permissions of %s", self.path, problem,
+                        more, self.path.parent)
+            self._last_warning = now
+            self._suppressed = 0
+        else:
+            self._suppressed += 1
+        block = self._blocked.get(name)
+        return blocked(block) if block is not None else unknown(name, problem)
+
+    def _apply_fail(self, record: store.FailRecord) -> None:
+        if record.block is None:
+            return
+        self._blocked[record.block.user] = record.block
+        if record.outcome is not FailOutcome.NEWLY_BLOCKED:
+            return
+        block = record.block
+        log.warning("users: blocked %s: %s; their mail is frozen until an admin runs "
+                    "`lookupd users unblock %s`", block.user, block.reason, block.user)
+        self._notify(Notice(block.user, record.count, self.config.window, block.since,
+                            block.reason, record.recipients))
+
+    def _apply_block(self, result: tuple[Block, bool]) -> None:
+        block, new = result
+        self._blocked[block.user] = block
+        if new:
+            log.info("users: %s blocked by %s: %s", block.user, block.by, block.reason)
+
+    def _forget(self, name: str) -> None:
+        if self._blocked.pop(name, None) is not None:
+            log.info("users: %s unblocked", name)
+
+    def _external_change(self, blocks: dict[str, Block]) -> None:
+        """On the loop: `lookupd users` changed the state; the database is authoritative."""
+        if blocks.keys() != self._blocked.keys():
+            log.info("users: blocked users changed outside the daemon; now %d", len(blocks))
+        self._blocked = blocks
+
+    def _notify(self, notice: Notice) -> None:
+        if not self._notifier.enabled:
+            return
+        user, since = notice.user, notice.since
+
+        def sent() -> None:
+            if self._open:
+                self._writer.submit(lambda tx: store.mark_notified(tx.conn, user, since))
+
+        self._notifier.send(notice, sent)
+
+    async def _resend_notifications(self) -> None:
+        if not self._notifier.enabled:
+            return
+        try:
+            pending = await self._writer.submit(lambda tx: store.unnotified(tx.conn))
+        except store.StorageError as exc:
+            log.warning("users: cannot look for unsent block notifications: %s", exc)
+            return
+        for block, recipients in pending:
+            log.info("users: sending the notification about %s again (lookupd stopped before "
+                     "it went out)", block.user)
+            self._notify(Notice(block.user, block.count, self.config.window, block.since,
+                                block.reason, recipients))
+
+    def _write_lsearch(self, blocks: dict[str, Block]) -> None:
+        """On the writer thread (or at open): the compatibility file, if configured."""
+        target = self.config.lsearch_file
+        if target is None:
+            return
+        try:
+            lsearch.write_atomic(target, lsearch.render(blocks))
+        except OSError as exc:
+            log.warning("users: cannot write users.lsearch_file %s: %s; Exim ACLs that read it "
+                        "see an old list until this is fixed", target, exc)
+
+
+def _resolve_group(name: str) -> int | None:
+    """admin_group as a gid: a group name or a number; "" or unknown: only root administers."""
+    if not name:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+    log.warning("users: admin_group %r does not exist; only root may run user-block and "
+                "user-unblock over the socket; fix users.admin_group", name)
+    return None
+
+
+def _groups_of(uid: int, gid: int | None) -> frozenset[int]:
+    """The peer's primary gid and the supplementary groups of its uid (from NSS)."""
+    groups = {gid} if gid is not None else set()
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return frozenset(groups)
+    groups.update(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    return frozenset(groups)
+
+
+def _describe_peer(uid: int | None, pid: int | None) -> str:
+    if uid is None:
+        return "unknown peer"
+    try:
+        name = pwd.getpwuid(uid).pw_name  # NSS: may be slow (LDAP), hence the thread
+    except KeyError:
+        name = "uid"
+    return f"{name} (uid {uid}, pid {pid})" if pid is not None else f"{name} (uid {uid})"
+
+
+def _read_blocks(path: Path) -> dict[str, Block]:
+    try:
+        conn = store.connect_readonly(path)
+    except Exception as exc:  # sqlite3.Error or OSError: nothing to read
+        log.debug("users: cannot read %s either: %s", path, exc)
+        return {}
+    try:
+        return store.load_blocks(conn)
+    finally:
+        conn.close()
