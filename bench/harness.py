@@ -54,6 +54,12 @@ class Settings:
     warmup: float = 0.5
     # The --quick setting, for the smoke test: seconds in total, figures only indicative.
     quick: bool = False
+    # Exim processes per way and round in the side-by-side Exim comparisons (bench/pairs.py).
+    exim_runs: int = 10
+    # Expansions in one Exim process for the "N in one process" comparisons.
+    batch: int = 1000
+    # Delay the local DNS server adds to every DNSBL query in the cold DNSBL measurements.
+    dns_delay: float = 0.020
     # Command that starts lookupd; {socket} {config} {geoip_db} {firewall_db} {state_dir} are
     # filled in.
     lookupd_cmd: tuple[str, ...] = (
@@ -79,7 +85,7 @@ class Settings:
         return max(1000, int(self.duration * 200_000))
 
 
-QUICK = Settings(duration=0.2, rounds=1, warmup=0.05, quick=True)
+QUICK = Settings(duration=0.2, rounds=1, warmup=0.05, quick=True, exim_runs=2, batch=20)
 
 
 @dataclass(frozen=True)
@@ -274,13 +280,14 @@ def lookupd_server(
     geoip_db: Path = TESTDATA_DIR / "maxmind" / "GeoIP2-Country-Test.mmdb",
     firewall_db: Path = TESTDATA_DIR / "firewall" / "nftfw-firewall.db",
     extra_args: Sequence[str] = (),
+    name: str = "lookupd",
 ) -> Iterator[Server]:
     """`lookupd serve` with CONFIG (TOML text) on the test databases, or --lookupd-cmd;
-    ready once `ping` answers."""
-    path = ctx.workdir / "lookupd.sock"
-    state_dir = ctx.workdir / "state"
+    ready once `ping` answers. NAME tells apart several instances in one workdir."""
+    path = ctx.workdir / f"{name}.sock"
+    state_dir = ctx.workdir / ("state" if name == "lookupd" else f"{name}-state")
     state_dir.mkdir(exist_ok=True)
-    config_path = ctx.workdir / "lookupd.toml"
+    config_path = ctx.workdir / f"{name}.toml"
     config_path.write_text(config)
     fill = {
         "socket": str(path),
@@ -290,7 +297,7 @@ def lookupd_server(
         "state_dir": str(state_dir),
     }
     argv = [arg.format(**fill) for arg in ctx.settings.lookupd_cmd] + list(extra_args)
-    with run_server("lookupd", argv, path, ctx.workdir) as srv:
+    with run_server(name, argv, path, ctx.workdir) as srv:
         yield srv
 
 
@@ -510,6 +517,19 @@ class Table:
 
 
 @dataclass(frozen=True)
+class Chart:
+    """A horizontal bar chart of ratios (one bar a row), drawn by bench/chart.py."""
+
+    title: str
+    labels: tuple[str, ...]
+    values: tuple[float, ...]
+    # What a bar's length means, under the axis.
+    axis: str
+    # File name of the PNG in the output directory.
+    filename: str
+
+
+@dataclass(frozen=True)
 class SuiteResult:
     """One suite's output: tables to print and the raw figures for bench/out/latest.json."""
 
@@ -518,6 +538,8 @@ class SuiteResult:
     data: dict[str, object]
     # Queries that got an error or a wrong answer: the figures are then not to be trusted.
     failed_queries: int = 0
+    # Bar charts to draw as PNG beside latest.md.
+    charts: tuple[Chart, ...] = ()
 
 
 def fmt_ratio(value: float | None) -> str:

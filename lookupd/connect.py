@@ -1,0 +1,349 @@
+"""The `connect` verb: every fact a connect ACL needs about a client, and lookupd's verdict.
+
+    connect IP [PORT] [HELO]
+    -> action=accept|deny|defer rule=RULE would=none|deny|defer reason="..." country=GB
+       asn=AS64496 incidents=3 dnsbl=listed|clean|unknown dnsbl_lists=LIST:CODE,...
+       ptr=NAME fcrdns=yes|no|unknown allowlisted=yes|no
+
+The sources are asked together under [connect] deadline; one that cannot answer leaves its
+field unknown (`??`, `unknown`) and never makes a deny or a defer by itself. `decide()` is the
+policy: a pure function of the facts and ConnectConfig. `ConnectChecker` only fetches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypeVar
+
+from lookupd.allowlist import ListFiles, Match
+from lookupd.config import ConnectConfig
+from lookupd.dnsbl.render import exim_value, printable
+from lookupd.dnsbl.verdict import DnsblResult, PtrResult
+from lookupd.errors import BadRequest
+from lookupd.geoip import AsnResult, CountryResult
+from lookupd.incidents import IncidentsResult
+from lookupd.ipaddr import IPAddress, is_public, parse_ip
+from lookupd.outcome import Status
+from lookupd.protocol import shown
+
+log = logging.getLogger(__name__)
+
+Action = Literal["accept", "deny", "defer"]
+Rule = Literal["none", "allowlist", "incidents", "dnsbl", "country", "no_ptr", "submission"]
+
+# The classic message of the nftfw / Sympl connect ACLs; fail2ban and nftfw setups match it.
+INCIDENTS_MESSAGE = "Blacklisted: Denied access - history of unwanted activity"
+# Longest reason: Exim puts it into an SMTP reply line (RFC 5321: 512 octets a line).
+REASON_MAX = 200
+_HELO_SHOWN = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequest:
+    """`connect IP [PORT] [HELO]`: PORT is None when absent or not a port (exim -bh sends
+    -1); HELO is empty at connect time (the client has not said it yet)."""
+
+    ip: IPAddress | None
+    port: int | None = None
+    helo: str = ""
+
+
+def parse_args(args: tuple[str, ...]) -> ConnectRequest:
+    """The request's arguments; BadRequest when IP is not an address. Anything after PORT is
+    the HELO name (shown in logs only)."""
+    if not args or not args[0]:
+        return ConnectRequest(None)
+    try:
+        ip = parse_ip(args[0])
+    except ValueError:
+        raise BadRequest(f'not an IP address: "{shown(args[0])}"') from None
+    port: int | None = None
+    if len(args) > 1 and args[1].isdigit() and 0 < int(args[1]) <= 65535:
+        port = int(args[1])
+    return ConnectRequest(ip, port, " ".join(args[2:]))
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the sources said about one client, fetched before any decision."""
+
+    request: ConnectRequest
+    country: CountryResult
+    asn: AsnResult
+    incidents: IncidentsResult
+    dnsbl: DnsblResult
+    ptr: PtrResult
+    allowlist: Match
+    # None: no submission_access_file configured.
+    submission_access: Match | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """lookupd's answer: the action, the rule that chose it, why (reply-safe text), and for
+    a log-only rule (or a deny not enforced) what it would have done."""
+
+    action: Action
+    rule: Rule = "none"
+    reason: str = ""
+    would: Literal["none", "deny", "defer"] = "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy (pure).
+
+
+def decide(facts: Facts, config: ConnectConfig) -> Verdict:
+    """The verdict on one connection. Order: allowlist (bypasses everything), then the deny
+    rules (incidents, DNSBL, countries, no PTR), then the submission-port rule (defer)."""
+    if facts.request.ip is None:
+        return Verdict("accept", "none", "no client address (local submission)")
+    if facts.allowlist.status is Status.FOUND:
+        name = facts.allowlist.path.name if facts.allowlist.path else "allowlist"
+        return Verdict("accept", "allowlist", f"allowlisted ({name})")
+    logged: Verdict | None = None
+    for rule, action, reason in _matching_rules(facts, config):
+        if rule in config.log_only:
+            logged = logged or Verdict("accept", rule, reason, would=action)
+            continue
+        if facts.allowlist.status is Status.UNKNOWN:
+            # The client may be on a list that cannot be read: do not refuse it on a guess.
+            return Verdict("accept", rule, f"{reason} (not enforced: an allowlist file "
+                                           "cannot be read)", would=action)
+        return Verdict(action, rule, reason)
+    return logged or Verdict("accept", "none", "no rule matched")
+
+
+def _matching_rules(facts: Facts, config: ConnectConfig,
+                    ) -> list[tuple[Rule, Literal["deny", "defer"], str]]:
+    """Every rule that refuses this client, in policy order."""
+    ip = facts.request.ip
+    assert ip is not None
+    found: list[tuple[Rule, Literal["deny", "defer"], str]] = []
+    incidents = facts.incidents
+    if (config.incidents_threshold and incidents.status is Status.FOUND
+            and incidents.count > config.incidents_threshold):
+        found.append(("incidents", "deny", INCIDENTS_MESSAGE))
+    if config.deny_on_dnsbl and facts.dnsbl.status is Status.FOUND:
+        names = ", ".join(dict.fromkeys(a.name for a in facts.dnsbl.listed))
+        found.append(("dnsbl", "deny", f"Rejected - {ip} is listed at {names}"))
+    country = facts.country
+    code = country.code if country.status is Status.FOUND else ""
+    if code and (code in config.deny_countries
+                 or (config.allow_countries and code not in config.allow_countries)):
+        found.append(("country", "deny",
+                      f"Connections from your country ({code}) are not accepted"))
+    if config.deny_no_ptr and facts.ptr.status is Status.NOT_FOUND:
+        found.append(("no_ptr", "deny",
+                      f"Rejected - no reverse DNS (PTR) for {ip}; ask your provider for one"))
+    if _submission_refused(facts, config):
+        found.append(("submission", "defer",
+                      f"Submission is not open to {ip} now; log in to your mailbox (IMAP) "
+                      "first, or ask postmaster"))
+    return found
+
+
+def _submission_refused(facts: Facts, config: ConnectConfig) -> bool:
+    """On a submission port, with submission_countries set: refused unless the client is in
+    the access file or in one of the countries. When either answer is unknown: not refused.
+    Addresses that cannot have a country (private, loopback) are never refused here."""
+    ip, port = facts.request.ip, facts.request.port
+    if port not in config.submission_ports or not config.submission_countries:
+        return False
+    if ip is None or not is_public(ip):
+        return False
+    access = facts.submission_access
+    if access is not None and access.status is Status.FOUND:
+        return False
+    country = facts.country
+    if country.status is Status.FOUND and country.code in config.submission_countries:
+        return False
+    if country.status is Status.UNKNOWN or (access is not None
+                                            and access.status is Status.UNKNOWN):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The reply and the log line (pure).
+
+UNKNOWN = "??"
+NONE = "--"
+_VERDICTS = {Status.FOUND: "listed", Status.NOT_FOUND: "clean", Status.UNKNOWN: "unknown"}
+
+
+def render(verdict: Verdict, facts: Facts) -> str:
+    """One line of key=value pairs, every key always present, for Exim's ${extract}."""
+    return " ".join(f"{key}={value}" for key, value in fields(verdict, facts))
+
+
+def fields(verdict: Verdict, facts: Facts) -> list[tuple[str, str]]:
+    """The reply's (key, value) pairs in their fixed order; values already Exim-quoted."""
+    dnsbl = facts.dnsbl
+    lists = ",".join(f"{a.name}:{code}" for a in dnsbl.listed for code in a.codes)
+    return [
+        ("action", verdict.action),
+        ("rule", verdict.rule),
+        ("would", verdict.would),
+        ("reason", exim_value(printable(verdict.reason, REASON_MAX))),
+        ("country", _country(facts.country)),
+        ("asn", _asn(facts.asn)),
+        ("incidents", _incidents(facts.incidents)),
+        ("dnsbl", _VERDICTS[dnsbl.status]),
+        ("dnsbl_lists", exim_value(lists)),
+        ("ptr", _ptr(facts.ptr)),
+        ("fcrdns", facts.ptr.fcrdns),
+        ("allowlisted", "yes" if facts.allowlist.status is Status.FOUND else "no"),
+    ]
+
+
+def _country(result: CountryResult) -> str:
+    if result.status is Status.FOUND and result.code:
+        return result.code
+    return NONE if result.status is Status.NOT_FOUND else UNKNOWN
+
+
+def _asn(result: AsnResult) -> str:
+    if result.status is Status.FOUND:
+        return f"AS{result.number}"
+    return NONE if result.status is Status.NOT_FOUND else UNKNOWN
+
+
+def _incidents(result: IncidentsResult) -> str:
+    if result.status is Status.UNKNOWN:
+        return UNKNOWN
+    return str(result.count if result.status is Status.FOUND else 0)
+
+
+def _ptr(result: PtrResult) -> str:
+    """The PTR name; "" when there is none; ?? when the lookup failed."""
+    if result.status is Status.UNKNOWN:
+        return UNKNOWN
+    name = result.name if result.status is Status.FOUND else ""
+    return exim_value(printable(name, 255))
+
+
+def log_line(verdict: Verdict, facts: Facts) -> str | None:
+    """The one log line for a deny, a defer or a log-only match; None for a plain accept."""
+    if verdict.action == "accept" and verdict.would == "none":
+        return None
+    request = facts.request
+    what = verdict.action if verdict.would == "none" else f"would {verdict.would} (log-only)"
+    port = f" port {request.port}" if request.port else ""
+    helo = f" helo {shown(request.helo[:_HELO_SHOWN])}" if request.helo else ""
+    return (f"connect {what}: [{request.ip}]{port}{helo} rule={verdict.rule} "
+            f"country={_country(facts.country)} incidents={_incidents(facts.incidents)} "
+            f"dnsbl={_VERDICTS[facts.dnsbl.status]}: "
+            f"{printable(verdict.reason, REASON_MAX)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fetching the facts.
+
+
+class GeoIPLookup(Protocol):
+    def country(self, ip: IPAddress | None) -> CountryResult: ...
+
+    def asn(self, ip: IPAddress | None) -> AsnResult: ...
+
+
+class IncidentsLookup(Protocol):
+    def count(self, ip: IPAddress) -> IncidentsResult: ...
+
+
+class DnsblLookup(Protocol):
+    async def check_ip(self, ip: str | IPAddress) -> DnsblResult: ...
+
+    async def ptr(self, ip: str | IPAddress) -> PtrResult: ...
+
+
+T = TypeVar("T")
+
+
+class ConnectChecker:
+    """Fetches the facts for `connect` from the daemon's sources and the [connect] list files,
+    decides, and logs the refusals."""
+
+    def __init__(self, config: ConnectConfig, geoip: GeoIPLookup, incidents: IncidentsLookup,
+                 dnsbl: DnsblLookup) -> None:
+        self.config = config
+        self.geoip = geoip
+        self.incidents = incidents
+        self.dnsbl = dnsbl
+        self.allowlist = ListFiles(config.allowlist_files)
+        self.access: ListFiles | None = (
+            ListFiles((config.submission_access_file,))
+            if config.submission_access_file is not None else None)
+
+    async def answer(self, request: ConnectRequest) -> str:
+        facts = await self.facts(request)
+        verdict = decide(facts, self.config)
+        line = log_line(verdict, facts)
+        if line is not None:
+            # One line per refusal: the admin's record of why (Exim logs the SMTP side).
+            log.info("%s", line)
+        return render(verdict, facts)
+
+    async def facts(self, request: ConnectRequest) -> Facts:
+        """Everything known about the client within [connect] deadline. GeoIP, incidents and
+        the list files answer from memory; DNSBL and PTR go to DNS, in parallel."""
+        ip = request.ip
+        if ip is None:
+            return Facts(request, CountryResult(Status.NOT_FOUND), AsnResult(Status.NOT_FOUND),
+                         IncidentsResult(Status.NOT_FOUND), DnsblResult(Status.NOT_FOUND),
+                         PtrResult(Status.NOT_FOUND, fcrdns="no"), Match(Status.NOT_FOUND))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.deadline
+        dnsbl_task = asyncio.create_task(self.dnsbl.check_ip(ip))
+        ptr_task = asyncio.create_task(self.dnsbl.ptr(ip))
+        try:
+            country = _guarded(lambda: self.geoip.country(ip), CountryResult(Status.UNKNOWN),
+                               "GeoIP country")
+            asn = _guarded(lambda: self.geoip.asn(ip), AsnResult(Status.UNKNOWN), "GeoIP ASN")
+            incidents = _guarded(lambda: self.incidents.count(ip),
+                                 IncidentsResult(Status.UNKNOWN), "incidents")
+            allowlist = _guarded(lambda: self.allowlist.match(ip), Match(Status.UNKNOWN),
+                                 "allowlist")
+            access_files = self.access
+            access = (None if access_files is None else
+                      _guarded(lambda: access_files.match(ip), Match(Status.UNKNOWN),
+                               "submission access file"))
+            await asyncio.wait((dnsbl_task, ptr_task),
+                               timeout=max(0.0, deadline - loop.time()))
+        finally:
+            for task in (dnsbl_task, ptr_task):
+                if not task.done():
+                    task.cancel()
+        dnsbl = await _settled(dnsbl_task, DnsblResult(Status.UNKNOWN), "DNSBL")
+        ptr = await _settled(ptr_task, PtrResult(Status.UNKNOWN, fcrdns="unknown",
+                                                 reason="timeout"), "PTR")
+        return Facts(request, country, asn, incidents, dnsbl, ptr, allowlist, access)
+
+
+def _guarded(lookup: Callable[[], T | None], failed: T, what: str) -> T:
+    """A from-memory lookup; a bug in it makes its fact unknown instead of failing the reply."""
+    try:
+        result = lookup()
+    except Exception:
+        log.exception("connect: the %s lookup failed unexpectedly; please report this", what)
+        return failed
+    return failed if result is None else result
+
+
+async def _settled(task: asyncio.Task[T], failed: T, what: str) -> T:
+    """A DNS lookup's result, or `failed` when it missed the deadline or broke."""
+    if not task.done():
+        await asyncio.gather(task, return_exceptions=True)  # let the cancellation finish
+        return failed
+    if task.cancelled():
+        return failed
+    exc = task.exception()
+    if exc is not None:
+        if not isinstance(exc, BadRequest):
+            log.error("connect: the %s lookup failed unexpectedly; please report this", what,
+                      exc_info=exc)
+        return failed
+    return task.result()

@@ -1,0 +1,313 @@
+"""The `connect` policy, reply and log line (pure, no sockets), and the list files behind it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+from ipaddress import ip_address
+from pathlib import Path
+
+import pytest
+from support import EXIM
+
+from lookupd.allowlist import ListFile, ListFiles, Match, parse_key, parse_lines
+from lookupd.config import ConnectConfig
+from lookupd.connect import (
+    INCIDENTS_MESSAGE,
+    ConnectRequest,
+    Facts,
+    Verdict,
+    decide,
+    log_line,
+    parse_args,
+    render,
+)
+from lookupd.dnsbl.verdict import DnsblResult, ListAnswer, PtrResult
+from lookupd.errors import BadRequest
+from lookupd.geoip import AsnResult, CountryResult
+from lookupd.incidents import IncidentsResult
+from lookupd.outcome import Status
+
+FOUND, NOT_FOUND, UNKNOWN = Status.FOUND, Status.NOT_FOUND, Status.UNKNOWN
+LISTED = DnsblResult(FOUND, 1.0, (ListAnswer("bl.test", 1.0, FOUND, ("127.0.0.2",)),
+                                  ListAnswer("cop.test", 1.0, FOUND, ("127.0.0.2", "127.0.0.4"))))
+
+
+def facts(ip: str = "81.2.69.142", port: int | None = 25, *, country: str | Status = "GB",
+          incidents: int | Status = 0, dnsbl: DnsblResult | Status = NOT_FOUND,
+          ptr: PtrResult | None = None, allow: Match | None = None,
+          access: Match | None = None) -> Facts:
+    """Facts as the sources would have fetched them; a Status means "no value, this status"."""
+    return Facts(
+        ConnectRequest(ip_address(ip), port),
+        CountryResult(FOUND, country) if isinstance(country, str) else CountryResult(country),
+        AsnResult(FOUND, 64496, "Example Net"),
+        (IncidentsResult(FOUND if incidents else NOT_FOUND, incidents)
+         if isinstance(incidents, int) else IncidentsResult(incidents)),
+        dnsbl if isinstance(dnsbl, DnsblResult) else DnsblResult(dnsbl),
+        ptr or PtrResult(FOUND, "mail.example.net", "yes"),
+        allow or Match(NOT_FOUND),
+        access,
+    )
+
+
+CONFIG = ConnectConfig()
+SUBMISSION = ConnectConfig(submission_countries=("GB",))
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+def test_parse_args() -> None:
+    assert parse_args(("192.0.2.1",)) == ConnectRequest(ip_address("192.0.2.1"))
+    assert parse_args(("::ffff:192.0.2.1", "587")) == ConnectRequest(ip_address("192.0.2.1"), 587)
+    # exim -bh without -oMi gives $received_port -1: no port, not an error.
+    assert parse_args(("2001:db8::1", "-1")).port is None
+    assert parse_args(("192.0.2.1", "25", "helo.example", "x")).helo == "helo.example x"
+    assert parse_args(()).ip is None
+    with pytest.raises(BadRequest, match="not an IP address"):
+        parse_args(("mail.example.com", "25"))
+
+
+# --- the policy --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("case", "config", "expect"), [
+    (facts(), CONFIG, ("accept", "none")),
+    (facts(incidents=42), CONFIG, ("deny", "incidents")),
+    (facts(incidents=10), CONFIG, ("accept", "none")),  # more than the threshold: 11
+    (facts(incidents=11), CONFIG, ("deny", "incidents")),
+    (facts(incidents=500), ConnectConfig(incidents_threshold=0), ("accept", "none")),
+    (facts(dnsbl=LISTED), CONFIG, ("deny", "dnsbl")),
+    (facts(dnsbl=LISTED), ConnectConfig(deny_on_dnsbl=False), ("accept", "none")),
+    (facts(country="SE"), ConnectConfig(deny_countries=("SE",)), ("deny", "country")),
+    (facts(country="SE"), ConnectConfig(allow_countries=("GB",)), ("deny", "country")),
+    (facts(country="GB"), ConnectConfig(allow_countries=("GB",)), ("accept", "none")),
+    (facts(country=NOT_FOUND), ConnectConfig(allow_countries=("GB",)), ("accept", "none")),
+    (facts(ptr=PtrResult(NOT_FOUND, fcrdns="no")), ConnectConfig(deny_no_ptr=True),
+     ("deny", "no_ptr")),
+    (facts(ptr=PtrResult(NOT_FOUND, fcrdns="no")), CONFIG, ("accept", "none")),
+    # Both rules match: the first in policy order gives the reason.
+    (facts(incidents=42, dnsbl=LISTED), CONFIG, ("deny", "incidents")),
+    # The allowlist bypasses everything.
+    (facts(incidents=42, dnsbl=LISTED, allow=Match(FOUND, Path("/etc/exim4/relay_from_hosts"))),
+     ConnectConfig(deny_countries=("GB",), deny_no_ptr=True), ("accept", "allowlist")),
+])
+def test_decide(case: Facts, config: ConnectConfig, expect: tuple[str, str]) -> None:
+    verdict = decide(case, config)
+    assert (verdict.action, verdict.rule) == expect
+    assert verdict.would == "none"
+
+
+def test_incidents_reason_is_the_classic_message() -> None:
+    assert decide(facts(incidents=42), CONFIG).reason == INCIDENTS_MESSAGE
+    assert INCIDENTS_MESSAGE == "Blacklisted: Denied access - history of unwanted activity"
+
+
+def test_dnsbl_reason_names_each_list_once() -> None:
+    assert decide(facts(dnsbl=LISTED), CONFIG).reason == \
+        "Rejected - 81.2.69.142 is listed at bl.test, cop.test"
+
+
+def test_a_source_that_cannot_answer_never_refuses() -> None:
+    """Every source unknown, every rule on: accept."""
+    strict = ConnectConfig(deny_countries=("GB",), allow_countries=("SE",), deny_no_ptr=True,
+                           submission_countries=("SE",))
+    unknown = facts(port=587, country=UNKNOWN, incidents=UNKNOWN, dnsbl=UNKNOWN,
+                    ptr=PtrResult(UNKNOWN, fcrdns="unknown"), access=Match(UNKNOWN))
+    assert decide(unknown, strict) == Verdict("accept", "none", "no rule matched")
+
+
+@pytest.mark.parametrize(("case", "config", "action"), [
+    (facts("89.160.20.112", 587, country="SE"), SUBMISSION, "defer"),
+    (facts("89.160.20.112", 465, country="SE"), SUBMISSION, "defer"),
+    (facts("89.160.20.112", 587, country="SE", access=Match(NOT_FOUND)), SUBMISSION, "defer"),
+    (facts("81.2.69.142", 587, country="GB"), SUBMISSION, "accept"),
+    # IMAP-before-submission: logged in from here, so allowed from any country.
+    (facts("89.160.20.112", 587, country="SE", access=Match(FOUND, Path("/x"))), SUBMISSION,
+     "accept"),
+    # Not a submission port, no rule for submission, or cannot tell: never deferred.
+    (facts("89.160.20.112", 25, country="SE"), SUBMISSION, "accept"),
+    (facts("89.160.20.112", None, country="SE"), SUBMISSION, "accept"),
+    (facts("89.160.20.112", 587, country="SE"), CONFIG, "accept"),
+    (facts("89.160.20.112", 587, country=UNKNOWN), SUBMISSION, "accept"),
+    (facts("89.160.20.112", 587, country="SE", access=Match(UNKNOWN)), SUBMISSION, "accept"),
+    # A LAN client has no country: the country rules do not apply to it.
+    (facts("192.168.1.20", 587, country=NOT_FOUND), SUBMISSION, "accept"),
+    # A public address without a country (anycast) is not in the allowed countries.
+    (facts("214.1.1.1", 587, country=NOT_FOUND), SUBMISSION, "defer"),
+])
+def test_submission_ports(case: Facts, config: ConnectConfig, action: str) -> None:
+    verdict = decide(case, config)
+    assert verdict.action == action
+    if action == "defer":
+        assert verdict.rule == "submission"
+        assert "IMAP" in verdict.reason
+
+
+def test_deny_rules_come_before_the_submission_rule() -> None:
+    verdict = decide(facts("89.160.20.112", 587, country="SE", incidents=42), SUBMISSION)
+    assert (verdict.action, verdict.rule) == ("deny", "incidents")
+
+
+def test_log_only_rules_say_what_they_would_do() -> None:
+    config = ConnectConfig(log_only=("dnsbl", "submission"), submission_countries=("GB",))
+    verdict = decide(facts(dnsbl=LISTED), config)
+    assert (verdict.action, verdict.rule, verdict.would) == ("accept", "dnsbl", "deny")
+    verdict = decide(facts("89.160.20.112", 587, country="SE"), config)
+    assert (verdict.action, verdict.rule, verdict.would) == ("accept", "submission", "defer")
+    # A rule that is enforced still refuses, even after a log-only one matched.
+    verdict = decide(facts(dnsbl=LISTED, incidents=42), ConnectConfig(log_only=("dnsbl",)))
+    assert (verdict.action, verdict.rule, verdict.would) == ("deny", "incidents", "none")
+
+
+def test_unreadable_allowlist_turns_a_deny_into_log_only() -> None:
+    verdict = decide(facts(incidents=42, allow=Match(UNKNOWN)), CONFIG)
+    assert (verdict.action, verdict.rule, verdict.would) == ("accept", "incidents", "deny")
+    assert "allowlist" in verdict.reason
+
+
+def test_no_address_is_accepted() -> None:
+    local = dataclasses.replace(facts(incidents=42), request=ConnectRequest(None))
+    assert decide(local, CONFIG).action == "accept"
+
+
+# --- the reply ---------------------------------------------------------------------------------
+
+KEYS = ["action", "rule", "would", "reason", "country", "asn", "incidents", "dnsbl",
+        "dnsbl_lists", "ptr", "fcrdns", "allowlisted"]
+
+
+def test_render_has_every_key_in_order() -> None:
+    line = render(decide(facts(incidents=42, dnsbl=LISTED), CONFIG),
+                  facts(incidents=42, dnsbl=LISTED))
+    assert line == (
+        'action=deny rule=incidents would=none reason="Blacklisted: Denied access - history of '
+        'unwanted activity" country=GB asn=AS64496 incidents=42 dnsbl=listed '
+        'dnsbl_lists=bl.test:127.0.0.2,cop.test:127.0.0.2,cop.test:127.0.0.4 '
+        'ptr=mail.example.net fcrdns=yes allowlisted=no')
+
+
+def test_render_unknown_and_empty_fields() -> None:
+    case = facts(country=UNKNOWN, incidents=UNKNOWN, dnsbl=UNKNOWN,
+                 ptr=PtrResult(UNKNOWN, fcrdns="unknown"))
+    case = dataclasses.replace(case, asn=AsnResult(NOT_FOUND))
+    line = render(decide(case, CONFIG), case)
+    assert line == ('action=accept rule=none would=none reason="no rule matched" country=?? '
+                    'asn=-- incidents=?? dnsbl=unknown dnsbl_lists="" ptr=?? fcrdns=unknown '
+                    'allowlisted=no')
+    no_ptr = facts(country=NOT_FOUND, ptr=PtrResult(NOT_FOUND, fcrdns="no"))
+    assert 'country=-- ' in render(decide(no_ptr, CONFIG), no_ptr)
+    assert ' ptr="" fcrdns=no ' in render(decide(no_ptr, CONFIG), no_ptr)
+
+
+@pytest.mark.skipif(not Path(EXIM).exists(), reason="exim4 is not installed")
+def test_render_reads_back_with_exims_extract(tmp_path: Path) -> None:
+    """Every field comes back from Exim's own ${extract}, quotes and backslashes included."""
+    tricky = Verdict("deny", "dnsbl", 'Listed: "spam" \\ see http://x.test/?a=b c=d')
+    case = facts(ptr=PtrResult(FOUND, 'we"ird name', "no"), dnsbl=LISTED)
+    line = render(tricky, case)
+    config = tmp_path / "exim.conf"
+    config.write_text("")
+    os.chmod(config, 0o644)
+    # One expansion a line on stdin: Exim caps each -be command-line argument at 256 bytes.
+    exprs = "".join(f"${{extract{{{key}}}{{\\N{line}\\N}}}}\n" for key in KEYS)
+    out = subprocess.run([EXIM, "-C", str(config), "-be"], input=exprs.encode(),
+                         capture_output=True, check=True, timeout=20).stdout.decode()
+    assert [v.removeprefix("> ") for v in out.splitlines()][:len(KEYS)] == [
+        "deny", "dnsbl", "none", 'Listed: "spam" \\ see http://x.test/?a=b c=d', "GB",
+        "AS64496", "0", "listed", "bl.test:127.0.0.2,cop.test:127.0.0.2,cop.test:127.0.0.4",
+        'we"ird name', "no", "no"]
+
+
+def test_reply_is_printable_ascii_and_bounded() -> None:
+    verdict = Verdict("deny", "dnsbl", "\u00e9\x00\n" + "x" * 1000)
+    line = render(verdict, facts())
+    assert line.isascii() and line.isprintable()
+    assert len(line) < 512
+
+
+def test_log_line_for_refusals_only() -> None:
+    deny = facts(incidents=42)
+    assert log_line(decide(deny, CONFIG), deny) == (
+        "connect deny: [81.2.69.142] port 25 rule=incidents country=GB incidents=42 "
+        "dnsbl=clean: Blacklisted: Denied access - history of unwanted activity")
+    assert log_line(decide(facts(), CONFIG), facts()) is None
+    logged = decide(facts(dnsbl=LISTED), ConnectConfig(log_only=("dnsbl",)))
+    line = log_line(logged, facts(dnsbl=LISTED))
+    assert line is not None and line.startswith("connect would deny (log-only): ")
+
+
+# --- list files ----------------------------------------------------------------------------------
+
+def test_parse_lines_takes_exims_iplsearch_forms() -> None:
+    parsed = parse_lines([
+        "# relay_from_hosts", "", "192.0.2.1", "10.0.0.0/8: office", '"2001:db8::/32": v6',
+        "2001:db8:ffff::/48 bare v6 key", "198.51.100.7:no-space-data", "!10.9.0.0/16",
+        "::ffff:203.0.113.0/120", "203.0.113.200/24 host bits set",
+        "mail.example.com", "*", '"unbalanced'])
+    assert [n for n, _ in parsed.skipped] == [11, 12, 13]
+    member = {ip: ip_address(ip) in parsed.nets for ip in (
+        "192.0.2.1", "192.0.2.2", "10.1.2.3", "10.9.0.1", "2001:db8::25", "2001:db9::1",
+        "198.51.100.7", "203.0.113.7", "::ffff:10.1.2.3")}
+    assert member == {
+        "192.0.2.1": True, "192.0.2.2": False, "10.1.2.3": True,
+        "10.9.0.1": False,  # negated: never listed
+        "2001:db8::25": True, "2001:db9::1": False, "198.51.100.7": True,
+        "203.0.113.7": True, "::ffff:10.1.2.3": True}
+
+
+def test_parse_key_blank_and_comment_lines() -> None:
+    assert parse_key("   ") is None
+    assert parse_key("  # 192.0.2.1") is None
+
+
+def test_list_file_reloads_when_it_changes(tmp_path: Path) -> None:
+    path = tmp_path / "whitelist_connect_hosts"
+    listed = ListFile(path, check_interval=0)
+    assert ip_address("192.0.2.1") not in listed
+    assert listed.status is NOT_FOUND  # missing: lists nobody
+    path.write_text("192.0.2.1\n")
+    assert ip_address("192.0.2.1") in listed
+    assert listed.status is FOUND
+    path.write_text("192.0.2.2\n# and a longer file\n")
+    assert ip_address("192.0.2.1") not in listed
+    assert ip_address("192.0.2.2") in listed
+    path.unlink()
+    assert ip_address("192.0.2.2") not in listed
+    assert listed.status is NOT_FOUND
+
+
+def test_list_file_looks_for_changes_once_per_interval(tmp_path: Path) -> None:
+    now = [100.0]
+    path = tmp_path / "hosts"
+    path.write_text("192.0.2.1\n")
+    listed = ListFile(path, check_interval=1.0, clock=lambda: now[0])
+    assert ip_address("192.0.2.1") in listed
+    path.write_text("192.0.2.99\n")
+    assert ip_address("192.0.2.1") in listed  # not looked at again yet
+    now[0] += 1.0
+    assert ip_address("192.0.2.1") not in listed
+
+
+def test_unreadable_list_file_is_unknown_then_keeps_its_entries(tmp_path: Path) -> None:
+    path = tmp_path / "hosts"
+    path.mkdir()  # reading a directory fails: what an unreadable file looks like to lookupd
+    files = ListFiles([path], check_interval=0)
+    assert files.match(ip_address("192.0.2.1")) == Match(UNKNOWN)
+    path.rmdir()
+    path.write_text("192.0.2.1\n")
+    assert files.match(ip_address("192.0.2.1")) == Match(FOUND, path)
+    path.unlink()
+    path.mkdir()
+    assert files.match(ip_address("192.0.2.1")) == Match(FOUND, path)  # last good content
+
+
+def test_list_files_first_match_wins(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.write_text("192.0.2.0/24\n")
+    second.write_text("192.0.2.1\n198.51.100.0/24\n")
+    files = ListFiles([first, second], check_interval=0)
+    assert files.match(ip_address("192.0.2.1")) == Match(FOUND, first)
+    assert files.match(ip_address("198.51.100.9")) == Match(FOUND, second)
+    assert files.match(ip_address("203.0.113.1")) == Match(NOT_FOUND)
+    assert not ListFiles([])

@@ -1,0 +1,444 @@
+"""lookupd's Exim snippets in three real configurations, driven by Debian's exim4 with -bh.
+
+- Debian: this machine's own exim4-config split tree (/etc/exim4/conf.d) copied to a temp dir,
+  the snippets dropped in, built by Debian's update-exim4.conf into a temp file.
+- Sympl: a minimal tree in Sympl's sympl.d layout, concatenated the way Sympl's Makefile does.
+- The single-file example.
+
+Each is checked with `exim -bV`, then SMTP sessions run against it with a real lookupd on the
+test data (GeoIP, nftfw firewall.db, a DNSBL zone in rbldnsd): what the client sees and what
+Exim logs. Builders and helpers here are used by test_fail2ban.py too.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from support import EXIM, REPO, Lookupd, short_dir
+from test_connect_daemon import (
+    ALLOWED,
+    CLEAN,
+    INCIDENTS,
+    LISTED,
+    SUBMIT_SE,
+    SUBMIT_SE_IMAP,
+    ConnectLab,
+    connect_lab,
+    lookupd_config,
+)
+
+SNIPPETS = REPO / "exim-snippets"
+DEBIAN_CONFD = Path("/etc/exim4/conf.d")
+UPDATE_EXIM4_CONF = shutil.which("update-exim4.conf") or "/usr/sbin/update-exim4.conf"
+FLAVOURS = ("debian", "sympl", "single")
+
+pytestmark = pytest.mark.skipif(not Path(EXIM).exists(), reason="exim4 is not installed")
+
+# A test-only authenticator: user NAME, password "secret".
+TEST_AUTHENTICATOR = """
+test_plain:
+  driver = plaintext
+  public_name = PLAIN
+  server_prompts = :
+  server_condition = ${if eq{$auth3}{secret}}
+  server_set_id = $auth2
+"""
+
+
+def auth_plain(user: str, password: str = "secret") -> str:
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+# --- building the three configurations ---------------------------------------------------------
+
+def build_debian(workdir: Path, local_macros: str = "") -> Path:
+    """Debian's conf.d + the snippets -> update-exim4.conf (split) -> workdir/exim4.conf.
+
+    Only the copy is read (-d) and only the output file written (-o; its temp file goes to
+    TMPDIR=workdir): /etc/exim4 and /var/lib/exim4 are left alone. 000_localmacros (the admin's
+    file, read first) points CONFDIR at the copy and holds `local_macros`.
+    """
+    if not DEBIAN_CONFD.is_dir() or not Path(UPDATE_EXIM4_CONF).exists():
+        pytest.skip("Debian's exim4-config is not installed")
+    etc = workdir / "etc"
+    shutil.copytree(DEBIAN_CONFD, etc / "conf.d")
+    settings = Path("/etc/exim4/update-exim4.conf.conf").read_text()
+    settings = re.sub(r"(?m)^dc_use_split_config=.*$", "dc_use_split_config='true'", settings)
+    # No reverse DNS of test clients through the machine's resolver (DC_minimaldns).
+    settings = re.sub(r"(?m)^dc_minimaldns=.*$", "dc_minimaldns='true'", settings)
+    (etc / "update-exim4.conf.conf").write_text(settings)
+    shutil.copytree(SNIPPETS / "debian" / "conf.d", etc / "conf.d", dirs_exist_ok=True)
+    (etc / "conf.d" / "main" / "000_localmacros").write_text(
+        f"CONFDIR = {etc}\n{local_macros}\n")
+    (etc / "conf.d" / "auth" / "20_test_plain").write_text(TEST_AUTHENTICATOR)
+    out = workdir / "exim4.conf"
+    subprocess.run([UPDATE_EXIM4_CONF, "-d", str(etc), "-o", str(out)], check=True,
+                   capture_output=True, timeout=60, env={**os.environ, "TMPDIR": str(workdir)})
+    os.chmod(out, 0o644)
+    return out
+
+
+# The parts of a Sympl sympl.d tree the snippets sit in (the real one has many more files).
+SYMPL_BASE = {
+    "00-header": "# Sympl-style test tree, built by lookupd's tests/test_snippets.py\n",
+    "00-main/10-basics": """
+primary_hostname = test.example
+domainlist local_domains = @ : localhost
+domainlist relay_to_domains =
+hostlist relay_from_hosts = <; 127.0.0.1 ; ::1
+acl_smtp_connect = acl_check_connect
+acl_smtp_rcpt = acl_check_rcpt
+keep_environment =
+""",
+    "10-acl/00-acl-header": "begin acl\n",
+    "10-acl/10-acl-check-connect/00-acl-check-connect-header": "acl_check_connect:\n",
+    "10-acl/10-acl-check-connect/20-accept-known": "  accept  hosts = : +relay_from_hosts\n",
+    "10-acl/10-acl-check-connect/99-acl-check-connect-footer": "  accept\n",
+    "10-acl/50-acl-check-rcpt/00-acl-check-rcpt-header": "acl_check_rcpt:\n  accept  hosts = :\n",
+    "10-acl/50-acl-check-rcpt/40-accept-authenticated": """
+  accept  authenticated = *
+          control = submission/sender_retain
+""",
+    "10-acl/50-acl-check-rcpt/90-local-domains-only": """
+  require message = relay not permitted
+          domains = +local_domains
+  require verify = recipient
+""",
+    "10-acl/50-acl-check-rcpt/99-acl-check-rcpt-footer": "  accept\n",
+    "20-routers/00-routers-header": "begin routers\n",
+    "20-routers/90-local-user": """
+local_user:
+  driver = accept
+  check_local_user
+  transport = local_delivery
+""",
+    "30-transports/00-transports-header": "begin transports\n",
+    "30-transports/10-local-delivery": """
+local_delivery:
+  driver = appendfile
+  file = /var/mail/$local_part_data
+""",
+    "60-authenticators/00-authenticators-header": "begin authenticators\n",
+    "60-authenticators/10-test-plain": TEST_AUTHENTICATOR,
+}
+_SYMPL_NAME = re.compile(r"[a-z0-9][a-z0-9-]+")
+
+
+def build_sympl(workdir: Path, main_extra: str = "") -> Path:
+    """SYMPL_BASE + exim-snippets/sympl -> one file, as Sympl's Makefile makes exim4.conf:
+    every file whose name matches [a-z0-9][a-z0-9-]+, in sorted path order, concatenated."""
+    tree = workdir / "sympl.d"
+    for name, text in SYMPL_BASE.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text(text)
+    if main_extra:
+        (tree / "00-main" / "05-test").write_text(main_extra)
+    shutil.copytree(SNIPPETS / "sympl" / "sympl.d", tree, dirs_exist_ok=True)
+    parts = sorted(str(p) for p in tree.rglob("*")
+                   if p.is_file() and _SYMPL_NAME.fullmatch(p.name))
+    out = workdir / "exim4.conf"
+    out.write_text("".join(f"# {'-' * 70}\n# {p}\n# {'-' * 70}\n\n{Path(p).read_text()}"
+                           for p in parts))
+    os.chmod(out, 0o644)
+    return out
+
+
+def build_single(workdir: Path, main_extra: str = "") -> Path:
+    """The single-file example with its host lookups off and the test authenticator added."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    text = (SNIPPETS / "single-file" / "exim.conf").read_text()
+    out = workdir / "exim.conf"
+    out.write_text(f"HOST_LOOKUP =\n{main_extra}\n{text}\n{TEST_AUTHENTICATOR}")
+    os.chmod(out, 0o644)
+    return out
+
+
+BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "debian": build_debian, "sympl": build_sympl, "single": build_single}
+
+
+# --- running Exim ----------------------------------------------------------------------------
+
+@dataclass
+class Session:
+    """One SMTP session: what the client saw, and the log lines Exim wrote (LOG: ...)."""
+
+    out: str
+    log: list[str]
+
+    def codes(self) -> list[str]:
+        return [line[:3] for line in self.out.splitlines() if re.match(r"\d{3} ", line)]
+
+    def logged(self, text: str) -> list[str]:
+        return [line for line in self.log if text in line]
+
+
+def bh(config: Path, ip: str, smtp: str = "QUIT\n", *, port: int | None = None,
+       sock: Path | str | None = None, defines: Iterable[str] = ()) -> Session:
+    """`exim -bh IP` with `-oMi 127.0.0.1.PORT` (how -bh sets $received_port)."""
+    cmd = [EXIM, "-C", str(config)]
+    if sock is not None:
+        cmd.append(f"-DLOOKUPD_SOCKET={sock}")
+    cmd += [f"-D{d}" for d in defines]
+    if port is not None:
+        cmd += ["-oMi", f"127.0.0.1.{port}"]
+    cmd += ["-bh", ip]
+    proc = subprocess.run(cmd, input=smtp.replace("\n", "\r\n").encode(), capture_output=True,
+                          timeout=30, check=False)
+    err = proc.stderr.decode(errors="replace")
+    # A LOG: entry may go on over indented lines; keep each whole.
+    log = [m.replace("\n  ", " ") for m in re.findall(r"(?m)^LOG: (.*(?:\n  .*)*)", err)]
+    return Session(proc.stdout.decode(errors="replace"), log)
+
+
+def user_session(user: str, recipients: Iterable[str]) -> str:
+    rcpts = "".join(f"RCPT TO:<{r}>\n" for r in recipients)
+    return (f"EHLO client.example\nAUTH PLAIN {auth_plain(user)}\nMAIL FROM:<{user}@example.net>\n"
+            f"{rcpts}QUIT\n")
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConnectLab]:
+    for tool in ("rbldnsd", "knotd", "dnsmasq"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            pytest.skip(f"{tool} is not installed")
+    with connect_lab(tmp_path_factory.mktemp("snippets-lab")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def daemon(lab: ConnectLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lookupd]:
+    workdir = short_dir()
+    lists = tmp_path_factory.mktemp("lists")
+    running = Lookupd(workdir, lookupd_config(lab.resolver_port, lists)).start()
+    yield running
+    running.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {name: build(tmp_path_factory.mktemp(name)) for name, build in BUILDERS.items()}
+
+
+# --- the configurations are valid --------------------------------------------------------------
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_exim_accepts_the_configuration(configs: dict[str, Path], flavour: str) -> None:
+    proc = subprocess.run([EXIM, "-C", str(configs[flavour]), "-bV"], capture_output=True,
+                          timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert f"Configuration file is {configs[flavour]}" in proc.stdout.decode()
+    assert b"error" not in proc.stderr.lower()
+
+
+def test_debian_build_leaves_the_system_alone(tmp_path: Path) -> None:
+    watched = [Path("/etc/exim4"), Path("/etc/exim4/conf.d"), Path("/var/lib/exim4"),
+               Path("/var/lib/exim4/config.autogenerated")]
+    before = {p: p.stat().st_mtime_ns for p in watched if p.exists()}
+    config = build_debian(tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in watched if p.exists()} == before
+    text = config.read_text()
+    # The snippets are in, in Debian's order: macros before Debian's options use them.
+    assert text.index("MAIN_ACL_CHECK_RCPT = acl_lookupd_check_rcpt") < \
+        text.index("acl_smtp_rcpt = MAIN_ACL_CHECK_RCPT")
+    assert "acl_lookupd_check_connect:" in text and "acl_check_rcpt:" in text
+
+
+def statements(text: str) -> list[str]:
+    """An ACL fragment without comments and blank lines, for comparing copies."""
+    return [line.rstrip() for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def acl_body(text: str, label: str, stop: str) -> list[str]:
+    body = text.split(f"\n{label}:\n", 1)[1]
+    return statements(body.split(stop, 1)[0])
+
+
+def test_the_three_flavours_carry_the_same_statements() -> None:
+    """The Sympl fragments and the single file are copies of the Debian ACLs: keep them so."""
+    debian = SNIPPETS / "debian" / "conf.d" / "acl"
+    sympl = SNIPPETS / "sympl" / "sympl.d" / "10-acl"
+    single = (SNIPPETS / "single-file" / "exim.conf").read_text()
+    connect = acl_body((debian / "35_lookupd_check_connect").read_text(),
+                       "acl_lookupd_check_connect", "\n  accept\n")
+    assert connect == statements((sympl / "10-acl-check-connect" / "40-lookupd").read_text())
+    assert connect == acl_body(single, "acl_check_connect", "\n  accept\n")
+    rcpt = acl_body((debian / "35_lookupd_check_rcpt").read_text(), "acl_lookupd_check_rcpt",
+                    "\n  # Debian's own RCPT ACL")
+    assert rcpt == statements((sympl / "50-acl-check-rcpt" / "05-lookupd-user").read_text())
+    assert rcpt == acl_body(single, "acl_check_rcpt", "\n  accept\n    hosts = +relay")[2:]
+    auth = acl_body((debian / "35_lookupd_check_auth").read_text(), "acl_lookupd_check_auth",
+                    "\nNONE")
+    assert auth == acl_body((sympl / "45-acl-lookupd-check-auth" / "10-lookupd-auth").read_text(),
+                            "acl_lookupd_check_auth", "\nNONE")
+    assert auth == acl_body(single, "acl_check_auth", "\nacl_check_rcpt:")
+
+
+# --- connect ACL --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_connect_verdicts(configs: dict[str, Path], daemon: Lookupd, flavour: str) -> None:
+    config, sock = configs[flavour], daemon.socket
+
+    clean = bh(config, CLEAN, port=25, sock=sock)
+    assert clean.codes() == ["220", "221"], clean.out
+    assert clean.logged("lookupd") == []
+
+    denied = bh(config, INCIDENTS, port=25, sock=sock)
+    assert "550 Blacklisted: Denied access - history of unwanted activity" in denied.out
+    assert denied.logged("lookupd") == [
+        f'H=[{INCIDENTS}] rejected connection in "connect" ACL: lookupd deny rule=incidents '
+        "country=-- incidents=42 dnsbl=clean: Blacklisted: Denied access - history of "
+        "unwanted activity"]
+
+    listed = bh(config, LISTED, port=25, sock=sock)
+    assert f"550 Rejected - {LISTED} is listed at bl.test" in listed.out
+    assert listed.logged("lookupd deny rule=dnsbl country=-- incidents=0 dnsbl=listed")
+
+    allowed = bh(config, ALLOWED, port=25, sock=sock)  # 11 incidents and listed
+    assert allowed.codes() == ["220", "221"], allowed.out
+
+    deferred = bh(config, SUBMIT_SE, port=587, sock=sock)
+    assert deferred.codes()[0] == "451", deferred.out
+    assert "Submission is not open to 89.160.20.112 now" in deferred.out
+    assert deferred.logged(f'H=[{SUBMIT_SE}] temporarily rejected connection in "connect" '
+                           "ACL: lookupd defer rule=submission country=SE incidents=0")
+
+    for ip, port in ((SUBMIT_SE_IMAP, 587), (CLEAN, 587), (SUBMIT_SE, 25)):
+        session = bh(config, ip, port=port, sock=sock)
+        assert session.codes() == ["220", "221"], (ip, port, session.out)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_log_only_refuses_nobody(configs: dict[str, Path], daemon: Lookupd,
+                                 flavour: str) -> None:
+    for ip, port, what in ((INCIDENTS, 25, "deny rule=incidents"),
+                           (SUBMIT_SE, 587, "defer rule=submission")):
+        session = bh(configs[flavour], ip, port=port, sock=daemon.socket,
+                     defines=["LOOKUPD_LOG_ONLY=yes"])
+        assert session.codes() == ["220", "221"], session.out
+        assert session.logged(f"lookupd log-only: [{ip}] would {what} ")
+        assert session.logged("rejected") == []
+
+
+# --- lookupd down -------------------------------------------------------------------------------
+
+@pytest.fixture
+def refusing_socket() -> Iterator[Path]:
+    """A Unix socket file nobody accepts on (bound, never listening): ECONNREFUSED."""
+    workdir = short_dir()
+    path = workdir / "refusing.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    yield path
+    sock.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("how", ["missing", "refusing"])
+def test_lookupd_down_accepts_logs_once_and_asks_no_more(
+        configs: dict[str, Path], refusing_socket: Path, tmp_path: Path, flavour: str,
+        how: str) -> None:
+    """Connect, AUTH and RCPT all pass with lookupd unreachable: no 451, one log line, and no
+    second ${readsocket} (Exim 4.96 would write to a closed or reused descriptor)."""
+    sock = refusing_socket if how == "refusing" else tmp_path / "no-such.sock"
+    for ip in (INCIDENTS, "127.0.0.1"):
+        smtp = user_session("carol", ["nobody-here@localhost", "nor-here@localhost",
+                                      "root@localhost"])
+        session = bh(configs[flavour], ip, smtp, port=587, sock=sock)
+        codes = session.codes()
+        assert "451" not in codes and "421" not in codes, session.out
+        if ip == INCIDENTS:  # denied by lookupd when it runs; accepted unchecked now
+            assert codes[:2] == ["220", "250"], session.out
+            assert session.logged(f"lookupd down: [{ip}] accepted unchecked; {sock} did not "
+                                  "answer")
+        else:  # AUTH, two unknown recipients refused by Exim itself, one accepted
+            assert codes == ["220", "250", "235", "250", "550", "550", "250", "221"], session.out
+        assert len(session.logged("lookupd down:")) == 1, session.log
+        assert not any("Bad file descriptor" in line or "failed to" in line
+                       for line in session.log), session.log
+
+
+# --- AUTH ACL ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_auth_refused_on_port_25_and_without_tls(configs: dict[str, Path], daemon: Lookupd,
+                                                 flavour: str) -> None:
+    config, sock = configs[flavour], daemon.socket
+    smtp = f"EHLO client.example\nAUTH PLAIN {auth_plain('alice')}\nQUIT\n"
+    on_25 = bh(config, CLEAN, smtp, port=25, sock=sock)
+    assert "503 AUTH is not accepted on port 25: submit mail on port 587 or 465" in on_25.out
+    assert on_25.logged(f"H=(client.example) [{CLEAN}] rejected AUTH PLAIN: lookupd auth "
+                        "refused port=25 country=GB: AUTH on a port for server-to-server mail")
+
+    plain = bh(config, CLEAN, smtp, port=587, sock=sock)
+    assert "503 AUTH needs TLS: send STARTTLS first" in plain.out
+    assert plain.logged("rejected AUTH PLAIN: lookupd auth refused port=587 country=GB: "
+                        "AUTH without TLS")
+
+    local = bh(config, "127.0.0.1", smtp, port=587, sock=sock)  # LOOKUPD_NOTLS_HOSTS
+    assert "235 Authentication succeeded" in local.out
+
+
+# --- RCPT ACL: blocked users -------------------------------------------------------------------
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_blocked_user_is_frozen(configs: dict[str, Path], daemon: Lookupd, flavour: str) -> None:
+    """Three unknown recipients (the test limit) block the user: the message under way and the
+    next one are frozen; another user is untouched."""
+    config, sock = configs[flavour], daemon.socket
+    user, other = f"mallory-{flavour}", f"trent-{flavour}"
+    first = bh(config, "127.0.0.1", user_session(user, [
+        "gone1@localhost", "gone2@localhost", "root@localhost", "gone3@localhost",
+        "root@localhost"]), port=587, sock=sock)
+    assert first.codes() == ["220", "250", "235", "250", "550", "550", "250", "550", "250",
+                             "221"], first.out
+    assert "550 Unknown user" in first.out
+    assert len(first.logged("lookupd unknown recipient of authenticated user")) == 3
+    assert first.logged(f"lookupd user blocked: {user} [127.0.0.1]: message frozen "
+                        "(3 invalid recipients in 1h)")
+    assert "blocked - since=" in daemon.query(f"user {user}")
+
+    second = bh(config, "127.0.0.1", user_session(user, ["root@localhost"]), port=587, sock=sock)
+    assert second.codes()[-2:] == ["250", "221"]
+    assert len(second.logged(f"lookupd user blocked: {user} ")) == 1
+
+    untouched = bh(config, "127.0.0.1", user_session(other, ["gone@localhost", "root@localhost"]),
+                   port=587, sock=sock)
+    assert untouched.logged("lookupd user blocked") == []
+    assert daemon.query(f"user {other}") == "ok"
+
+
+def test_rules_lookupd_keeps_log_only(configs: dict[str, Path], lab: ConnectLab,
+                                      tmp_path: Path) -> None:
+    """[connect] log_only: lookupd answers accept would=deny, Exim logs and accepts, and the
+    other rules are still enforced."""
+    workdir = short_dir()
+    daemon = Lookupd(workdir, lookupd_config(lab.resolver_port, tmp_path,
+                                             extra='log_only = ["incidents"]')).start()
+    try:
+        for flavour in FLAVOURS:
+            logged = bh(configs[flavour], INCIDENTS, port=25, sock=daemon.socket)
+            assert logged.codes() == ["220", "221"], (flavour, logged.out)
+            assert logged.logged(f"lookupd log-only: [{INCIDENTS}] would deny rule=incidents "
+                                 "country=-- incidents=42 dnsbl=clean: Blacklisted")
+            enforced = bh(configs[flavour], LISTED, port=25, sock=daemon.socket)
+            assert enforced.codes()[0] == "550", (flavour, enforced.out)
+        assert f"connect would deny (log-only): [{INCIDENTS}] port 25" in daemon.log()
+    finally:
+        daemon.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
