@@ -53,7 +53,7 @@ from lookupd.users.decide import (
     render_check,
     unknown,
 )
-from lookupd.users.notify import Notice, Notifier
+from lookupd.users.notify import Notice, Notifier, setuid_is_blocked
 
 __all__ = ["UserState", "UserStatus", "render_admin", "render_check"]
 
@@ -86,7 +86,8 @@ class UserState:
             blocks_written=self._write_lsearch, external_change=self._external_change))
         self._notifier = Notifier(config.notify_command, config.notify_to,
                                   retries=config.notify_retries,
-                                  timeout=config.notify_timeout, backoff=notify_backoff)
+                                  timeout=config.notify_timeout, backoff=notify_backoff,
+                                  smtp=config.notify_smtp)
         self._admin_gid: int | None = None
         self._last_refresh = 0.0
         self._last_warning = -WARN_EVERY
@@ -97,6 +98,11 @@ class UserState:
 
     async def open(self) -> None:
         self._admin_gid = _resolve_group(self.config.admin_group)
+        if self.config.notify_smtp is None and setuid_is_blocked(self._notifier.argv):
+            log.warning("users: notify_command %r is a setuid program, but lookupd runs with "
+                        "NoNewPrivileges (systemd): it could not queue the block "
+                        "notifications. Set users.notify_smtp = \"127.0.0.1:25\" to send them "
+                        "through the local Exim instead", self.config.notify_command)
         blocks = await self._writer.start()
         self._open = True
         if blocks is not None:

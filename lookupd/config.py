@@ -131,6 +131,10 @@ def _parse_tcp(raw: object) -> HostPort | None:
     return parse_host_port(raw, loopback_only=True)
 
 
+def _parse_smtp(raw: object) -> HostPort | None:
+    return parse_host_port(raw, loopback_only=True)
+
+
 def parse_nameserver(raw: object) -> HostPort:
     """A resolver address, "127.0.0.1" (port 53) or "127.0.0.1:5353" or "[::1]:5353"."""
     if isinstance(raw, str) and raw and not raw.endswith("]") and raw.count(":") != 1 \
@@ -345,6 +349,10 @@ class UsersConfig:
     # Command that gets the notification mail on stdin; "" sends none.
     notify_command: str = "/usr/sbin/sendmail -t -oi"
     notify_to: str = "postmaster"
+    # Send the notification by SMTP to this loopback MTA instead of running notify_command,
+    # e.g. "127.0.0.1:25". Needed under systemd's NoNewPrivileges=, which stops the setuid
+    # sendmail from queueing mail.
+    notify_smtp: HostPort | None = field(default=None, metadata=_parsed(_parse_smtp))
     notify_retries: int = field(default=3, metadata=_checked(_non_negative))
     # How long one run of notify_command may take before it is killed (and retried).
     notify_timeout: float = field(default=30.0, metadata=_parsed(parse_duration, _positive))

@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email
 import email.policy
 import logging
 import os
 import shlex
+import shutil
 import signal
+import smtplib
 import socket
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
 
+from lookupd.config import HostPort
 from lookupd.users.decide import clean_text, iso_utc, window_text
 
 log = logging.getLogger(__name__)
@@ -82,8 +87,9 @@ class Notifier:
     """Runs `command` (shlex-split, no shell) with each mail on stdin, in background tasks."""
 
     def __init__(self, command: str, to: str, *, retries: int, timeout: float,
-                 backoff: float = 5.0) -> None:
+                 backoff: float = 5.0, smtp: HostPort | None = None) -> None:
         self.argv = shlex.split(command)
+        self.smtp = smtp
         self.to = to
         self.retries = retries
         self.timeout = timeout
@@ -93,7 +99,14 @@ class Notifier:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.argv)
+        return bool(self.argv) or self.smtp is not None
+
+    @property
+    def how(self) -> str:
+        """The delivery path, for log lines: what the admin would check."""
+        if self.smtp is not None:
+            return f"users.notify_smtp = {str(self.smtp)!r}"
+        return f"users.notify_command = {shlex.join(self.argv)!r}"
 
     def send(self, notice: Notice, on_sent: Callable[[], None] | None = None) -> None:
         """Start sending; returns at once. `on_sent` runs once the command took the mail."""
@@ -133,14 +146,16 @@ class Notifier:
                 return True
             last = attempt == attempts
             log.warning("users: notification about blocked user %s: %s (attempt %d of %d%s); "
-                        "check users.notify_command = %r", notice.user, problem, attempt,
-                        attempts, ", giving up" if last else "", shlex.join(self.argv))
+                        "check %s", notice.user, problem, attempt,
+                        attempts, ", giving up" if last else "", self.how)
             if not last:
                 await asyncio.sleep(min(self.backoff * 2 ** (attempt - 1), _MAX_BACKOFF))
         return False
 
     async def _run_once(self, mail: bytes) -> str | None:
-        """None when the command took the mail (exit 0), else what went wrong."""
+        """None when the command (or the SMTP server) took the mail, else what went wrong."""
+        if self.smtp is not None:
+            return await asyncio.to_thread(self._smtp_once, mail, self.smtp)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -163,6 +178,40 @@ class Notifier:
         text = output.decode("utf-8", "replace").strip()
         shown = clean_text(" ".join(text.split()), _MAX_OUTPUT)
         return f"exit status {proc.returncode}" + (f": {shown}" if shown else "")
+
+
+    def _smtp_once(self, mail: bytes, server: HostPort) -> str | None:
+        """Hand the mail to the local MTA by SMTP; the null sender, as for any automatic
+        notice (RFC 3834), and a bare local part qualified with this host's name."""
+        to = self.to if "@" in self.to else f"{self.to}@{self.hostname}"
+        message = email.message_from_bytes(mail, policy=email.policy.SMTP)
+        if "From" not in message:
+            message["From"] = f"lookupd@{self.hostname}"
+        try:
+            with smtplib.SMTP(server.host, server.port, timeout=self.timeout,
+                              local_hostname=self.hostname) as smtp:
+                smtp.send_message(message, from_addr="", to_addrs=[to])
+        except (OSError, smtplib.SMTPException) as exc:
+            return f"SMTP to {server}: {exc}"
+        return None
+
+
+def setuid_is_blocked(argv: list[str]) -> bool:
+    """True when argv[0] is a setuid program (Exim's sendmail is) but this process runs with
+    no_new_privs (systemd NoNewPrivileges=), so the program would run without its privileges
+    and fail to queue the mail."""
+    if not argv:
+        return False
+    path = shutil.which(argv[0])
+    if path is None:
+        return False
+    try:
+        setuid = bool(os.stat(os.path.realpath(path)).st_mode & stat.S_ISUID)
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            no_new_privs = any(line.split() == ["NoNewPrivs:", "1"] for line in status)
+    except OSError:
+        return False
+    return setuid and no_new_privs
 
 
 def _kill_group(pid: int) -> None:
