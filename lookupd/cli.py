@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lookupd import __version__
-from lookupd.config import Config, HostPort, load_config, parse_host_port
+from lookupd.config import Config, HostPort, file_problems, load_config, parse_host_port
 from lookupd.errors import ConfigError, ListenError, LookupdError
 
 log = logging.getLogger("lookupd")
@@ -173,6 +173,11 @@ def _run_loop(coro: Any) -> None:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config, required=args.config is not None)
+    problems = file_problems(config)
+    for problem in problems:
+        log.error("%s", problem)
+    if problems:
+        return os.EX_CONFIG
     where = config.source or "embedded defaults (no /etc/lookupd/lookupd.toml)"
     print(f"{where}: configuration OK")
     return os.EX_OK

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import tomllib
 import types
@@ -548,3 +549,36 @@ def find_existing(configured: Path | None, candidates: tuple[Path, ...]) -> Path
     if configured is not None:
         return configured
     return next((p for p in candidates if p.exists()), None)
+
+
+def file_problems(config: Config) -> list[str]:
+    """Configured files that lookupd cannot read, in words for `check-config`.
+
+    `serve` starts anyway (the source answers "unknown" and logs why), but a path that does
+    not exist is most often a typo the admin wants to hear about before reloading.
+    """
+    where = str(config.source) if config.source else "command line"
+    wanted: list[tuple[str, Path | None]] = [
+        ("geoip.country_db", config.geoip.country_db),
+        ("geoip.asn_db", config.geoip.asn_db),
+        ("incidents.db", config.incidents.db),
+        ("connect.submission_access_file", config.connect.submission_access_file),
+        *((f"connect.allowlist_files[{i}]", p)
+          for i, p in enumerate(config.connect.allowlist_files)),
+    ]
+    problems = []
+    for key, path in wanted:
+        if path is None:
+            continue
+        if not path.exists():
+            problems.append(f"{where}: {key}: {path} does not exist; fix the path or remove "
+                            "the key to use the standard locations")
+        elif not path.is_file():
+            problems.append(f"{where}: {key}: {path} is not a file")
+        elif not os.access(path, os.R_OK):
+            problems.append(f"{where}: {key}: {path} is not readable by this user")
+    lsearch = config.users.lsearch_file
+    if lsearch is not None and not lsearch.parent.is_dir():
+        problems.append(f"{where}: users.lsearch_file: directory {lsearch.parent} does not "
+                        "exist")
+    return problems

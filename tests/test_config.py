@@ -103,3 +103,13 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     bad = tmp_path / "bad.toml"
     bad.write_text("[users]\nlimit = -1\n")
     assert main(["check-config", "--config", str(bad)]) == 78  # EX_CONFIG
+
+
+def test_check_config_reports_missing_files(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, f'[geoip]\ncountry_db = "{tmp_path}/GeoLite2-Contry.mmdb"\n'
+                           f'[connect]\nallowlist_files = ["{tmp_path}"]\n')
+    assert main(["check-config", "--config", str(path)]) == 78
+    text = capsys.readouterr().err
+    assert "geoip.country_db" in text and "GeoLite2-Contry.mmdb does not exist" in text
+    assert "connect.allowlist_files[0]" in text and "is not a file" in text

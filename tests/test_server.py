@@ -290,3 +290,37 @@ zone = "bl.test"
         thread.join(5)
     assert len(result) == 1 and result[0].startswith("verdict=unknown"), result
     assert "finishing requests in flight" in daemon.log()
+
+
+@pytest.mark.parametrize(("db", "field"), [("GeoIP2-Country-Test", "country"),
+                                           ("GeoLite2-Country-Test", "country"),
+                                           ("GeoIP2-Country-Test", "registered_country")])
+def test_every_maxmind_test_network_through_the_socket(start_lookupd: StartLookupd, db: str,
+                                                       field: str) -> None:
+    """Each network's first and last address in MaxMind's JSON, asked over the socket."""
+    from geoip_expect import country_expectations
+
+    daemon = start_lookupd(f'[geoip]\ncountry_db = "{MAXMIND / (db + ".mmdb")}"\n'
+                           f'country_field = "{field}"\n')
+    expected = country_expectations(MAXMIND / (db + ".json"), field)
+    assert len(expected) > 400
+    wrong = [(ip, want, got) for ip, want in expected
+             if (got := daemon.query(f"country {ip}")) != want]
+    assert not wrong, wrong[:10]
+
+
+def test_asn_through_the_socket(start_lookupd: StartLookupd) -> None:
+    from geoip_expect import asn_expectations
+
+    daemon = start_lookupd(f'[geoip]\nasn_db = "{MAXMIND / "GeoLite2-ASN-Test.mmdb"}"\n')
+    expected = asn_expectations(MAXMIND / "GeoLite2-ASN-Test.json")
+    checked = 0
+    for ip, number, organisation in expected[::7]:
+        got = daemon.query(f"asn {ip}")
+        if number is None:
+            assert got == "--", ip
+        else:
+            assert got == f"AS{number} {organisation}".rstrip(), (ip, got)
+        checked += 1
+    assert checked > 100
+    assert daemon.query("asn 10.0.0.1") == "--"
