@@ -42,3 +42,15 @@ def start_lookupd(sockdir: Path) -> Iterator[StartLookupd]:
 @pytest.fixture
 def country_db() -> Path:
     return MAXMIND / "GeoIP2-Country-Test.mmdb"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """cli.main() sets up logging for a process; in tests, undo it after each test."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
