@@ -1,8 +1,9 @@
 """The explicit table from request verb to source, and from each outcome to its reply text.
 
 Handlers answer synchronously (a plain `str`) when the source answers from memory (GeoIP,
-incidents, user state), so the server writes the reply inline with no task per request; they
-return a coroutine when the source needs the network or the disk (DNS, writes).
+incidents, user state, DNS answers already cached), so the server writes the reply inline with
+no task per request; they return a coroutine when the source needs the network or the disk
+(DNS, writes).
 """
 
 from __future__ import annotations
@@ -118,12 +119,15 @@ class Dispatcher:
             return "0"
         return render_incidents(self.sources.incidents.count(ip))
 
-    # --- DNSBL, DBL, reverse DNS (answers need the network: coroutines) -------------------
+    # --- DNSBL, DBL, reverse DNS (from the DNS cache at once; else a coroutine) ------------
 
     def dnsbl(self, args: tuple[str, ...], peer: Peer) -> Reply:
         ip = _optional_ip(args)
         if ip is None:
             return render_dnsbl(DnsblResult(Status.NOT_FOUND))
+        cached = self.sources.dnsbl.cached_ip(ip)
+        if cached is not None:
+            return render_dnsbl(cached)
         return self._dnsbl(ip)
 
     async def _dnsbl(self, ip: IPv4Address | IPv6Address) -> str:
@@ -136,6 +140,9 @@ class Dispatcher:
             domain = normalize_domain(args[0])
         except ValueError:
             raise BadRequest(f'not a domain name: "{shown(args[0])}"') from None
+        cached = self.sources.dnsbl.cached_domain(domain)
+        if cached is not None:
+            return render_dnsbl(cached)
         return self._dbl(domain)
 
     async def _dbl(self, domain: str) -> str:
@@ -145,6 +152,9 @@ class Dispatcher:
         ip = _optional_ip(args)
         if ip is None:
             return render_ptr(PtrResult(Status.UNKNOWN, fcrdns="unknown"))
+        cached = self.sources.dnsbl.cached_ptr(ip)
+        if cached is not None:
+            return render_ptr(cached)
         return self._ptr(ip)
 
     async def _ptr(self, ip: IPv4Address | IPv6Address) -> str:
@@ -153,10 +163,14 @@ class Dispatcher:
     def stats(self, args: tuple[str, ...], peer: Peer) -> str:
         return render_stats(self.sources.dnsbl.stats())
 
-    # --- connect: every fact and the policy's verdict (DNS involved: a coroutine) ----------
+    # --- connect: every fact and the policy's verdict (at once when DNS is cached) ----------
 
     def connect(self, args: tuple[str, ...], peer: Peer) -> Reply:
-        return self._connect(parse_args(args))
+        request = parse_args(args)
+        reply = self.connect_checker.answer_now(request)
+        if reply is not None:
+            return reply
+        return self._connect(request)
 
     async def _connect(self, request: ConnectRequest) -> str:
         return await self.connect_checker.answer(request)

@@ -7,9 +7,10 @@ test_fail2ban.py.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,13 @@ import pytest
 from conftest import StartLookupd
 from dnsservers import RBLDNSD, Dnsmasq, Knot, Rbldnsd, SilentServer
 from support import FIREWALL, MAXMIND
+
+from lookupd.config import load_config
+from lookupd.connect import parse_args
+from lookupd.dispatch import Dispatcher
+from lookupd.dnsbl.stats import ListStats
+from lookupd.protocol import Peer, Request
+from lookupd.sources import Sources
 
 pytestmark = pytest.mark.skipif(not Path(RBLDNSD).exists(), reason="rbldnsd is not installed")
 
@@ -203,3 +211,84 @@ def test_allowlist_change_is_picked_up_while_running(start_lookupd: StartLookupd
         assert time.monotonic() < deadline, "the new allowlist entry was not picked up"
         time.sleep(0.2)
     assert "whitelist_connect_hosts reloaded: 2 entries" in daemon.log()
+
+
+# --- answered at once when every DNS answer is cached -------------------------------------------
+
+# A domain list for `dbl` (bl.test is an IP set: every name is simply not listed there).
+DOMAIN_LIST = """
+[[dnsbl.list]]
+zone = "bl.test"
+name = "domains"
+kind = "domain"
+"""
+PEER = Peer("unix")
+
+
+@pytest.fixture
+async def dispatcher(lab: ConnectLab, tmp_path: Path) -> AsyncIterator[Dispatcher]:
+    """The daemon's own dispatch on the lab's sources, in this process."""
+    path = tmp_path / "lookupd.toml"
+    path.write_text(lookupd_config(lab.resolver_port, tmp_path, extra=DOMAIN_LIST))
+    sources = Sources.from_config(load_config(
+        path, overrides={"server.state_dir": str(tmp_path / "state")}))
+    await sources.open()
+    try:
+        yield Dispatcher(sources)
+    finally:
+        await sources.close()
+
+
+async def test_warm_requests_are_answered_inline_with_the_same_reply(
+        dispatcher: Dispatcher, caplog: pytest.LogCaptureFixture) -> None:
+    """The first request of each kind needs DNS (a coroutine: the server makes a task); the
+    same request again finds every answer cached and gets the same reply as a plain str,
+    with the same log line."""
+    caplog.set_level(logging.INFO, logger="lookupd.connect")
+    requests = [Request("connect", (LISTED, "25")), Request("connect", (CLEAN, "25")),
+                Request("connect", (PTR_OK, "25", "helo.example")),
+                Request("connect", (INCIDENTS, "25")), Request("connect", (ALLOWED, "25")),
+                Request("dnsbl", ("192.0.2.21",)), Request("ptr", ("192.0.2.7",)),
+                Request("dbl", ("spam.example",))]
+    cold: list[str] = []
+    for request in requests:
+        pending = dispatcher.handle(request, PEER)
+        assert not isinstance(pending, str), request
+        cold.append(await pending)
+    assert fields(cold[0])["dnsbl"] == "listed" and fields(cold[2])["fcrdns"] == "yes"
+    assert cold[5].startswith("verdict=listed score=1 lists=bl.test:127.0.0.2 ")
+    assert cold[6] == "name=mail7.example.test fcrdns=yes"
+    assert cold[7] == 'verdict=clean score=0 lists="" unknown="" text=""'
+    warm = [dispatcher.handle(request, PEER) for request in requests]
+    assert warm == cold
+    denies = [r.getMessage() for r in caplog.records if r.getMessage().startswith("connect ")]
+    assert len(denies) == 4  # LISTED and INCIDENTS, cold and warm: the same line
+    assert denies[0] == denies[2] and denies[1] == denies[3]
+    assert denies[0].startswith(f"connect deny: [{LISTED}] port 25 rule=dnsbl ")
+
+
+def figures(stats: ListStats) -> tuple[int, int, int]:
+    """queries, cache hits, hits"""
+    return stats.queries, round(stats.cache_hit_rate * stats.queries), stats.hits
+
+
+async def test_connect_asks_dns_only_for_what_is_not_cached(dispatcher: Dispatcher) -> None:
+    """DNSBL cached, PTR not: no answer at once and nothing counted for it; the DNS path
+    takes the DNSBL answer from the cache (counted once) and asks only for the PTR."""
+    dnsbl, checker = dispatcher.sources.dnsbl, dispatcher.connect_checker
+    request = parse_args(("192.0.2.21", "25"))  # listed in bl.test, no PTR
+    assert checker.answer_now(request) is None
+    await dnsbl.check_ip("192.0.2.21")
+    bl, _, ptr = dnsbl.stats().lists
+    assert checker.answer_now(request) is None
+    assert dnsbl.stats().lists == (bl, _, ptr)
+    reply = await checker.answer(request)
+    assert (fields(reply)["action"], fields(reply)["ptr"]) == ("deny", '""')
+    bl2, _, ptr2 = dnsbl.stats().lists
+    assert figures(bl2) == (bl.queries + 1, figures(bl)[1] + 1, bl.hits + 1)
+    assert figures(ptr2) == (ptr.queries + 1, figures(ptr)[1], ptr.hits)  # asked DNS
+    assert checker.answer_now(request) == reply
+    bl3, _, ptr3 = dnsbl.stats().lists
+    assert figures(bl3) == (bl.queries + 2, figures(bl)[1] + 2, bl.hits + 2)
+    assert figures(ptr3) == (ptr.queries + 2, figures(ptr)[1] + 1, ptr.hits)
+

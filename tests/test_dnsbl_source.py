@@ -14,7 +14,17 @@ import pytest
 from dnsservers import DQS_KEY, DelayProxy, DnsLab, Rbldnsd, ask, dns_lab
 
 from lookupd.config import DnsblConfig, DnsblListConfig, HostPort
-from lookupd.dnsbl import DnsblSource, render_dnsbl, render_ptr, render_stats
+from lookupd.dnsbl import (
+    Cached,
+    DnsblResult,
+    DnsblSource,
+    PtrResult,
+    render_dnsbl,
+    render_ptr,
+    render_stats,
+)
+from lookupd.dnsbl.answers import DnsAnswer
+from lookupd.dnsbl.cache import encode_snapshot
 from lookupd.dnsbl.source import SNAPSHOT_NAME
 from lookupd.errors import BadRequest
 from lookupd.outcome import Status
@@ -499,3 +509,176 @@ async def test_cold_queries_to_three_lists_cost_one_round_trip(open_source: Open
           f"~{3 * delay * 1000:.0f} ms)")
     assert t3 < 1.75 * delay  # sequential asking would take 3 * delay
     assert t3 < t1 + delay / 2
+
+
+# --- answers from the cache alone (what the server answers inline, without a task) ----------
+
+Kind = str  # "ip", "domain" or "ptr": which lookup
+Figures = list[tuple[float, ...]]
+
+
+async def through_dns(source: DnsblSource, kind: Kind, key: str) -> DnsblResult | PtrResult:
+    if kind == "ip":
+        return await source.check_ip(key)
+    if kind == "domain":
+        return await source.check_domain(key)
+    return await source.ptr(key)
+
+
+def peek(source: DnsblSource, kind: Kind,
+         key: str) -> Cached[DnsblResult] | Cached[PtrResult] | None:
+    if kind == "ip":
+        return source.peek_ip(key)
+    if kind == "domain":
+        return source.peek_domain(key)
+    return source.peek_ptr(key)
+
+
+def from_cache(source: DnsblSource, kind: Kind, key: str) -> DnsblResult | PtrResult | None:
+    if kind == "ip":
+        return source.cached_ip(key)
+    if kind == "domain":
+        return source.cached_domain(key)
+    return source.cached_ptr(key)
+
+
+def figures(source: DnsblSource) -> Figures:
+    """Every list's counters (cache hits as a count) and latency percentiles."""
+    return [(s.queries, s.hits, s.errors, s.timeouts, round(s.cache_hit_rate * s.queries),
+             s.p50_ms, s.p99_ms) for s in source.stats().lists]
+
+
+def change(after: Figures, before: Figures) -> Figures:
+    return [tuple(a - b for a, b in zip(x, y, strict=True))
+            for x, y in zip(after, before, strict=True)]
+
+
+@pytest.mark.parametrize(("lists", "kind", "key"), [
+    pytest.param((BL, COP), "ip", "192.0.2.20", id="listed-with-txt"),
+    pytest.param((BL, COP), "ip", "192.0.2.4", id="listed-by-two"),
+    pytest.param((BL, COP), "ip", "192.0.2.99", id="clean"),
+    pytest.param((BL, COP), "ip", "2001:db8::4", id="ipv6-one-list"),
+    pytest.param((DnsblListConfig(zone="bl.test"),), "ip", "192.0.2.254", id="error-code"),
+    pytest.param((BL, COP), "ip", "192.0.2.202", id="servfail"),
+    pytest.param((BL, COP), "ip", "192.0.2.201", id="timeout"),
+    pytest.param((EVERYTHING, COP), "ip", "192.0.2.4", id="quarantined-list"),
+    pytest.param((BL, DBL), "domain", "spam.example", id="domain-listed"),
+    pytest.param((BL, DBL), "domain", "ipquery.example", id="domain-error-code"),
+    pytest.param((), "ptr", "192.0.2.1", id="ptr-fcrdns"),
+    pytest.param((), "ptr", "192.0.2.2", id="ptr-no-fcrdns"),
+    pytest.param((), "ptr", "192.0.2.4", id="no-ptr"),
+    pytest.param((), "ptr", "192.0.2.5", id="ptr-forward-timeout"),
+    pytest.param((), "ptr", "192.0.2.6", id="ptr-forward-servfail"),
+    pytest.param((), "ptr", "192.0.2.7", id="ptr-second-name"),
+    pytest.param((), "ptr", "2001:db8::25", id="ptr-ipv6"),
+    pytest.param((), "ptr", "198.51.100.1", id="ptr-refused"),
+])
+async def test_a_cached_answer_is_the_answer_through_dns(
+        open_source: OpenSource, lists: tuple[DnsblListConfig, ...], kind: Kind,
+        key: str) -> None:
+    """Same result and same stats from the cache alone as from the DNS path (which also
+    answers from the cache here, after its tasks and waits)."""
+    source = await open_source(*lists, deadline=0.3)
+    cold = figures(source)
+    assert peek(source, kind, key) is None and from_cache(source, kind, key) is None
+    assert figures(source) == cold  # a miss counts nothing: the DNS path counts the query
+    await through_dns(source, kind, key)
+    for _ in range(100):  # a timed-out question lands in the cache when the resolver gives up
+        if peek(source, kind, key) is not None:
+            break
+        await asyncio.sleep(0.02)
+    warm = figures(source)
+    fast = from_cache(source, kind, key)
+    after_fast = figures(source)
+    slow = await through_dns(source, kind, key)
+    after_slow = figures(source)
+    assert fast is not None
+    assert fast == slow
+    assert change(after_fast, warm) == change(after_slow, after_fast)
+    # One query counted per list asked (per PTR lookup), each answered from the cache.
+    asked = len(fast.answers) if isinstance(fast, DnsblResult) else 1
+    assert asked >= 1 and sum(c[0] for c in change(after_fast, warm)) == asked
+
+
+async def test_a_quarantined_list_needs_nothing_cached(open_source: OpenSource) -> None:
+    source = await open_source(EVERYTHING)
+    before = figures(source)
+    fast = source.cached_ip("192.0.2.99")
+    after_fast = figures(source)
+    assert fast == await source.check_ip("192.0.2.99")
+    assert fast is not None and fast.reason == "everything.test:quarantined"
+    assert change(after_fast, before) == change(figures(source), after_fast)
+    assert change(after_fast, before)[0][:5] == (1, 0, 0, 0, 0)  # a query, not a cache hit
+
+
+async def test_a_partly_cached_answer_goes_to_dns(open_source: OpenSource,
+                                                  tmp_path: Path) -> None:
+    """The cache holds some of what a query needs (an A without its TXT, one list of two,
+    an expired entry, a PTR without one of its forward answers): None, nothing counted, and
+    the DNS path fills in the rest."""
+    now = time.time()
+    kept, soon = now + 100, now + 5
+    state = tmp_path / "partial"
+    state.mkdir()
+    (state / SNAPSHOT_NAME).write_bytes(encode_snapshot([
+        (("bl.test", "A", "20.2.0.192"), DnsAnswer(FOUND, ("127.0.0.2",), expires=kept)),
+        (("cop.test", "A", "20.2.0.192"), DnsAnswer(NOT_FOUND, expires=kept)),
+        (("bl.test", "A", "99.2.0.192"), DnsAnswer(NOT_FOUND, expires=kept)),
+        (("bl.test", "A", "98.2.0.192"), DnsAnswer(NOT_FOUND, expires=soon)),
+        (("cop.test", "A", "98.2.0.192"), DnsAnswer(NOT_FOUND, expires=kept)),
+        (("", "PTR", "7.2.0.192.in-addr.arpa"),
+         DnsAnswer(FOUND, ("other.example.test", "mail7.example.test"), expires=kept)),
+        (("", "A", "other.example.test"), DnsAnswer(FOUND, ("198.51.100.8",), expires=kept)),
+    ]))
+    clock = [now]
+    source = await open_source(BL, COP, state_dir=state, clock=lambda: clock[0])
+    clock[0] = now + 10  # 98.2.0.192.bl.test has expired
+    queries = [("ip", "192.0.2.20"), ("ip", "192.0.2.99"), ("ip", "192.0.2.98"),
+               ("ptr", "192.0.2.7")]
+    before = figures(source)
+    for kind, key in queries:
+        assert peek(source, kind, key) is None, key
+        assert from_cache(source, kind, key) is None, key
+    assert figures(source) == before
+    answers = [await through_dns(source, kind, key) for kind, key in queries]
+    assert [from_cache(source, kind, key) for kind, key in queries] == answers
+    assert render_dnsbl(answers[0]).startswith(  # type: ignore[arg-type]
+        'verdict=listed score=1 lists=bl.test:127.0.0.2 unknown="" text="bl.test: Spam source')
+    assert render_ptr(answers[3]) == "name=mail7.example.test fcrdns=yes"  # type: ignore[arg-type]
+
+
+async def test_a_cached_error_code_warns_once(open_source: OpenSource, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """An answer from the cache alone logs what the DNS path logs: here the warning about a
+    list's error code, from a cache loaded from the snapshot (no DNS query at all)."""
+    state = tmp_path / "codes"
+    state.mkdir()
+    (state / SNAPSHOT_NAME).write_bytes(encode_snapshot([
+        (("bl.test", "A", "254.2.0.192"),
+         DnsAnswer(FOUND, ("127.255.255.254",), expires=time.time() + 100)),
+    ]))
+    source = await open_source(DnsblListConfig(zone="bl.test"), state_dir=state)
+    caplog.set_level(logging.WARNING, logger="lookupd")
+    first = source.cached_ip("192.0.2.254")
+    assert first is not None and first.reason == "bl.test:error-code-127.255.255.254"
+    assert source.cached_ip("192.0.2.254") == first == await source.check_ip("192.0.2.254")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("DNSBL bl.test answered 127.255.255.254, which is not a "
+                                  "listing: ")
+    assert source.stats().lists[0].errors == 3
+
+
+async def test_a_peek_counts_only_when_taken(open_source: OpenSource) -> None:
+    source = await open_source(BL)
+    await source.check_ip("192.0.2.4")
+    before = figures(source)
+    peeked = source.peek_ip("192.0.2.4")
+    assert peeked is not None and figures(source) == before
+    assert peeked.take() == peeked.result and peeked.take() == peeked.result
+    assert change(figures(source), before)[0][:5] == (1, 1, 0, 0, 1)  # counted once
+    with pytest.raises(BadRequest):
+        source.peek_ip("192.0.2.999")
+    with pytest.raises(BadRequest):
+        source.cached_domain("192.0.2.1")
+

@@ -4,9 +4,9 @@ list's error codes. `DnsblSource` does the fetching; the sibling modules decide 
 from __future__ import annotations
 
 from lookupd.dnsbl.render import render_dnsbl, render_ptr, render_stats
-from lookupd.dnsbl.source import DnsblSource
+from lookupd.dnsbl.source import Cached, DnsblSource
 from lookupd.dnsbl.stats import DnsblStats, ListStats
 from lookupd.dnsbl.verdict import DnsblResult, ListAnswer, PtrResult
 
-__all__ = ["DnsblResult", "DnsblSource", "DnsblStats", "ListAnswer", "ListStats", "PtrResult",
-           "render_dnsbl", "render_ptr", "render_stats"]
+__all__ = ["Cached", "DnsblResult", "DnsblSource", "DnsblStats", "ListAnswer", "ListStats",
+           "PtrResult", "render_dnsbl", "render_ptr", "render_stats"]

@@ -2,7 +2,9 @@
 deadline, through one shared cache, keeps lists that misbehave in quarantine.
 
 The decisions (codes, verdicts, health, FCrDNS) live in the pure modules beside this one;
-this class only fetches, times, counts and logs.
+this class only fetches, times, counts and logs. When every answer a query needs is already
+in the cache, `peek_*` / `cached_*` give the same result synchronously: the server then
+answers from its read callback, without a task and a timed wait per request.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from lookupd.config import DnsblConfig
 from lookupd.dnsbl.answers import DnsAnswer
@@ -74,6 +76,30 @@ class _ListState:
     health: Health = field(default_factory=Health)
 
 
+R = TypeVar("R")
+
+
+def _counted() -> None:
+    """What a Cached result counts once it has been taken: nothing more."""
+
+
+class Cached(Generic[R]):
+    """A result found whole in the cache, not yet counted. `take()` counts it in the stats
+    (and logs a failing list's warning) exactly as the lookup through DNS would, once, and
+    returns it; dropping it untaken leaves no trace (the caller then asks through DNS)."""
+
+    __slots__ = ("_count", "result")
+
+    def __init__(self, result: R, count: Callable[[], None]) -> None:
+        self.result = result
+        self._count = count
+
+    def take(self) -> R:
+        count, self._count = self._count, _counted
+        count()
+        return self.result
+
+
 class DnsblSource:
     """DNSBL verdicts for IPs (`check_ip`), domains (`check_domain`) and reverse DNS (`ptr`)."""
 
@@ -88,6 +114,11 @@ class DnsblSource:
             for spec in (ListSpec.from_config(c) for c in config.lists))
         # Cache keys use the configured zone; the question goes to the DQS one.
         self._qzones = {state.spec.zone: state.qzone for state in self._lists}
+        # The lists each kind of query asks, in configuration order.
+        self._ip_lists = {
+            family: [s for s in self._lists if s.spec.kind == "ip" and family in s.spec.families]
+            for family in ("ipv4", "ipv6")}
+        self._domain_lists = [s for s in self._lists if s.spec.kind == "domain"]
         self._ptr_counters = ListCounters()
         self._cache = AnswerCache(config.cache_size, clock)
         self._once = OncePer()
@@ -150,38 +181,24 @@ class DnsblSource:
 
     async def check_ip(self, ip: str | IPAddress) -> DnsblResult:
         """Every IP list serving the address's family, in parallel, within dnsbl.deadline."""
-        try:
-            address = parse_ip(ip)
-        except ValueError:
-            raise BadRequest("not an IP address") from None
-        family = "ipv4" if isinstance(address, ipaddress.IPv4Address) else "ipv6"
-        lists = [s for s in self._lists if s.spec.kind == "ip" and family in s.spec.families]
-        return await self._check(lists, reverse_ip(address))
+        return await self._check(*self._ip_query(ip))
 
     async def check_domain(self, name: str) -> DnsblResult:
         """Every domain list (Spamhaus DBL and the like), in parallel, within the deadline."""
-        try:
-            domain = normalize_domain(name)
-        except ValueError:
-            raise BadRequest("not a domain name") from None
-        return await self._check([s for s in self._lists if s.spec.kind == "domain"], domain)
+        return await self._check(self._domain_lists, _domain(name))
 
     async def ptr(self, ip: str | IPAddress) -> PtrResult:
         """The PTR name of an address and whether it resolves back to it (FCrDNS)."""
-        try:
-            address = parse_ip(ip)
-        except ValueError:
-            raise BadRequest("not an IP address") from None
+        address = _address(ip)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.deadline
-        suffix = "in-addr.arpa" if isinstance(address, ipaddress.IPv4Address) else "ip6.arpa"
         self._ptr_counters.queries += 1
         ptr = await self._within(deadline, self._lookup(
-            "", "PTR", f"{reverse_ip(address)}.{suffix}", self._ptr_counters, count_hit=True))
+            "", "PTR", _ptr_label(address), self._ptr_counters, count_hit=True))
         if ptr is None:
             self._ptr_counters.timeouts += 1
             return PtrResult(Status.UNKNOWN, fcrdns="unknown", reason="timeout")
-        rdtype = "A" if isinstance(address, ipaddress.IPv4Address) else "AAAA"
+        rdtype = _forward_type(address)
         names = ptr_names(ptr) if ptr.status is Status.FOUND else ()
         tasks = {n: asyncio.create_task(self._lookup("", rdtype, n, self._ptr_counters))
                  for n in names}
@@ -189,17 +206,104 @@ class DnsblSource:
             await self._wait_all(deadline, set(tasks.values()))
         forwards = {n: t.result() for n, t in tasks.items() if t.done() and not t.cancelled()}
         result = decide_fcrdns(address, ptr, forwards)
-        # stats: a hit is "has a PTR"; a failed PTR or forward lookup is a timeout or error.
-        if result.status is Status.FOUND:
-            self._ptr_counters.hits += 1
-        if result.fcrdns == "unknown":
-            if result.reason == "timeout":
-                self._ptr_counters.timeouts += 1
-            else:
-                self._ptr_counters.errors += 1
+        self._account_ptr(result)
         return result
 
-    async def _check(self, lists: list[_ListState], label: str) -> DnsblResult:
+    # -- the same lookups from the cache alone (synchronous) ------------------------------
+
+    def peek_ip(self, ip: str | IPAddress) -> Cached[DnsblResult] | None:
+        """`check_ip`'s result when every answer it needs is cached and unexpired, else None.
+        Nothing is counted until the result is taken."""
+        return self._peek_check(*self._ip_query(ip))
+
+    def peek_domain(self, name: str) -> Cached[DnsblResult] | None:
+        """`check_domain`'s result from the cache alone, else None (see `peek_ip`)."""
+        return self._peek_check(self._domain_lists, _domain(name))
+
+    def peek_ptr(self, ip: str | IPAddress) -> Cached[PtrResult] | None:
+        """`ptr`'s result when the PTR answer and every forward answer it leads to are cached,
+        else None (see `peek_ip`)."""
+        address = _address(ip)
+        ptr = self._cached("", "PTR", _ptr_label(address))
+        if ptr is None:
+            return None
+        forwards: dict[str, DnsAnswer] = {}
+        if ptr.status is Status.FOUND:
+            rdtype = _forward_type(address)
+            for name in ptr_names(ptr):
+                forward = self._cached("", rdtype, name)
+                if forward is None:
+                    return None
+                forwards[name] = forward
+        result = decide_fcrdns(address, ptr, forwards)
+
+        def count() -> None:
+            # As `ptr` counts an answer without a packet: a query and a cache hit.
+            self._ptr_counters.queries += 1
+            self._ptr_counters.cache_hits += 1
+            self._account_ptr(result)
+
+        return Cached(result, count)
+
+    def cached_ip(self, ip: str | IPAddress) -> DnsblResult | None:
+        """`check_ip`'s result, counted, when the cache holds all of it; else None."""
+        return _take(self.peek_ip(ip))
+
+    def cached_domain(self, name: str) -> DnsblResult | None:
+        """`check_domain`'s result, counted, when the cache holds all of it; else None."""
+        return _take(self.peek_domain(name))
+
+    def cached_ptr(self, ip: str | IPAddress) -> PtrResult | None:
+        """`ptr`'s result, counted, when the cache holds all of it; else None."""
+        return _take(self.peek_ptr(ip))
+
+    def _peek_check(self, lists: Sequence[_ListState],
+                    label: str) -> Cached[DnsblResult] | None:
+        answers: list[ListAnswer] = []
+        asked: list[_ListState] = []
+        for state in lists:
+            if state.health.quarantined:
+                answers.append(_quarantined(state))
+                continue
+            asked.append(state)
+            zone = state.spec.zone
+            found = self._cached(zone, "A", label)
+            if found is None:
+                return None
+            answer = interpret(state.spec, found)
+            if answer.status is Status.FOUND:
+                # `_check` asks a hit's TXT too, and waits for it within the deadline.
+                txt = self._cached(zone, "TXT", label)
+                if txt is None:
+                    return None
+                answer = with_text(state.spec, answer, txt)
+            answers.append(answer)
+
+        def count() -> None:
+            # As `_check` counts answers without a packet: a query per list, a cache hit per
+            # list asked (a quarantined one is not), and each answer's hit or failure.
+            for state in lists:
+                state.counters.queries += 1
+            for state in asked:
+                state.counters.cache_hits += 1
+            self._account_all(lists, answers)
+
+        return Cached(combine(answers, self._config.threshold), count)
+
+    def _cached(self, zone: str, rdtype: str, label: str) -> DnsAnswer | None:
+        # Before open() and after close() nothing is "cached": the DNS path then raises.
+        if self._client is None:
+            return None
+        return self._cache.get((zone, rdtype, label))
+
+    # -- lookups through DNS -----------------------------------------------------------------
+
+    def _ip_query(self, ip: str | IPAddress) -> tuple[list[_ListState], str]:
+        address = _address(ip)
+        family = "ipv4" if isinstance(address, ipaddress.IPv4Address) else "ipv6"
+        return self._ip_lists[family], reverse_ip(address)
+
+    async def _check(self, lists: Sequence[_ListState], label: str) -> DnsblResult:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.deadline
         answers: dict[int, ListAnswer] = {}
@@ -207,8 +311,7 @@ class DnsblSource:
         for i, state in enumerate(lists):
             state.counters.queries += 1
             if state.health.quarantined:
-                answers[i] = ListAnswer(state.spec.name, state.spec.weight, Status.UNKNOWN,
-                                        reason="quarantined")
+                answers[i] = _quarantined(state)
             else:
                 a_tasks[asyncio.create_task(self._list_answer(state, label))] = i
         # A hit's TXT is asked as soon as its A answer is in, still within the deadline; a
@@ -242,12 +345,10 @@ class DnsblSource:
                 answers[i] = with_text(lists[i].spec, answers[i], txt_task.result())
             else:
                 answers[i] = with_text(lists[i].spec, answers[i], None)
-        ordered: list[ListAnswer] = []
-        for i, state in enumerate(lists):
-            answer = answers.get(i) or ListAnswer(state.spec.name, state.spec.weight,
-                                                  Status.UNKNOWN, reason="timeout")
-            self._account(state, answer)
-            ordered.append(answer)
+        ordered = [answers.get(i) or ListAnswer(state.spec.name, state.spec.weight,
+                                                Status.UNKNOWN, reason="timeout")
+                   for i, state in enumerate(lists)]
+        self._account_all(lists, ordered)
         return combine(ordered, self._config.threshold)
 
     async def _list_answer(self, state: _ListState, label: str) -> ListAnswer:
@@ -283,6 +384,20 @@ class DnsblSource:
             return answer
         return DnsAnswer(answer.status, tuple(redact(r, key) for r in answer.records),
                          answer.reason, answer.expires)
+
+    def _account_all(self, lists: Sequence[_ListState], answers: Sequence[ListAnswer]) -> None:
+        for state, answer in zip(lists, answers, strict=True):
+            self._account(state, answer)
+
+    def _account_ptr(self, result: PtrResult) -> None:
+        # A hit is "has a PTR"; a failed PTR or forward lookup is a timeout or an error.
+        if result.status is Status.FOUND:
+            self._ptr_counters.hits += 1
+        if result.fcrdns == "unknown":
+            if result.reason == "timeout":
+                self._ptr_counters.timeouts += 1
+            else:
+                self._ptr_counters.errors += 1
 
     def _account(self, state: _ListState, answer: ListAnswer) -> None:
         counters = state.counters
@@ -405,3 +520,34 @@ class DnsblSource:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+
+
+def _address(ip: str | IPAddress) -> IPAddress:
+    try:
+        return parse_ip(ip)
+    except ValueError:
+        raise BadRequest("not an IP address") from None
+
+
+def _domain(name: str) -> str:
+    try:
+        return normalize_domain(name)
+    except ValueError:
+        raise BadRequest("not a domain name") from None
+
+
+def _ptr_label(address: IPAddress) -> str:
+    suffix = "in-addr.arpa" if isinstance(address, ipaddress.IPv4Address) else "ip6.arpa"
+    return f"{reverse_ip(address)}.{suffix}"
+
+
+def _forward_type(address: IPAddress) -> str:
+    return "A" if isinstance(address, ipaddress.IPv4Address) else "AAAA"
+
+
+def _quarantined(state: _ListState) -> ListAnswer:
+    return ListAnswer(state.spec.name, state.spec.weight, Status.UNKNOWN, reason="quarantined")
+
+
+def _take(cached: Cached[R] | None) -> R | None:
+    return None if cached is None else cached.take()
