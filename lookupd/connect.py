@@ -31,6 +31,7 @@ from lookupd.incidents import IncidentsResult
 from lookupd.ipaddr import IPAddress, is_public, parse_ip
 from lookupd.outcome import Status
 from lookupd.protocol import shown
+from lookupd.replies import UNKNOWN, render_asn, render_country, render_incidents
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +174,6 @@ def _submission_refused(facts: Facts, config: ConnectConfig) -> bool:
 # ---------------------------------------------------------------------------------------------
 # The reply and the log line (pure).
 
-UNKNOWN = "??"
-NONE = "--"
 _VERDICTS = {Status.FOUND: "listed", Status.NOT_FOUND: "clean", Status.UNKNOWN: "unknown"}
 
 
@@ -192,33 +191,15 @@ def fields(verdict: Verdict, facts: Facts) -> list[tuple[str, str]]:
         ("rule", verdict.rule),
         ("would", verdict.would),
         ("reason", exim_value(printable(verdict.reason, REASON_MAX))),
-        ("country", _country(facts.country)),
-        ("asn", _asn(facts.asn)),
-        ("incidents", _incidents(facts.incidents)),
+        ("country", render_country(facts.country)),
+        ("asn", render_asn(facts.asn, organisation=False)),
+        ("incidents", render_incidents(facts.incidents)),
         ("dnsbl", _VERDICTS[dnsbl.status]),
         ("dnsbl_lists", exim_value(lists)),
         ("ptr", _ptr(facts.ptr)),
         ("fcrdns", facts.ptr.fcrdns),
         ("allowlisted", "yes" if facts.allowlist.status is Status.FOUND else "no"),
     ]
-
-
-def _country(result: CountryResult) -> str:
-    if result.status is Status.FOUND and result.code:
-        return result.code
-    return NONE if result.status is Status.NOT_FOUND else UNKNOWN
-
-
-def _asn(result: AsnResult) -> str:
-    if result.status is Status.FOUND:
-        return f"AS{result.number}"
-    return NONE if result.status is Status.NOT_FOUND else UNKNOWN
-
-
-def _incidents(result: IncidentsResult) -> str:
-    if result.status is Status.UNKNOWN:
-        return UNKNOWN
-    return str(result.count if result.status is Status.FOUND else 0)
 
 
 def _ptr(result: PtrResult) -> str:
@@ -238,7 +219,8 @@ def log_line(verdict: Verdict, facts: Facts) -> str | None:
     port = f" port {request.port}" if request.port else ""
     helo = f" helo {shown(request.helo[:_HELO_SHOWN])}" if request.helo else ""
     return (f"connect {what}: [{request.ip}]{port}{helo} rule={verdict.rule} "
-            f"country={_country(facts.country)} incidents={_incidents(facts.incidents)} "
+            f"country={render_country(facts.country)} "
+            f"incidents={render_incidents(facts.incidents)} "
             f"dnsbl={_VERDICTS[facts.dnsbl.status]}: "
             f"{printable(verdict.reason, REASON_MAX)}")
 

@@ -20,11 +20,10 @@ from lookupd.dnsbl import DnsblResult, render_dnsbl, render_ptr, render_stats
 from lookupd.dnsbl.names import normalize_domain
 from lookupd.dnsbl.verdict import PtrResult
 from lookupd.errors import BadRequest
-from lookupd.geoip import AsnResult, CountryResult
-from lookupd.incidents import IncidentsResult
 from lookupd.ipaddr import parse_ip
 from lookupd.outcome import Status
 from lookupd.protocol import Peer, Request, error_reply, shown
+from lookupd.replies import render_asn, render_country, render_incidents
 from lookupd.sources import Sources
 
 log = logging.getLogger(__name__)
@@ -32,9 +31,6 @@ log = logging.getLogger(__name__)
 Reply = str | Awaitable[str]
 HandlerFn = Callable[[tuple[str, ...], Peer], Reply]
 
-# Replies for "no such thing" and "cannot tell" (documented in the README).
-NONE = "--"
-UNKNOWN = "??"
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,22 +218,3 @@ def _optional_ip(args: tuple[str, ...]) -> IPv4Address | IPv6Address | None:
         return parse_ip(args[0])
     except ValueError:
         raise BadRequest(f'not an IP address: "{shown(args[0])}"') from None
-
-
-def render_country(result: CountryResult) -> str:
-    if result.status is Status.FOUND and result.code:
-        return result.code
-    return NONE if result.status is Status.NOT_FOUND else UNKNOWN
-
-
-def render_asn(result: AsnResult) -> str:
-    if result.status is Status.FOUND:
-        org = " ".join(shown(word) for word in (result.organisation or "").split())
-        return f"AS{result.number} {org}".rstrip()
-    return NONE if result.status is Status.NOT_FOUND else UNKNOWN
-
-
-def render_incidents(result: IncidentsResult) -> str:
-    if result.status is Status.UNKNOWN:
-        return UNKNOWN
-    return str(result.count if result.status is Status.FOUND else 0)
