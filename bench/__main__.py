@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from bench import connect, core, designs, harness
+from bench import chart, compare, connect, core, designs, dnsbl, harness, users
 from bench.harness import BenchError, Context, Settings, SuiteResult
 
 log = logging.getLogger("bench")
@@ -37,9 +37,20 @@ class Suite:
 
 SUITES = (
     Suite("core", core.DESCRIPTION, core.run, default=True),
+    Suite("dnsbl", dnsbl.DESCRIPTION, dnsbl.run, default=True),
+    Suite("users", users.DESCRIPTION, users.run, default=True),
+    Suite("connect", connect.DESCRIPTION, connect.run, default=True),
+    Suite("compare", compare.DESCRIPTION, compare.run, default=True),
     Suite("designs", designs.DESCRIPTION, designs.run, default=False),
-    Suite("connect", connect.DESCRIPTION, connect.run, default=False),
 )
+
+# `--results`: the committed record of a run on this machine (bench/RESULTS.md and its chart).
+RESULTS_MD = harness.BENCH_DIR / "RESULTS.md"
+RESULTS_INTRO = """\
+The record of one run of `python -m bench --results` (as root: see bench/README.md), which
+rewrote this file and its chart. Every figure is paired with its baseline or its in-Exim
+alternative measured moments before on the same machine; read the ratios. On a busy machine
+(see the load average) single figures move by 10-30 %: rerun on a quiet one before quoting."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
         " {state_dir} placeholders (default: this Python's `-m lookupd serve ...`)",
     )
     p.add_argument(
+        "--exim-runs",
+        type=int,
+        help="Exim processes per way and round in the Exim comparisons"
+        f" (default {Settings.exim_runs})",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        help=f"expansions in one Exim process for the N-in-one rows (default {Settings.batch})",
+    )
+    p.add_argument(
+        "--results",
+        action="store_true",
+        help="also write bench/RESULTS.md and its chart: this machine's record of the run",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=harness.OUT_DIR,
@@ -105,7 +132,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 def settings_from(args: argparse.Namespace) -> Settings:
     s = harness.QUICK if args.quick else Settings()
     changes: dict[str, object] = {}
-    for name in ("rounds", "duration", "clients", "lookupd_cmd"):
+    for name in ("rounds", "duration", "clients", "lookupd_cmd", "exim_runs", "batch"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = tuple(value) if name == "lookupd_cmd" else value
@@ -130,18 +157,47 @@ def load_average() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
 
-def render_markdown(results: list[SuiteResult], settings: Settings, when: str, load: str) -> str:
+def render_markdown(
+    results: list[SuiteResult],
+    settings: Settings,
+    when: str,
+    load: str,
+    elapsed: float,
+    charts: dict[str, str],
+    command: str,
+) -> str:
+    """The run as Markdown; CHARTS maps a chart's title to its PNG's path relative to the
+    Markdown file."""
     head = [
         "# lookupd benchmark",
         "",
-        f"- Run: {when}",
-        f"- Machine: {machine()}; load average {load} at the start (other work adds noise)",
+        f"- Run: {when}, `{command}`, {elapsed:.0f} s",
+        f"- Machine: {machine()}; load average {load} (other work adds noise)",
         f"- Settings: {settings.rounds} rounds x {settings.duration} s per measurement,"
-        f" clients {', '.join(map(str, settings.clients))}{' (--quick)' if settings.quick else ''}",
+        f" clients {', '.join(map(str, settings.clients))}; {settings.exim_runs} Exim"
+        f" processes per way and round, {settings.batch} expansions in one process; DNS delay"
+        f" {settings.dns_delay * 1000:.0f} ms{' (--quick)' if settings.quick else ''}",
         "",
     ]
-    body = [t.markdown() + "\n" for r in results for t in r.tables]
+    body: list[str] = []
+    for r in results:
+        body += [t.markdown() + "\n" for t in r.tables]
+        body += [f"![{c.title}]({charts[c.title]})\n" for c in r.charts if c.title in charts]
     return "\n".join(head + body)
+
+
+def draw_charts(results: list[SuiteResult], directory: Path, prefix: str = "") -> dict[str, str]:
+    """Each suite's charts as PNG files in DIRECTORY; title -> file name, for the Markdown."""
+    drawn: dict[str, str] = {}
+    for r in results:
+        for c in r.charts:
+            name = prefix + c.filename
+            problem = chart.draw(c, directory / name)
+            if problem is None:
+                drawn[c.title] = name
+            else:
+                print(f"bench: chart {c.title!r} not drawn: {problem}", file=sys.stderr)
+    return drawn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,13 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from(args)
     chosen = [s for s in SUITES if (s.name in args.suites if args.suites else s.default)]
     when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    load = load_average()
+    load_start = load_average()
     started = time.monotonic()
     results: list[SuiteResult] = []
     try:
         tools = harness.build_tools()
         # A short private directory: Unix socket paths are limited to 107 bytes.
         with tempfile.TemporaryDirectory(prefix="lkb-") as tmp:
+            # Exim drops root to its own user for -bh sessions: it must reach lookupd's
+            # sockets in here (the directory holds only sockets, configurations and logs).
+            Path(tmp).chmod(0o755)
             for suite in chosen:
                 log.info("running %s", suite.name)
                 workdir = Path(tmp) / suite.name
@@ -172,18 +231,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     elapsed = time.monotonic() - started
+    load_end = load_average()
+    load = f"{load_start} at the start, {load_end} at the end"
 
     for r in results:
         for t in r.tables:
             print(t.plain(), end="\n\n")
-    markdown = render_markdown(results, settings, when, load)
-    print(markdown)
+    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
+    charts = draw_charts(results, args.out)
+    markdown = render_markdown(results, settings, when, load, elapsed, charts, command.strip())
+    print(markdown)
     (args.out / "latest.md").write_text(markdown)
+    if args.results:
+        charts = draw_charts(results, RESULTS_MD.parent, prefix="RESULTS-")
+        record = render_markdown(results, settings, when, load, elapsed, charts, command.strip())
+        title, rest = record.split("\n", 1)
+        RESULTS_MD.write_text(f"{title}\n\n{RESULTS_INTRO}\n{rest}")
+        print(f"(the record of this run: {RESULTS_MD})")
     data = {
         "when": when,
         "machine": machine(),
-        "load_average_at_start": float(load),
+        "load_average_at_start": float(load_start),
+        "load_average_at_end": float(load_end),
         "elapsed_s": round(elapsed, 1),
         "settings": asdict(settings),
         "suites": {r.name: r.data for r in results},

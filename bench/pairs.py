@@ -16,7 +16,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from bench.harness import Chart, Series, Table, fmt_ratio
+from bench.harness import Chart, Context, Series, Table, fmt_ratio
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +151,22 @@ def chart(title: str, comparisons: Sequence[Comparison], filename: str) -> Chart
         axis="lookupd's time / the other way's (log scale; below 1: lookupd is cheaper)",
         filename=filename,
     )
+
+
+def compare_in_exim(
+    ctx: Context,
+    what: str,
+    other: Callable[[int], Way],
+    lookupd: Callable[[int], Way],
+    rounds: int | None = None,
+) -> list[Comparison]:
+    """WHAT done the OTHER way and through LOOKUPD, each given as a Way doing N expansions in
+    one Exim process: one expansion per process (settings.exim_runs processes per round; an
+    SMTP connection is a process), and settings.batch expansions in one process (one a round)."""
+    s = ctx.settings
+    out = []
+    for n, per_round, label in ((1, s.exim_runs, "1 per Exim process"),
+                                (s.batch, 1, f"{s.batch:,} in one Exim process")):
+        timings = interleave([other(n), lookupd(n)], rounds or s.rounds, per_round)
+        out.append(Comparison(f"{what}, {label}", timings[0], timings[1]))
+    return out

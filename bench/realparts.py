@@ -26,8 +26,8 @@ import support  # noqa: E402
 __all__ = ["dnsservers", "support", "EXIM", "exim_problem", "exim_config", "exim_be", "exim_bh"]
 
 EXIM = support.EXIM
-# Exim starts its perl interpreter only when a configuration has perl_startup; Debian's
-# exim4-daemon-heavy is built with it (exim4-daemon-light is not).
+# What the compare suite's get_geo loads in Exim's embedded Perl (which Debian's
+# exim4-daemon-heavy has and exim4-daemon-light has not).
 PERL_MODULE = "MaxMind::DB::Reader"
 
 
@@ -58,15 +58,6 @@ def exim_config(workdir: Path, text: str) -> Path:
     the Exim user, owned by whoever runs the bench (root: Exim trusts it)."""
     exim = support.Exim(workdir, support.EXIM_BASE.format(workdir=workdir) + text)
     return exim.config
-
-
-def _check_dirs(path: Path) -> None:
-    """Exim drops to its own user for -bh: every directory up to PATH must let it through."""
-    for parent in path.parents:
-        if parent == Path("/"):
-            break
-        if parent.stat().st_mode & 0o005 != 0o005:
-            parent.chmod(parent.stat().st_mode | 0o755)
 
 
 def exim_be(config: Path, lines: Sequence[str], expect: Sequence[str]) -> float:
@@ -105,7 +96,3 @@ def exim_bh(config: Path, ip: str, smtp: str, expect: str, port: int = 25) -> fl
                          f"{log}")
     return took
 
-
-def reachable(path: Path) -> None:
-    """Let Exim's own user (it drops root for -bh and for some -be work) reach PATH."""
-    _check_dirs(path)

@@ -332,13 +332,14 @@ class Dnsmasq:
 
 class DelayProxy:
     """Forwards each UDP query to 127.0.0.1:upstream after `delay` seconds (one thread per
-    packet): a list server far away, for cold-latency measurements."""
+    packet): a list server far away, for cold-latency measurements. `port` 0: a free one
+    (53 in a private network namespace serves resolvers that know no other, like Exim's)."""
 
-    def __init__(self, upstream: int, delay: float) -> None:
+    def __init__(self, upstream: int, delay: float, port: int = 0) -> None:
         self.upstream = upstream
         self.delay = delay
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.port = int(self.sock.getsockname()[1])
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()

@@ -6,10 +6,14 @@ A benchmark, not a timing test: nothing here asserts a speed. Deselect with `-k 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 REQUESTS = ("ping", "country 81.2.69.142", "incidents 203.0.113.7")
@@ -22,7 +26,7 @@ def run_bench(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=110,
         check=False,
     )
 
@@ -65,3 +69,119 @@ def test_bench_flags_wrong_answers(tmp_path: Path) -> None:
     # ping is answered right, so its row still has figures.
     ping = next(line for line in proc.stdout.splitlines() if line.startswith("lookupd ping"))
     assert len(RATIO.findall(ping)) == 3
+
+
+# --- the suites of issues 3-6: each end to end on --quick, its rows present ------------------
+
+# Rows each suite prints (plain text and Markdown: every row twice), by suite.
+SUITE_ROWS = {
+    "dnsbl": (
+        "lookupd dnsbl 81.2.69.142 (clean, cached)",
+        "lookupd dnsbl 192.0.2.4 (listed, cached)",
+        "DNSBL, 3 lists, cold: exim -bh session",
+        "DNSBL, 3 lists, warm: exim -bh session",
+        "lookupd `dnsbl IP`, cold (3 lists in parallel)",
+        "Exim dnslists: session minus a session without the check",
+    ),
+    "users": (
+        "lookupd user USER",
+        "lookupd user-fail USER no-such-user@example.org",
+        "user block, 1 per Exim process",
+        "user block, 20 in one Exim process",
+    ),
+    "connect": (
+        "lookupd connect 81.2.69.142 25",
+        "lookupd connect 203.0.113.7 25",
+        "exim -bh session, ping only",
+        "exim -bh session, lookupd connect ACL",
+    ),
+    "compare": (
+        "country, 1 per Exim process",
+        "country, 20 in one Exim process",
+        "incidents, nftfw matchcount, 1 per Exim process",
+        "incidents, Sympl sum(count), 20 in one Exim process",
+        "incidents, nftfw IPv6 like, 1 per Exim process",
+        "user block, 20 in one Exim process",
+        "DNSBL, 3 lists, cold: exim -bh session",
+        "DNSBL, 3 lists, warm: exim -bh session",
+        "protocol floor, ping, 1 client",
+        "protocol floor, ping, 8 clients",
+        "protocol floor, ping, 64 clients",
+    ),
+}
+NEEDS = ("rbldnsd", "knotd", "dnsmasq", "unshare", "exim4")
+
+
+def rows_of(stdout: str, label: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.lstrip("| ").startswith(label)]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str],
+                                                                  Path]:
+    """One `--quick` run of the four suites (about 20 s; they share the compiled tools)."""
+    missing = [t for t in NEEDS if not (shutil.which(t) or Path(f"/usr/sbin/{t}").exists())]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)}")
+    if os.geteuid() != 0:
+        pytest.skip("Exim's -C configurations and the DNSBL namespace need root")
+    out = tmp_path_factory.mktemp("bench-out")
+    return run_bench(out, *SUITE_ROWS), out
+
+
+@pytest.mark.parametrize("suite", SUITE_ROWS)
+def test_bench_quick_suite_prints_its_rows(
+    quick_run: tuple[subprocess.CompletedProcess[str], Path], suite: str
+) -> None:
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for label in SUITE_ROWS[suite]:
+        rows = rows_of(proc.stdout, label)
+        assert len(rows) >= 2, (label, proc.stdout)  # plain text and Markdown
+        assert all(RATIO.search(row) for row in rows), rows
+        assert "n/a" not in " ".join(rows), rows
+    data = json.loads((out / "latest.json").read_text())
+    assert suite in data["suites"]
+    assert "not measured" not in proc.stdout
+
+
+def test_bench_compare_draws_its_chart(
+    quick_run: tuple[subprocess.CompletedProcess[str], Path]
+) -> None:
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stderr
+    chart = out / "compare.png"
+    assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert "](compare.png)" in (out / "latest.md").read_text()
+    comparisons = json.loads((out / "latest.json").read_text())["suites"]["compare"]
+    ratios = {c["what"]: c["ratio"] for c in comparisons["comparisons"]}
+    assert set(SUITE_ROWS["compare"]) <= set(ratios)
+    assert all(r > 0 for r in ratios.values()), ratios
+
+
+# --- the side-by-side arithmetic (bench/pairs.py), without timing anything -------------------
+
+
+def test_pairs_alternate_abba_and_ratio_is_the_median_of_round_ratios(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(REPO))  # bench/ is not an installed package
+    from bench import pairs
+
+    order: list[str] = []
+
+    def way(label: str, seconds: list[float]) -> pairs.Way:
+        it = iter(seconds)
+        return pairs.Way(label, lambda: (order.append(label), next(it))[1])
+
+    # warm-up value first, then 2 rounds x 2 runs; lookupd's round medians 1.5 and 6,
+    # the other's 3 and 3: per-round ratios 0.5 and 2, median 1.25.
+    other = way("other", [9.0, 3.0, 3.0, 3.0, 3.0])
+    lookupd = way("lookupd", [9.0, 1.0, 2.0, 6.0, 6.0])
+    a, b = pairs.interleave([other, lookupd], rounds=2, per_round=2)
+    assert order == ["other", "lookupd"] + ["other", "lookupd", "lookupd", "other"] * 2
+    c = pairs.Comparison("x", a, b)
+    assert c.ratios() == [0.5, 2.0]
+    assert c.ratio() == 1.25
+    assert b.spread() == (1.5, 6.0) and b.median() == 3.75
+    assert pairs.rows([c])[0][-1] == "1.25x"
