@@ -57,16 +57,8 @@ sub get_geo {{
 1;
 """
 
-CONFIG = """\
-[server]
-# Exim's expansions may run as Debian-exim; the socket is in the bench's private directory.
-socket_mode = "0666"
-[dnsbl]
-list = []
-[users]
-notify_command = ""
-limit = 1000000000
-"""
+# The users suite's daemon settings: no DNS lists, no mail, a limit never reached.
+CONFIG = users.CONFIG
 
 
 # One client of the incidents comparisons: the classic query, its answer through Exim's

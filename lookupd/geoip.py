@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import mmap
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -535,10 +537,11 @@ class GeoIPSource:
     """Country and ASN lookups over .mmdb files that are replaced without a restart."""
 
     def __init__(self, config: GeoIPConfig) -> None:
-        self._field = config.country_field
         self._country = _Database("country", config.country_db, GEOIP_COUNTRY_PATHS,
                                   config.check_interval)
         self._asn = _Database("asn", config.asn_db, GEOIP_ASN_PATHS, config.check_interval)
+        self._decode_country = functools.partial(country_from_record,
+                                                 field=config.country_field)
         self._country_cache: _ResultCache[CountryResult] = _ResultCache()
         self._asn_cache: _ResultCache[AsnResult] = _ResultCache()
 
@@ -567,39 +570,12 @@ class GeoIPSource:
 
     def country(self, ip: IPAddress | None) -> CountryResult:
         """Country of `ip`; None (empty argument) and non-public addresses have none."""
-        if ip is None:
-            return _NO_COUNTRY
-        cached = self._country_cache.get(ip)
-        if cached is not None and self._country.current() is self._country_cache.db:
-            return cached
-        return self._country_cache.put(ip, self._country.current(), self._country_lookup(ip))
-
-    def _country_lookup(self, ip: IPAddress) -> CountryResult:
-        if not is_public(ip):
-            return _NO_COUNTRY
-        try:
-            record = self._country.get(ip)
-        except _LookupFailed as exc:
-            return CountryResult(Status.UNKNOWN, reason=str(exc))
-        return country_from_record(record, self._field)
+        return _answer(ip, self._country, self._country_cache, _NO_COUNTRY, CountryResult,
+                       self._decode_country)
 
     def asn(self, ip: IPAddress | None) -> AsnResult:
         """AS number and organisation of `ip`; None and non-public addresses have none."""
-        if ip is None:
-            return _NO_ASN
-        cached = self._asn_cache.get(ip)
-        if cached is not None and self._asn.current() is self._asn_cache.db:
-            return cached
-        return self._asn_cache.put(ip, self._asn.current(), self._asn_lookup(ip))
-
-    def _asn_lookup(self, ip: IPAddress) -> AsnResult:
-        if not is_public(ip):
-            return _NO_ASN
-        try:
-            record = self._asn.get(ip)
-        except _LookupFailed as exc:
-            return AsnResult(Status.UNKNOWN, reason=str(exc))
-        return asn_from_record(record)
+        return _answer(ip, self._asn, self._asn_cache, _NO_ASN, AsnResult, asn_from_record)
 
 
 _Result = TypeVar("_Result", CountryResult, AsnResult)
@@ -625,3 +601,23 @@ class _ResultCache(Generic[_Result]):
         if result.status is not Status.UNKNOWN:
             self._entries[ip] = result
         return result
+
+
+def _answer(ip: IPAddress | None, db: _Database, cache: _ResultCache[_Result], none: _Result,
+            kind: type[_Result], decode: Callable[[Record | None], _Result]) -> _Result:
+    """One lookup: from the cache while the same database file answers, else decoded from
+    the database (UNKNOWN, never cached, when it cannot say)."""
+    if ip is None:
+        return none
+    current = db.current()
+    cached = cache.get(ip)
+    if cached is not None and current is cache.db:
+        return cached
+    if not is_public(ip):
+        result = none
+    else:
+        try:
+            result = decode(db.get(ip))
+        except _LookupFailed as exc:
+            result = kind(Status.UNKNOWN, reason=str(exc))
+    return cache.put(ip, current, result)

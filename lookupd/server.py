@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 # A safety net under every source's own deadline: no connection outlives this.
 ANSWER_LIMIT = 30.0
+BACKLOG = 1024
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
 
@@ -211,10 +212,13 @@ class Server:
                 self._idle.clear()
                 return Connection(self, kind)
 
+            # asyncio calls listen() again, by default with a backlog of 100: too few for a
+            # burst of Exim processes (a full backlog makes non-blocking connects fail).
             if kind == "unix":
-                listener = await self.loop.create_unix_server(factory, sock=sock)
+                listener = await self.loop.create_unix_server(factory, sock=sock,
+                                                              backlog=BACKLOG)
             else:
-                listener = await self.loop.create_server(factory, sock=sock)
+                listener = await self.loop.create_server(factory, sock=sock, backlog=BACKLOG)
             self.listeners.append(listener)
 
     async def stop(self, drain_timeout: float) -> None:
@@ -289,7 +293,7 @@ def bind_unix(path: Path, mode: int, group: str) -> socket.socket:
         os.chmod(path, mode)
         if gid >= 0:
             os.chown(path, -1, gid)
-        sock.listen(1024)
+        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         raise ListenError(f"cannot listen on {path}: {exc.strerror}") from None
@@ -300,7 +304,7 @@ def bind_unix(path: Path, mode: int, group: str) -> socket.socket:
 def bind_tcp(address: HostPort) -> socket.socket:
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     try:
-        sock = socket.create_server((address.host, address.port), family=family, backlog=1024)
+        sock = socket.create_server((address.host, address.port), family=family, backlog=BACKLOG)
     except OSError as exc:
         hint = " (another program uses the port?)" if exc.errno == errno.EADDRINUSE else ""
         raise ListenError(f"cannot listen on {address}: {exc.strerror}{hint}") from None

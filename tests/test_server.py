@@ -324,3 +324,22 @@ def test_asn_through_the_socket(start_lookupd: StartLookupd) -> None:
         checked += 1
     assert checked > 100
     assert daemon.query("asn 10.0.0.1") == "--"
+
+
+def test_a_burst_of_connections_waits_in_the_backlog(daemon) -> None:  # type: ignore[no-untyped-def]
+    """While lookupd cannot accept (stopped here with SIGSTOP; in life: busy, restarting),
+    500 connections queue in the listen backlog instead of failing."""
+    daemon.signal(signal.SIGSTOP)
+    waiting = []
+    try:
+        for _ in range(500):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.setblocking(False)
+            sock.connect(str(daemon.socket))  # BlockingIOError when the backlog is full
+            waiting.append(sock)
+    finally:
+        daemon.signal(signal.SIGCONT)
+        for sock in waiting:
+            sock.close()
+    assert len(waiting) == 500
+    assert daemon.query("ping") == "pong"
