@@ -343,3 +343,28 @@ def test_a_burst_of_connections_waits_in_the_backlog(daemon) -> None:  # type: i
             sock.close()
     assert len(waiting) == 500
     assert daemon.query("ping") == "pong"
+
+
+def test_bad_clients_leak_no_connection(start_lookupd: StartLookupd) -> None:
+    daemon = start_lookupd(CONFIG + "[server]\nread_timeout = \"500ms\"\n")
+    assert daemon.proc is not None
+    fds = Path(f"/proc/{daemon.proc.pid}/fd")
+    before = len(list(fds.iterdir()))
+    for request, half_close in [(b"", True), (b"x" * 5000, True), (b"ping\x00", True),
+                                (b"\xff\xfe", True), (b"frobnicate", True),
+                                (b"country", False), (b"", False)]:
+        for _ in range(20):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(5)
+                sock.connect(str(daemon.socket))
+                try:
+                    sock.sendall(request)
+                    if half_close:
+                        sock.shutdown(socket.SHUT_WR)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                if half_close:
+                    read_all(sock)
+    time.sleep(1.0)  # the ones that never half-closed time out after 0.5 s
+    _wait_for(lambda: len(list(fds.iterdir())) <= before)
+    assert daemon.query("ping") == "pong"
