@@ -23,6 +23,9 @@ from lookupd.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/lookupd/lookupd.toml")
 
+# Groups Exim runs as: Debian and Ubuntu, most other builds, cPanel, the rest.
+EXIM_GROUPS = ("Debian-exim", "exim", "mailnull", "mail")
+
 # Where geoipupdate (Debian: /var/lib/GeoIP) and Debian's geoip packages put the databases,
 # tried in this order when no path is configured.
 GEOIP_COUNTRY_PATHS = (
@@ -193,8 +196,9 @@ class ServerConfig:
     # Unix socket for Exim. "" turns it off (then `tcp` must be set).
     socket: Path | None = Path("/run/lookupd/lookupd.sock")
     socket_mode: int = field(default=0o660, metadata=_parsed(parse_mode))
-    # Group that owns the socket, e.g. "Debian-exim"; "" leaves the process's group.
-    socket_group: str = ""
+    # Group that owns the socket: "auto" takes the group Exim runs as (the first that exists
+    # of EXIM_GROUPS), a name sets it, "" leaves the process's group.
+    socket_group: str = "auto"
     # Optional loopback TCP listener for Exim's `inet:127.0.0.1:PORT` form; "" is off.
     tcp: HostPort | None = field(default=None, metadata=_parsed(_parse_tcp))
     # How long a client may take to send its request before lookupd closes the connection.

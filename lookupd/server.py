@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal, cast
 
 from lookupd import systemd
-from lookupd.config import Config, HostPort
+from lookupd.config import EXIM_GROUPS, Config, HostPort
 from lookupd.dispatch import Dispatcher
 from lookupd.errors import BadRequest, ConfigError, ListenError
 from lookupd.protocol import (
@@ -279,14 +279,7 @@ def bind_unix(path: Path, mode: int, group: str) -> socket.socket:
                               "(systemctl stop lookupd.socket lookupd) or choose another --socket")
         finally:
             probe.close()
-    gid = -1
-    if group:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ConfigError(f"server.socket_group: there is no group {group!r}: use the group "
-                              "Exim runs as (Debian: Debian-exim, Sympl/cPanel: exim or mail)") \
-                from None
+    gid = socket_gid(group)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(str(path))
@@ -299,6 +292,26 @@ def bind_unix(path: Path, mode: int, group: str) -> socket.socket:
         raise ListenError(f"cannot listen on {path}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
+
+
+def socket_gid(group: str) -> int:
+    """The gid for server.socket_group ("auto": Exim's group, if any); -1 leaves it alone."""
+    if group == "auto":
+        for name in EXIM_GROUPS:
+            with contextlib.suppress(KeyError):
+                return grp.getgrnam(name).gr_gid
+        log.warning("server.socket_group = \"auto\" found none of the groups Exim runs as "
+                    "(%s): the socket keeps lookupd's group, and Exim may not be allowed to "
+                    "connect; set server.socket_group", ", ".join(EXIM_GROUPS))
+        return -1
+    if not group:
+        return -1
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"server.socket_group: there is no group {group!r}: use the group "
+                          "Exim runs as (Debian: Debian-exim, Sympl/cPanel: exim or mail)") \
+            from None
 
 
 def bind_tcp(address: HostPort) -> socket.socket:

@@ -368,3 +368,15 @@ def test_bad_clients_leak_no_connection(start_lookupd: StartLookupd) -> None:
     time.sleep(1.0)  # the ones that never half-closed time out after 0.5 s
     _wait_for(lambda: len(list(fds.iterdir())) <= before)
     assert daemon.query("ping") == "pong"
+
+
+def test_socket_belongs_to_exims_group_by_default(daemon) -> None:  # type: ignore[no-untyped-def]
+    import grp
+
+    from lookupd.config import EXIM_GROUPS
+
+    st = daemon.socket.stat()
+    assert oct(st.st_mode & 0o777) == oct(0o660)
+    expected = next((g.gr_gid for name in EXIM_GROUPS
+                     for g in grp.getgrall() if g.gr_name == name), os.getgid())
+    assert st.st_gid == expected
