@@ -9,6 +9,7 @@ with **no trailing newline**: Exim keeps a newline in its result (section 4), so
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -58,7 +59,11 @@ def parse_request(data: bytes | bytearray) -> Request:
     """Parse one request (without or with its line end). Raises BadRequest with the reply."""
     if len(data) > MAX_REQUEST:
         raise BadRequest(ERR_TOO_LONG)
-    line = bytes(data)
+    return _parse(bytes(data))
+
+
+@functools.lru_cache(maxsize=4096)  # Exim asks the same questions of the same clients
+def _parse(line: bytes) -> Request:
     if line.endswith(b"\n"):
         line = line[:-1]
     if line.endswith(b"\r"):

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # A safety net under every source's own deadline: no connection outlives this.
 ANSWER_LIMIT = 30.0
 BACKLOG = 1024
+_ANONYMOUS = {"unix": Peer("unix"), "tcp": Peer("tcp")}  # for verbs that need no uid
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
 
@@ -151,7 +152,7 @@ class Connection(asyncio.Protocol):
 
     def _peer(self, with_credentials: bool) -> Peer:
         if self.kind == "tcp" or not with_credentials or self.transport is None:
-            return Peer(self.kind)
+            return _ANONYMOUS[self.kind]
         sock = self.transport.get_extra_info("socket")
         try:
             pid, uid, gid = _UCRED.unpack(
