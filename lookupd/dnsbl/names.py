@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ def parse_ip(text: str | IPAddress) -> IPAddress:
     return text
 
 
+@functools.lru_cache(maxsize=16384)  # asked for every list and the PTR of each connection
 def reverse_ip(address: IPAddress) -> str:
     """The DNSBL label of an address: 1.2.3.4 -> 4.3.2.1; IPv6 -> 32 reversed nibbles."""
     if isinstance(address, ipaddress.IPv4Address):

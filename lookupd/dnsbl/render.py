@@ -38,6 +38,9 @@ _TOKEN_RE = re.compile(r"[A-Za-z0-9._:,/@+-]+")
 
 def printable(text: str, limit: int) -> str:
     """Printable ASCII only, white space runs made one space, cut to `limit` characters."""
+    if len(text) <= limit and text.isascii() and text.isprintable() and "  " not in text \
+            and text == text.strip():
+        return text  # already clean: the common case, asked on every reply
     clean = "".join(c if " " <= c <= "~" else " " if c.isspace() else "?" for c in text)
     clean = " ".join(clean.split())
     return clean if len(clean) <= limit else clean[: limit - 3].rstrip() + "..."

@@ -8,6 +8,7 @@ changed that, and `unknown` otherwise: a failure is never taken as a "no".
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -170,7 +171,12 @@ def decide_fcrdns(address: ipaddress.IPv4Address | ipaddress.IPv6Address, ptr: D
 
 
 def _same(address: ipaddress.IPv4Address | ipaddress.IPv6Address, record: str) -> bool:
+    return _record_address(record) == address
+
+
+@functools.lru_cache(maxsize=8192)  # a cached answer is decided again on every connection
+def _record_address(record: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return ipaddress.ip_address(record) == address
+        return ipaddress.ip_address(record)
     except ValueError:
-        return False
+        return None
