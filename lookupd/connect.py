@@ -22,7 +22,7 @@ from typing import Literal, Protocol, TypeVar
 
 from lookupd.allowlist import ListFiles, Match
 from lookupd.config import ConnectConfig
-from lookupd.dnsbl.render import exim_value, printable
+from lookupd.dnsbl.render import VERDICTS, exim_value, printable
 from lookupd.dnsbl.source import Cached
 from lookupd.dnsbl.verdict import DnsblResult, PtrResult
 from lookupd.errors import BadRequest
@@ -174,7 +174,6 @@ def _submission_refused(facts: Facts, config: ConnectConfig) -> bool:
 # ---------------------------------------------------------------------------------------------
 # The reply and the log line (pure).
 
-_VERDICTS = {Status.FOUND: "listed", Status.NOT_FOUND: "clean", Status.UNKNOWN: "unknown"}
 
 
 def render(verdict: Verdict, facts: Facts) -> str:
@@ -194,7 +193,7 @@ def fields(verdict: Verdict, facts: Facts) -> list[tuple[str, str]]:
         ("country", render_country(facts.country)),
         ("asn", render_asn(facts.asn, organisation=False)),
         ("incidents", render_incidents(facts.incidents)),
-        ("dnsbl", _VERDICTS[dnsbl.status]),
+        ("dnsbl", VERDICTS[dnsbl.status]),
         ("dnsbl_lists", exim_value(lists)),
         ("ptr", _ptr(facts.ptr)),
         ("fcrdns", facts.ptr.fcrdns),
@@ -221,7 +220,7 @@ def log_line(verdict: Verdict, facts: Facts) -> str | None:
     return (f"connect {what}: [{request.ip}]{port}{helo} rule={verdict.rule} "
             f"country={render_country(facts.country)} "
             f"incidents={render_incidents(facts.incidents)} "
-            f"dnsbl={_VERDICTS[facts.dnsbl.status]}: "
+            f"dnsbl={VERDICTS[facts.dnsbl.status]}: "
             f"{printable(verdict.reason, REASON_MAX)}")
 
 

@@ -35,6 +35,7 @@ from lookupd.protocol import (
     Peer,
     check_reply,
     parse_request,
+    request_end,
     shown,
 )
 from lookupd.sources import Sources
@@ -77,7 +78,7 @@ class Connection(asyncio.Protocol):
                 self._too_long()
             return
         self.buffer += data
-        end = self.buffer.find(b"\n")
+        end = request_end(self.buffer)
         if end >= 0:
             self._answer(self.buffer[: end + 1])
         elif len(self.buffer) > MAX_REQUEST:

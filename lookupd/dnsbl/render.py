@@ -32,7 +32,8 @@ from lookupd.outcome import Status
 
 # Longest `text=` value: Exim puts it into an SMTP reply line, which RFC 5321 caps at 512.
 TEXT_MAX = 200
-_VERDICTS = {Status.FOUND: "listed", Status.NOT_FOUND: "clean", Status.UNKNOWN: "unknown"}
+# The `verdict=` word of a DNSBL result (also the `dnsbl=` field of `connect`).
+VERDICTS = {Status.FOUND: "listed", Status.NOT_FOUND: "clean", Status.UNKNOWN: "unknown"}
 _TOKEN_RE = re.compile(r"[A-Za-z0-9._:,/@+-]+")
 
 
@@ -60,7 +61,7 @@ def score_text(score: float) -> str:
 def render_dnsbl(result: DnsblResult) -> str:
     lists = ",".join(f"{a.name}:{code}" for a in result.listed for code in a.codes)
     unknown = ",".join(f"{a.name}:{a.reason}" for a in result.unknown)
-    return (f"verdict={_VERDICTS[result.status]} score={score_text(result.score)} "
+    return (f"verdict={VERDICTS[result.status]} score={score_text(result.score)} "
             f"lists={exim_value(lists)} unknown={exim_value(unknown)} "
             f"text={exim_value(printable(result.text, TEXT_MAX))}")
 
