@@ -9,9 +9,9 @@ import pytest
 
 from lookupd.config import DnsblListConfig
 from lookupd.dnsbl.answers import DnsAnswer, negative_ttl, positive_ttl
-from lookupd.dnsbl.cache import AnswerCache, decode_snapshot, encode_snapshot
+from lookupd.dnsbl.cache import AnswerCache, carry_over, decode_snapshot, encode_snapshot
 from lookupd.dnsbl.codes import classify, error_advice, parse_code, parse_codes
-from lookupd.dnsbl.health import Health, OncePer, judge
+from lookupd.dnsbl.health import Health, OncePer, judge, standing
 from lookupd.dnsbl.names import (
     Probe,
     normalize_domain,
@@ -297,6 +297,15 @@ def test_health_keeps_healthy_or_merely_odd_lists_in_service() -> None:
     assert not half.quarantined
 
 
+def test_a_list_counts_only_once_a_probe_has_passed() -> None:
+    listed, unlisted = _points()
+    assert standing(None) == "unprobed"  # no probe back yet: it may list everything
+    assert standing(judge([(listed, hit("127.0.0.2")), (unlisted, hit("127.0.0.2"))])) == \
+        "quarantined"
+    assert standing(judge([(listed, hit("127.0.0.2")), (unlisted, DnsAnswer(NOT_FOUND))])) == ""
+    assert standing(Health(note="it does not list its RFC 5782 test point")) == ""
+
+
 def test_once_per_period() -> None:
     now = [0.0]
     once = OncePer(600, clock=lambda: now[0])
@@ -386,6 +395,27 @@ def test_snapshot_round_trip_drops_expired_entries() -> None:
     assert [k for k, _ in decode_snapshot(data, 1600.0)] == [entries[0][0], entries[1][0]]
 
 
+def test_carry_over_keeps_the_zones_asked_the_same_within_the_new_bounds() -> None:
+    """A reload keeps the answers of zones asked the same way (and reverse DNS, zone ""),
+    a NXDOMAIN no longer than negative_ttl_max from now, a failure no longer than error_ttl."""
+    entries = [(("bl.test", "A", "4"), DnsAnswer(FOUND, ("127.0.0.4",), "", 5000.0)),
+               (("bl.test", "A", "5"), DnsAnswer(NOT_FOUND, (), "", 1800.0)),
+               (("bl.test", "A", "6"), DnsAnswer(UNKNOWN, (), "timeout", 1030.0)),
+               (("bl.test", "A", "7"), DnsAnswer(NOT_FOUND, (), "", 999.0)),
+               (("", "PTR", "1.2.0.192.in-addr.arpa"), DnsAnswer(NOT_FOUND, (), "", 1100.0)),
+               (("gone.test", "A", "4"), DnsAnswer(FOUND, ("127.0.0.2",), "", 5000.0))]
+    kept = carry_over(entries, 1000.0, zones={"", "bl.test"}, negative_ttl_max=300.0,
+                      error_ttl=10.0)
+    assert kept == [
+        (("bl.test", "A", "4"), DnsAnswer(FOUND, ("127.0.0.4",), "", 5000.0)),
+        (("bl.test", "A", "5"), DnsAnswer(NOT_FOUND, (), "", 1300.0)),
+        (("bl.test", "A", "6"), DnsAnswer(UNKNOWN, (), "timeout", 1010.0)),
+        (("", "PTR", "1.2.0.192.in-addr.arpa"), DnsAnswer(NOT_FOUND, (), "", 1100.0)),
+    ]
+    assert carry_over(entries, 1000.0, zones=set(), negative_ttl_max=300.0,
+                      error_ttl=10.0) == []
+
+
 @pytest.mark.parametrize("corrupt", [
     b"", b"\xc1", b"garbage", b"\x81\xa1v\x02",  # {"v": 2}
 ])
@@ -434,7 +464,8 @@ def test_text_is_bounded_printable_ascii() -> None:
 
 def test_stats_line() -> None:
     stats = DnsblStats((ListStats("zen.spamhaus.org", "ip", 10, 2, 1, 1, 0.5, "", 12.3, 40.0),
-                        ListStats("dead.example", "ip", 3, 0, 0, 0, 0.0, "not-answering", 0, 0)),
+                        ListStats("dead.example", "ip", 3, 0, 0, 0, 0.0, "not-answering", 0, 0),
+                        ListStats("new.example", "ip", 0, 0, 0, 0, 0.0, "unprobed", 0, 0)),
                        cache_entries=7, cache_size=100, inflight=1)
     line = render_stats(stats)
     assert line.startswith("dnsbl_cache=7/100 dnsbl_inflight=1 zen.spamhaus.org=queries:10,")
@@ -442,4 +473,6 @@ def test_stats_line() -> None:
         in line
     assert "dead.example=queries:3,hits:0,errors:0,timeouts:0,cache_hit_rate:0.00," \
         "state:quarantined-not-answering" in line
+    assert "new.example=queries:0,hits:0,errors:0,timeouts:0,cache_hit_rate:0.00," \
+        "state:quarantined-unprobed," in line
     assert "\n" not in line

@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from pathlib import Path
 
 import msgpack
@@ -107,6 +107,23 @@ class AnswerCache:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._inflight.clear()
+
+
+def carry_over(entries: Iterable[tuple[CacheKey, DnsAnswer]], now: float, *,
+               zones: Collection[str], negative_ttl_max: float,
+               error_ttl: float) -> list[tuple[CacheKey, DnsAnswer]]:
+    """The answers a reloaded source keeps (pure): those of `zones` ("" is reverse DNS) still
+    valid at `now`, a NXDOMAIN or a failure kept no longer than the new bounds allow."""
+    kept: list[tuple[CacheKey, DnsAnswer]] = []
+    for key, answer in entries:
+        if key[0] not in zones or answer.expires <= now:
+            continue
+        bound = {Status.NOT_FOUND: negative_ttl_max, Status.UNKNOWN: error_ttl}.get(
+            answer.status)
+        if bound is not None and answer.expires > now + bound:
+            answer = DnsAnswer(answer.status, answer.records, answer.reason, now + bound)
+        kept.append((key, answer))
+    return kept
 
 
 def encode_snapshot(entries: Iterable[tuple[CacheKey, DnsAnswer]]) -> bytes:

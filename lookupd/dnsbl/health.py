@@ -1,4 +1,5 @@
-"""List health from RFC 5782 test points (pure), and "say it once per period" for logs."""
+"""List health from RFC 5782 test points (pure), whether a list's answers count, and "say it
+once per period" for logs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from lookupd.outcome import Status
 
 # How often the same problem of the same list is logged again.
 LOG_PERIOD = 600.0
+# Why a list's answers count as unknown whatever it says (the `unknown=` reason word).
+UNPROBED = "unprobed"
+QUARANTINED = "quarantined"
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,14 @@ class Health:
     @property
     def quarantined(self) -> bool:
         return bool(self.quarantine)
+
+
+def standing(health: Health | None) -> str:
+    """"" when a list's answers count; else why they are unknown: "unprobed" while no probe
+    round of it has come back (it may list everything), "quarantined" after a bad one."""
+    if health is None:
+        return UNPROBED
+    return QUARANTINED if health.quarantined else ""
 
 
 def judge(outcomes: Sequence[tuple[Probe, DnsAnswer]]) -> Health:

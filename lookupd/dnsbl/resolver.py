@@ -64,6 +64,8 @@ class DnsClient:
     def __init__(self, resolver: dns.asyncresolver.Resolver, *, negative_ttl_max: float,
                  error_ttl: float, clock: Callable[[], float] = time.time) -> None:
         self._resolver = resolver
+        # Who is asked, comparable across a reload (the system resolver's may have changed).
+        self.servers = (str(resolver.port), *(str(n) for n in resolver.nameservers))
         self._negative_ttl_max = negative_ttl_max
         self._error_ttl = error_ttl
         self._clock = clock

@@ -1,5 +1,6 @@
 """The DNSBL / DBL / reverse-DNS source: asks every list of a query in parallel under one
-deadline, through one shared cache, keeps lists that misbehave in quarantine.
+deadline, through one shared cache, keeps lists that misbehave in quarantine, and trusts no
+list before a probe of it has come back (on reload, `take_over` carries the verdicts over).
 
 The decisions (codes, verdicts, health, FCrDNS) live in the pure modules beside this one;
 this class only fetches, times, counts and logs. When every answer a query needs is already
@@ -20,9 +21,16 @@ from typing import Any, Generic, TypeVar
 
 from lookupd.config import DnsblConfig
 from lookupd.dnsbl.answers import DnsAnswer
-from lookupd.dnsbl.cache import AnswerCache, decode_snapshot, encode_snapshot, write_atomically
+from lookupd.dnsbl.cache import (
+    AnswerCache,
+    CacheKey,
+    carry_over,
+    decode_snapshot,
+    encode_snapshot,
+    write_atomically,
+)
 from lookupd.dnsbl.codes import error_advice
-from lookupd.dnsbl.health import Health, OncePer, judge
+from lookupd.dnsbl.health import QUARANTINED, UNPROBED, Health, OncePer, judge, standing
 from lookupd.dnsbl.names import (
     IPAddress,
     normalize_domain,
@@ -73,7 +81,24 @@ class _ListState:
     spec: ListSpec
     qzone: str  # the zone actually asked; holds the DQS key: never log it
     counters: ListCounters = field(default_factory=ListCounters)
-    health: Health = field(default_factory=Health)
+    # None until a probe round of this list has come back in this process (or was handed
+    # over by `take_over`): until then its answers do not count.
+    health: Health | None = None
+    judged: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set_health(self, health: Health) -> None:
+        self.health = health
+        self.judged.set()
+
+
+@dataclass
+class _Handover:
+    """What `take_over` copied from the running source; `open` applies it when its resolver
+    asks the same servers (the system resolver's may have changed with the reload)."""
+
+    servers: tuple[str, ...]
+    health: dict[int, Health]  # index into _lists -> the running source's verdict
+    answers: list[tuple[CacheKey, DnsAnswer]]
 
 
 R = TypeVar("R")
@@ -123,6 +148,7 @@ class DnsblSource:
         self._cache = AnswerCache(config.cache_size, clock)
         self._once = OncePer()
         self._client: DnsClient | None = None
+        self._handover: _Handover | None = None
         self._tasks: list[asyncio.Task[None]] = []
         if config.nameservers:
             self._resolver_name = "the resolver " + ", ".join(str(n) for n in
@@ -132,18 +158,62 @@ class DnsblSource:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def take_over(self, previous: DnsblSource) -> None:
+        """On reload, before `open()` and while `previous` (the running source) is open: keep
+        what it knows that still holds under this config. A list a probe would see the same
+        keeps its verdict (trusted or quarantined, no untrusted window), the cached answers
+        of the same resolver and zones are kept. Only values are copied: `previous` is left
+        untouched, to be closed whenever the caller likes."""
+        if self._client is not None:
+            raise RuntimeError("DnsblSource.take_over() must come before open()")
+        client = previous._client
+        if client is None:
+            return  # not open: what it knew is not current
+        known = {previous._probe_identity(s): s.health for s in previous._lists
+                 if s.health is not None}
+        health = {i: h for i, s in enumerate(self._lists)
+                  if (h := known.get(self._probe_identity(s))) is not None}
+        answers: list[tuple[CacheKey, DnsAnswer]] = []
+        if previous._config.nameservers == self._config.nameservers:
+            # The cache is keyed by the configured zone: a zone now asked under another name
+            # (DQS key set or changed) may answer differently.
+            zones = {z for z, q in self._qzones.items() if previous._qzones.get(z) == q}
+            answers = carry_over(previous._cache.items(), self._clock(), zones={"", *zones},
+                                 negative_ttl_max=self._config.negative_ttl_max,
+                                 error_ttl=self._config.error_ttl)
+        self._handover = _Handover(client.servers, health, answers)
+
+    def _probe_identity(self, state: _ListState) -> tuple[object, ...]:
+        """Everything that changes what a probe of the list says (qzone: zone and DQS key)."""
+        return (state.qzone, state.spec.kind, state.spec.families, self._config.nameservers,
+                self._config.deadline)
+
     async def open(self) -> None:
-        """Load the cache snapshot and start the periodic jobs.
+        """Start the probes, load the cache snapshot, start the periodic jobs.
 
         The first probe round starts at once but is not waited for: readiness (and a reload)
-        must not wait on a list that times out. Until it ends every list is in service.
+        must not wait on a list that times out. Until a list's first probe has come back a
+        query waits for it, within dnsbl.deadline, and then counts the list as unprobed.
         """
         resolver = make_resolver(self._config.nameservers, self._config.deadline)
-        self._client = DnsClient(resolver, negative_ttl_max=self._config.negative_ttl_max,
-                                 error_ttl=self._config.error_ttl, clock=self._clock)
-        await self._load_snapshot()
-        self._tasks = [asyncio.create_task(self._probe_loop()),
-                       asyncio.create_task(self._snapshot_loop())]
+        client = DnsClient(resolver, negative_ttl_max=self._config.negative_ttl_max,
+                           error_ttl=self._config.error_ttl, clock=self._clock)
+        self._client = client
+        handover, self._handover = self._handover, None
+        if handover is not None:
+            if handover.servers == client.servers:
+                for i, health in handover.health.items():
+                    self._lists[i].set_health(health)
+                self._cache.load(handover.answers)
+            else:
+                logger.info("DNSBL resolver changed (%s): every list is probed again, "
+                            "cached answers are dropped", self._resolver_name)
+        # Probes first: every query of an unprobed list waits for them.
+        self._tasks = [asyncio.create_task(self._probe_loop())]
+        if handover is None:
+            # After a take_over the running source's cache was newer than the snapshot.
+            await self._load_snapshot()
+        self._tasks.append(asyncio.create_task(self._snapshot_loop()))
 
     async def close(self) -> None:
         """Stop the periodic jobs and the questions on the wire, write the snapshot."""
@@ -163,10 +233,10 @@ class DnsblSource:
                 await self.probe()
             except Exception:
                 logger.exception("DNSBL probe round failed; it runs again in %gs", interval)
-            # A quarantined list is asked again sooner: a resolver that was down for a
-            # moment must not leave every list out of service for a whole interval.
-            quarantined = any(s.health.quarantined for s in self._lists)
-            await asyncio.sleep(min(interval, QUARANTINE_RECHECK) if quarantined else interval)
+            # A quarantined (or still unprobed) list is asked again sooner: a resolver that
+            # was down for a moment must not leave every list out of service for an interval.
+            unsettled = any(standing(s.health) for s in self._lists)
+            await asyncio.sleep(min(interval, QUARANTINE_RECHECK) if unsettled else interval)
 
     async def _snapshot_loop(self) -> None:
         while True:
@@ -262,8 +332,11 @@ class DnsblSource:
         answers: list[ListAnswer] = []
         asked: list[_ListState] = []
         for state in lists:
-            if state.health.quarantined:
-                answers.append(_quarantined(state))
+            reason = standing(state.health)
+            if reason == UNPROBED:
+                return None  # `_check` waits for its first probe, within the deadline
+            if reason:
+                answers.append(_unusable(state, reason))
                 continue
             asked.append(state)
             zone = state.spec.zone
@@ -310,8 +383,8 @@ class DnsblSource:
         a_tasks: dict[asyncio.Task[Any], int] = {}
         for i, state in enumerate(lists):
             state.counters.queries += 1
-            if state.health.quarantined:
-                answers[i] = _quarantined(state)
+            if standing(state.health) == QUARANTINED:
+                answers[i] = _unusable(state, QUARANTINED)
             else:
                 a_tasks[asyncio.create_task(self._list_answer(state, label))] = i
         # A hit's TXT is asked as soon as its A answer is in, still within the deadline; a
@@ -345,13 +418,20 @@ class DnsblSource:
                 answers[i] = with_text(lists[i].spec, answers[i], txt_task.result())
             else:
                 answers[i] = with_text(lists[i].spec, answers[i], None)
-        ordered = [answers.get(i) or ListAnswer(state.spec.name, state.spec.weight,
-                                                Status.UNKNOWN, reason="timeout")
+        # Missing at the deadline: a list still unprobed says so, else it timed out.
+        ordered = [answers.get(i) or _unusable(state, standing(state.health) or "timeout")
                    for i, state in enumerate(lists)]
         self._account_all(lists, ordered)
         return combine(ordered, self._config.threshold)
 
     async def _list_answer(self, state: _ListState, label: str) -> ListAnswer:
+        if state.health is None:
+            # Not asked before its first probe is back: a list that lists everything must
+            # neither answer a client nor fill the cache with listings meanwhile.
+            await state.judged.wait()
+            reason = standing(state.health)
+            if reason:
+                return _unusable(state, reason)
         answer = await self._lookup(state.spec.zone, "A", label, state.counters,
                                     count_hit=True)
         return interpret(state.spec, answer)
@@ -404,7 +484,7 @@ class DnsblSource:
         if answer.status is Status.FOUND:
             counters.hits += 1
             return
-        if answer.status is not Status.UNKNOWN or answer.reason == "quarantined":
+        if answer.status is not Status.UNKNOWN or answer.reason in (QUARANTINED, UNPROBED):
             return
         if answer.reason == "timeout":
             counters.timeouts += 1
@@ -440,18 +520,19 @@ class DnsblSource:
             for p in points))
         health = judge(list(zip(points, answers, strict=True)))
         name = state.spec.name
-        if health.quarantined and not state.health.quarantined:
+        before = state.health or Health()  # a first probe: as if it had been in service
+        if health.quarantined and not before.quarantined:
             logger.warning("DNSBL %s quarantined: %s; its answers count as unknown until "
                            "its test points are right again (checked every %gs)",
                            name, health.note, self._config.probe_interval)
-        elif state.health.quarantined and not health.quarantined:
+        elif before.quarantined and not health.quarantined:
             logger.warning("DNSBL %s answers its test points correctly again: back in "
                            "service", name)
-        elif health.note and health.note != state.health.note:
+        elif health.note and health.note != before.note:
             # Said when it starts (or changes), not every round: a list that merely lacks
             # its positive test point would otherwise nag forever.
             logger.warning("DNSBL %s: %s", name, health.note)
-        state.health = health
+        state.set_health(health)
 
     # -- snapshot --------------------------------------------------------------------------
 
@@ -489,7 +570,8 @@ class DnsblSource:
     # -- stats -----------------------------------------------------------------------------
 
     def stats(self) -> DnsblStats:
-        lists = [list_stats(s.spec.name, s.spec.kind, s.counters, s.health.quarantine)
+        lists = [list_stats(s.spec.name, s.spec.kind, s.counters,
+                            s.health.quarantine if s.health is not None else UNPROBED)
                  for s in self._lists]
         lists.append(list_stats("reverse-dns", "ptr", self._ptr_counters, ""))
         return DnsblStats(tuple(lists), len(self._cache), self._cache.maxsize,
@@ -545,8 +627,8 @@ def _forward_type(address: IPAddress) -> str:
     return "A" if isinstance(address, ipaddress.IPv4Address) else "AAAA"
 
 
-def _quarantined(state: _ListState) -> ListAnswer:
-    return ListAnswer(state.spec.name, state.spec.weight, Status.UNKNOWN, reason="quarantined")
+def _unusable(state: _ListState, reason: str) -> ListAnswer:
+    return ListAnswer(state.spec.name, state.spec.weight, Status.UNKNOWN, reason=reason)
 
 
 def _take(cached: Cached[R] | None) -> R | None:

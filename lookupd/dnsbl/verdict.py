@@ -1,9 +1,9 @@
 """From DNS answers to verdicts (pure): one list's say, the combined score, and FCrDNS.
 
 A list's A records become a hit, a clean answer or an unknown (its error codes, timeouts,
-quarantine). The combined verdict is `listed` only when the hits alone reach the threshold
-whatever the unknown lists would have said, `clean` only when no unknown list could have
-changed that, and `unknown` otherwise: a failure is never taken as a "no".
+quarantine, no probe back yet). The combined verdict is `listed` only when the hits alone
+reach the threshold whatever the unknown lists would have said, `clean` only when no unknown
+list could have changed that, and `unknown` otherwise: a failure is never taken as a "no".
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class ListSpec:
 @dataclass(frozen=True)
 class ListAnswer:
     """What one list said about one name. FOUND: listed with `codes`; UNKNOWN: `reason`
-    (timeout, servfail, refused, unreachable, error, quarantined, error-code-127.x.y.z)."""
+    (timeout, servfail, refused, unreachable, error, quarantined, unprobed,
+    error-code-127.x.y.z)."""
 
     name: str
     weight: float
