@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from lookupd import __version__
-from lookupd.config import Config, HostPort, file_problems, load_config, parse_host_port
+from lookupd.config import (
+    Config,
+    HostPort,
+    fallback_config,
+    file_problems,
+    load_config,
+    parse_host_port,
+)
 from lookupd.errors import ConfigError, ListenError, LookupdError
 
 log = logging.getLogger("lookupd")
@@ -151,14 +158,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def reload() -> Config:
         return load_config(args.config, overrides=overrides)
 
-    config = reload()
+    problem = ""
+    try:
+        config = reload()
+    except ConfigError as exc:
+        # Exiting would leave Exim a socket that refuses (systemd gives up restarting, the
+        # socket unit fails), which is what loses mail (Exim's stale-descriptor bug). Listen
+        # and answer fail-open instead, loudly, until a reload brings a good configuration.
+        problem = str(exc)
+        config = fallback_config(args.config, overrides)
     if not args.debug:
         setup_logging(level=config.server.log_level)
-    if config.source is None:
+    if config.source is None and not problem:
         log.info("no configuration file (%s): running on embedded defaults",
                  args.config or "/etc/lookupd/lookupd.toml")
     from lookupd.server import run
-    _run_loop(run(config, reload_config=reload))
+    _run_loop(run(config, reload_config=reload, problem=problem))
     return os.EX_OK
 
 

@@ -7,6 +7,7 @@ never sees the raw TOML dicts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -425,26 +426,47 @@ def load_config(path: Path | None = None, *, required: bool = False,
     on top of the file and validated the same way.
     """
     source = path or DEFAULT_CONFIG_PATH
-    raw: dict[str, Any] = {}
-    where = str(source)
     if source.exists() or required or path is not None:
-        try:
-            with open(source, "rb") as fh:
-                raw = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(
-                f"{source}: no such file; create it (see README, 'Configuration') or leave "
-                "--config out to run on the embedded defaults"
-            ) from None
-        except PermissionError:
-            raise ConfigError(f"{source}: permission denied; make it readable by lookupd") \
-                from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
-    else:
-        where = "embedded defaults"
+        return _from_raw(_read_toml(source), str(source), source, overrides)
+    return _from_raw({}, "embedded defaults", None, overrides)
+
+
+def fallback_config(path: Path | None = None,
+                    overrides: Mapping[str, object] | None = None) -> Config:
+    """Where and how to listen when the configuration cannot be loaded (lookupd then answers
+    fail-open): the file's [server] table if it is valid on its own, so the socket, its mode
+    and group are the admin's; else the embedded defaults. Command-line server flags apply."""
+    source = path or DEFAULT_CONFIG_PATH
+    server_flags = {k: v for k, v in (overrides or {}).items() if k.startswith("server.")}
+    with contextlib.suppress(ConfigError):
+        raw = _read_toml(source) if source.exists() else {}
+        server = raw.get("server", {})
+        return _from_raw({"server": server}, str(source), None, server_flags)
+    with contextlib.suppress(ConfigError):
+        return _from_raw({}, "embedded defaults", None, server_flags)
+    return Config()
+
+
+def _read_toml(source: Path) -> dict[str, Any]:
+    try:
+        with open(source, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{source}: no such file; create it (see README, 'Configuration') or leave "
+            "--config out to run on the embedded defaults"
+        ) from None
+    except PermissionError:
+        raise ConfigError(f"{source}: permission denied; make it readable by lookupd") \
+            from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+
+
+def _from_raw(raw: dict[str, Any], where: str, source: Path | None,
+              overrides: Mapping[str, object] | None) -> Config:
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         table = raw.setdefault(section, {})
@@ -452,7 +474,7 @@ def load_config(path: Path | None = None, *, required: bool = False,
             raise ConfigError(f"{where}: [{section}] must be a table")
         table[key] = value
     config = _build(Config, raw, where, "")
-    return dataclasses.replace(config, source=source if where != "embedded defaults" else None)
+    return dataclasses.replace(config, source=source)
 
 
 def _build(cls: type[Any], raw: object, where: str, prefix: str) -> Any:

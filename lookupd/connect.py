@@ -347,6 +347,15 @@ def _no_address(request: ConnectRequest) -> Facts:
                  PtrResult(Status.NOT_FOUND, fcrdns="no"), Match(Status.NOT_FOUND))
 
 
+def unknown_facts(request: ConnectRequest) -> Facts:
+    """Nothing could be asked (lookupd runs without its configuration): every fact unknown."""
+    if request.ip is None:
+        return _no_address(request)
+    return Facts(request, CountryResult(Status.UNKNOWN), AsnResult(Status.UNKNOWN),
+                 IncidentsResult(Status.UNKNOWN), DnsblResult(Status.UNKNOWN),
+                 PtrResult(Status.UNKNOWN, fcrdns="unknown"), Match(Status.UNKNOWN))
+
+
 def _taken(peek: Callable[[], Cached[T] | None], what: str) -> T | None:
     """A DNS fact the cache holds whole (taken, so counted), else None: ask DNS for it."""
     try:

@@ -10,23 +10,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 
 from lookupd import __version__
 from lookupd.authblock import render_admin, render_check
-from lookupd.connect import ConnectChecker, ConnectRequest, parse_args
+from lookupd.connect import ConnectChecker, ConnectRequest, Verdict, parse_args, unknown_facts
+from lookupd.connect import render as render_connect
 from lookupd.dnsbl import DnsblResult, render_dnsbl, render_ptr, render_stats
 from lookupd.dnsbl.names import normalize_domain
 from lookupd.dnsbl.verdict import PtrResult
 from lookupd.errors import BadRequest
+from lookupd.geoip import AsnResult, CountryResult
+from lookupd.incidents import IncidentsResult
 from lookupd.ipaddr import parse_ip
+from lookupd.logsummary import Repeats
 from lookupd.outcome import Status
 from lookupd.protocol import Peer, Request, error_reply, shown
 from lookupd.replies import render_asn, render_country, render_incidents
 from lookupd.sources import Sources
+from lookupd.trust import PeerTrust
 
 log = logging.getLogger(__name__)
+repeats = Repeats(log)
 
 Reply = str | Awaitable[str]
 HandlerFn = Callable[[tuple[str, ...], Peer], Reply]
@@ -35,22 +41,37 @@ HandlerFn = Callable[[tuple[str, ...], Peer], Reply]
 
 @dataclass(frozen=True, slots=True)
 class Handler:
-    """One verb: its function, how many arguments it takes, whether it needs the peer's uid."""
+    """One verb: its function, how many arguments it takes, and who may ask it.
+
+    `needs_peer`: administrative, answered only for root or users.admin_group on the Unix
+    socket. `exim_only`: reads or changes user state; on the Unix socket its permissions are
+    the gate (Exim's group), on loopback TCP, where every local user can connect, the peer's
+    uid is looked up and must be Exim's (or root's)."""
 
     fn: HandlerFn
     min_args: int
     max_args: int
     usage: str
     needs_peer: bool = False
+    exim_only: bool = False
 
 
 class Dispatcher:
-    """Answers parsed requests from the sources it was built with."""
+    """Answers parsed requests from the sources it was built with.
 
-    def __init__(self, sources: Sources) -> None:
+    Everything built from one configuration (the sources, the connect policy, the verb table)
+    lives here, so a reload swaps one Dispatcher for another and nothing keeps a pointer into
+    an older set. `Dispatcher.fail_open(problem)` is the one lookupd runs when it cannot load
+    its configuration: same verbs, every source unknown, every connect accepted."""
+
+    def __init__(self, sources: Sources | None, *, problem: str = "",
+                 trust: PeerTrust | None = None) -> None:
         self.sources = sources
-        self.connect_checker = ConnectChecker(sources.config.connect, sources.geoip,
-                                              sources.incidents, sources.dnsbl)
+        self.problem = problem  # why lookupd runs fail-open ("" when it does not)
+        self.trust = trust or PeerTrust()
+        self.pending = 0  # coroutine answers in flight (the server closes a retired set at 0)
+        self.connect_checker = None if sources is None else ConnectChecker(
+            sources.config.connect, sources.geoip, sources.incidents, sources.dnsbl)
         self.table: dict[str, Handler] = {
             "ping": Handler(lambda a, p: "pong", 0, 0, "ping"),
             "version": Handler(lambda a, p: f"lookupd {__version__}", 0, 0, "version"),
@@ -67,45 +88,71 @@ class Dispatcher:
             # (none yet at connect time); whatever follows PORT is taken as the HELO name.
             "connect": Handler(self.connect, 0, 64, "connect IP [PORT] [HELO]"),
             # Authenticated-user block state. No user (an unauthenticated session): `ok`.
-            "user": Handler(self.user, 0, 1, "user USER"),
+            "user": Handler(self.user, 0, 1, "user USER", exim_only=True),
             # The recipient is the rest of the line: a quoted local part may hold spaces, and
             # a request that failed to parse would let that recipient go uncounted.
-            "user-fail": Handler(self.user_fail, 0, 64, "user-fail USER [RECIPIENT]"),
+            "user-fail": Handler(self.user_fail, 0, 64, "user-fail USER [RECIPIENT]",
+                                 exim_only=True),
             "user-block": Handler(self.user_block, 1, 64, "user-block USER [REASON]",
                                   needs_peer=True),
             "user-unblock": Handler(self.user_unblock, 1, 1, "user-unblock USER",
                                     needs_peer=True),
         }
+        if sources is None:
+            self.table = {verb: replace(handler, fn=_FAIL_OPEN.get(verb, handler.fn))
+                          for verb, handler in self.table.items()}
+
+    @classmethod
+    def fail_open(cls, problem: str, trust: PeerTrust | None = None) -> Dispatcher:
+        """Answers for a lookupd without a usable configuration: nothing is checked, nothing
+        refused, nothing recorded; `problem` says why (shown by admin verbs and stats)."""
+        return cls(None, problem=problem, trust=trust)
+
+    @property
+    def live(self) -> Sources:
+        """The sources; only handlers of a configured Dispatcher run, so they are there."""
+        assert self.sources is not None
+        return self.sources
 
     def needs_peer(self, verb: str) -> bool:
+        """Does this verb need the peer's uid (SO_PEERCRED, or the TCP owner lookup)?"""
         handler = self.table.get(verb)
-        return handler is not None and handler.needs_peer
+        return handler is not None and (handler.needs_peer or handler.exim_only)
 
     def handle(self, request: Request, peer: Peer) -> Reply:
         """The reply (or a coroutine producing it) for one request; bad requests get `error`."""
         handler = self.table.get(request.verb)
         if handler is None:
-            log.warning("unknown verb %r from %s client: check the Exim expansion that sent it",
-                        shown(request.verb), peer.transport)
+            repeats.warning("requests with an unknown verb",
+                            "unknown verb %r from %s client: check the Exim expansion that "
+                            "sent it", shown(request.verb), peer.transport)
             return error_reply(f'unknown verb "{shown(request.verb)}"')
         if not handler.min_args <= len(request.args) <= handler.max_args:
-            log.warning("bad request %r from %s client: usage is %r", shown(" ".join(
-                (request.verb, *request.args))), peer.transport, handler.usage)
+            repeats.warning("requests with the wrong number of arguments",
+                            "bad request %r from %s client: usage is %r", shown(" ".join(
+                                (request.verb, *request.args))), peer.transport, handler.usage)
             return error_reply(f"usage: {handler.usage}")
+        if handler.exim_only and peer.transport == "tcp" and not self.trust.may_use_users(peer):
+            repeats.warning("user-state requests refused on TCP",
+                            "%s refused on TCP: the client (uid %s) is not Exim or root; only "
+                            "Exim may read or record user state (use the Unix socket, or run "
+                            "the command as root)", request.verb, peer.uid)
+            return error_reply("not permitted")
         try:
             return handler.fn(request.args, peer)
         except BadRequest as exc:
-            log.warning("bad request %r from %s client: %s",
-                        shown(" ".join((request.verb, *request.args))), peer.transport, exc)
+            repeats.warning("requests with a malformed argument",
+                            "bad request %r from %s client: %s",
+                            shown(" ".join((request.verb, *request.args))), peer.transport, exc)
             return error_reply(str(exc))
 
     # --- GeoIP ---------------------------------------------------------------------------
 
     def country(self, args: tuple[str, ...], peer: Peer) -> str:
-        return render_country(self.sources.geoip.country(_optional_ip(args)))
+        return render_country(self.live.geoip.country(_optional_ip(args)))
 
     def asn(self, args: tuple[str, ...], peer: Peer) -> str:
-        return render_asn(self.sources.geoip.asn(_optional_ip(args)))
+        return render_asn(self.live.geoip.asn(_optional_ip(args)))
 
     # --- firewall incidents --------------------------------------------------------------
 
@@ -113,7 +160,7 @@ class Dispatcher:
         ip = _optional_ip(args)
         if ip is None:
             return "0"
-        return render_incidents(self.sources.incidents.count(ip))
+        return render_incidents(self.live.incidents.count(ip))
 
     # --- DNSBL, DBL, reverse DNS (from the DNS cache at once; else a coroutine) ------------
 
@@ -121,13 +168,13 @@ class Dispatcher:
         ip = _optional_ip(args)
         if ip is None:
             return render_dnsbl(DnsblResult(Status.NOT_FOUND))
-        cached = self.sources.dnsbl.cached_ip(ip)
+        cached = self.live.dnsbl.cached_ip(ip)
         if cached is not None:
             return render_dnsbl(cached)
         return self._dnsbl(ip)
 
     async def _dnsbl(self, ip: IPv4Address | IPv6Address) -> str:
-        return render_dnsbl(await self.sources.dnsbl.check_ip(ip))
+        return render_dnsbl(await self.live.dnsbl.check_ip(ip))
 
     def dbl(self, args: tuple[str, ...], peer: Peer) -> Reply:
         if not args:
@@ -136,39 +183,41 @@ class Dispatcher:
             domain = normalize_domain(args[0])
         except ValueError:
             raise BadRequest(f'not a domain name: "{shown(args[0])}"') from None
-        cached = self.sources.dnsbl.cached_domain(domain)
+        cached = self.live.dnsbl.cached_domain(domain)
         if cached is not None:
             return render_dnsbl(cached)
         return self._dbl(domain)
 
     async def _dbl(self, domain: str) -> str:
-        return render_dnsbl(await self.sources.dnsbl.check_domain(domain))
+        return render_dnsbl(await self.live.dnsbl.check_domain(domain))
 
     def ptr(self, args: tuple[str, ...], peer: Peer) -> Reply:
         ip = _optional_ip(args)
         if ip is None:
             return render_ptr(PtrResult(Status.UNKNOWN, fcrdns="unknown"))
-        cached = self.sources.dnsbl.cached_ptr(ip)
+        cached = self.live.dnsbl.cached_ptr(ip)
         if cached is not None:
             return render_ptr(cached)
         return self._ptr(ip)
 
     async def _ptr(self, ip: IPv4Address | IPv6Address) -> str:
-        return render_ptr(await self.sources.dnsbl.ptr(ip))
+        return render_ptr(await self.live.dnsbl.ptr(ip))
 
     def stats(self, args: tuple[str, ...], peer: Peer) -> str:
-        return render_stats(self.sources.dnsbl.stats())
+        return render_stats(self.live.dnsbl.stats())
 
     # --- connect: every fact and the policy's verdict (at once when DNS is cached) ----------
 
     def connect(self, args: tuple[str, ...], peer: Peer) -> Reply:
         request = parse_args(args)
+        assert self.connect_checker is not None
         reply = self.connect_checker.answer_now(request)
         if reply is not None:
             return reply
         return self._connect(request)
 
     async def _connect(self, request: ConnectRequest) -> str:
+        assert self.connect_checker is not None
         return await self.connect_checker.answer(request)
 
     # --- authenticated-user block state (reads from memory, writes through the disk) -----
@@ -176,30 +225,30 @@ class Dispatcher:
     def user(self, args: tuple[str, ...], peer: Peer) -> str:
         if not args:
             return "ok"
-        return render_check(self.sources.users.status(args[0]))
+        return render_check(self.live.users.status(args[0]))
 
     def user_fail(self, args: tuple[str, ...], peer: Peer) -> Reply:
         if not args:
             return "ok"
-        self.sources.users.check(args[0])  # a bad name gets its `error` reply here
+        self.live.users.check(args[0])  # a bad name gets its `error` reply here
         return self._user_fail(args[0], " ".join(args[1:]) or None)
 
     async def _user_fail(self, user: str, recipient: str | None) -> str:
-        return render_check(await self.sources.users.fail(user, recipient))
+        return render_check(await self.live.users.fail(user, recipient))
 
     def user_block(self, args: tuple[str, ...], peer: Peer) -> Reply:
-        self.sources.users.check(args[0])
+        self.live.users.check(args[0])
         return self._user_admin(peer, args[0], " ".join(args[1:]))
 
     def user_unblock(self, args: tuple[str, ...], peer: Peer) -> Reply:
-        self.sources.users.check(args[0])
+        self.live.users.check(args[0])
         return self._user_admin(peer, args[0], None)
 
     async def _user_admin(self, peer: Peer, user: str, reason: str | None) -> str:
         """user-block (reason given, maybe "") or user-unblock: root or admin_group only."""
-        users = self.sources.users
+        users = self.live.users
         verb = "user-unblock" if reason is None else "user-block"
-        if not await users.admin_allowed(peer.uid, peer.gid):
+        if peer.transport != "unix" or not await users.admin_allowed(peer.uid, peer.gid):
             log.warning("%s %s refused: the %s client (uid %s, pid %s) is neither root nor in "
                         "users.admin_group; run `lookupd users` as root instead", verb,
                         shown(user), peer.transport, peer.uid, peer.pid)
@@ -218,3 +267,42 @@ def _optional_ip(args: tuple[str, ...]) -> IPv4Address | IPv6Address | None:
         return parse_ip(args[0])
     except ValueError:
         raise BadRequest(f'not an IP address: "{shown(args[0])}"') from None
+
+
+# --- fail-open answers (no usable configuration) ----------------------------------------------
+
+FAIL_OPEN_REASON = "lookupd runs without its configuration: nothing checked"
+
+
+def _fail_open_connect(args: tuple[str, ...], peer: Peer) -> str:
+    request = parse_args(args)  # a malformed request still gets its error
+    return render_connect(Verdict("accept", "none", FAIL_OPEN_REASON), unknown_facts(request))
+
+
+def _fail_open_ip(reply: str) -> HandlerFn:
+    def answer(args: tuple[str, ...], peer: Peer) -> str:
+        _optional_ip(args)
+        return reply
+    return answer
+
+
+def _fail_open_refused(args: tuple[str, ...], peer: Peer) -> str:
+    return error_reply("lookupd runs without its configuration; fix it (lookupd check-config) "
+                       "and reload (systemctl reload lookupd)")
+
+
+# Every source unknown, every connect accepted, user state "ok" and nothing recorded.
+_FAIL_OPEN: dict[str, HandlerFn] = {
+    "country": _fail_open_ip(render_country(CountryResult(Status.UNKNOWN))),
+    "asn": _fail_open_ip(render_asn(AsnResult(Status.UNKNOWN))),
+    "incidents": _fail_open_ip(render_incidents(IncidentsResult(Status.UNKNOWN))),
+    "dnsbl": lambda a, p: render_dnsbl(DnsblResult(Status.UNKNOWN)),
+    "dbl": lambda a, p: render_dnsbl(DnsblResult(Status.UNKNOWN)),
+    "ptr": _fail_open_ip(render_ptr(PtrResult(Status.UNKNOWN, fcrdns="unknown"))),
+    "stats": _fail_open_refused,
+    "connect": _fail_open_connect,
+    "user": lambda a, p: "ok",
+    "user-fail": lambda a, p: "ok",
+    "user-block": _fail_open_refused,
+    "user-unblock": _fail_open_refused,
+}

@@ -26,6 +26,8 @@ from lookupd import systemd
 from lookupd.config import EXIM_GROUPS, Config, HostPort
 from lookupd.dispatch import Dispatcher
 from lookupd.errors import BadRequest, ConfigError, ListenError
+from lookupd.logsummary import Repeats
+from lookupd.peercred import tcp_peer_uid
 from lookupd.protocol import (
     ERR_INTERNAL,
     ERR_TIMEOUT,
@@ -39,11 +41,14 @@ from lookupd.protocol import (
     shown,
 )
 from lookupd.sources import Sources
+from lookupd.trust import PeerTrust, exim_group_gid
 
 log = logging.getLogger(__name__)
+repeats = Repeats(log)
 
 # A safety net under every source's own deadline: no connection outlives this.
 ANSWER_LIMIT = 30.0
+FAIL_OPEN_REMINDER = 3600.0
 BACKLOG = 1024
 _ANONYMOUS = {"unix": Peer("unix"), "tcp": Peer("tcp")}  # for verbs that need no uid
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
@@ -66,7 +71,10 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
         self.transport = cast(asyncio.Transport, transport)
-        self.server.connections.add(self)
+        connections = self.server.connections
+        connections[self] = None
+        if len(connections) > self.server.max_connections:
+            self.server.shed_idle(self)
         self.timer = self.server.loop.call_later(self.server.read_timeout, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
@@ -102,15 +110,18 @@ class Connection(asyncio.Protocol):
     def _timed_out(self) -> None:
         if self.answered:
             return
-        log.warning("%s client sent no complete request within %.1fs (%d bytes so far); closed "
-                    "it. Exim always sends its request at once: is something else connecting?",
-                    self.kind, self.server.read_timeout, max(len(self.buffer), self.discarded))
+        repeats.warning("clients that sent no complete request in time",
+                        "%s client sent no complete request within %.1fs (%d bytes so far); "
+                        "closed it. Exim always sends its request at once: is something else "
+                        "connecting?", self.kind, self.server.read_timeout,
+                        max(len(self.buffer), self.discarded))
         self.answered = True
         self._reply(ERR_TIMEOUT)
 
     def _too_long(self) -> None:
-        log.warning("%s client sent a request longer than %d bytes; answered with an error",
-                    self.kind, MAX_REQUEST)
+        repeats.warning("requests that were too long",
+                        "%s client sent a request longer than %d bytes; answered with an error",
+                        self.kind, MAX_REQUEST)
         self.answered = True
         self._reply(ERR_TOO_LONG)
 
@@ -121,8 +132,9 @@ class Connection(asyncio.Protocol):
         try:
             request = parse_request(data)
         except BadRequest as exc:
-            log.warning("%s client sent a malformed request %r: %s", self.kind,
-                        shown(bytes(data[:MAX_REQUEST]).decode("ascii", "replace")), exc)
+            repeats.warning("malformed requests", "%s client sent a malformed request %r: %s",
+                            self.kind,
+                            shown(bytes(data[:MAX_REQUEST]).decode("ascii", "replace")), exc)
             self._reply(str(exc))
             return
         if self.server.debug:  # built only when wanted: this is the hot path
@@ -137,9 +149,10 @@ class Connection(asyncio.Protocol):
         if isinstance(reply, str):
             self._reply(reply)
         else:
-            self.server.track(self.server.loop.create_task(self._finish(reply)))
+            dispatcher.pending += 1
+            self.server.track(self.server.loop.create_task(self._finish(reply, dispatcher)))
 
-    async def _finish(self, pending: Awaitable[str]) -> None:
+    async def _finish(self, pending: Awaitable[str], dispatcher: Dispatcher) -> None:
         try:
             async with asyncio.timeout(ANSWER_LIMIT):
                 reply = await pending
@@ -149,12 +162,17 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("internal error while answering; please report this")
             reply = ERR_INTERNAL
+        finally:
+            dispatcher.pending -= 1
+            self.server.answered_on(dispatcher)
         self._reply(reply)
 
     def _peer(self, with_credentials: bool) -> Peer:
-        if self.kind == "tcp" or not with_credentials or self.transport is None:
+        if not with_credentials or self.transport is None:
             return _ANONYMOUS[self.kind]
         sock = self.transport.get_extra_info("socket")
+        if self.kind == "tcp":
+            return Peer("tcp", uid=tcp_peer_uid(sock))
         try:
             pid, uid, gid = _UCRED.unpack(
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
@@ -176,7 +194,12 @@ class Connection(asyncio.Protocol):
 
 
 class Server:
-    """Owns the listeners, the live connections and the dispatcher of the current config."""
+    """Owns the listeners, the live connections and the dispatcher of the current config.
+
+    A reload swaps `dispatcher` (everything built from one configuration) in one assignment;
+    each request keeps the dispatcher it started with. A replaced dispatcher is retired: its
+    sources are closed as soon as its last request in flight is answered (at most
+    ANSWER_LIMIT later)."""
 
     def __init__(self, config: Config, dispatcher: Dispatcher) -> None:
         self.loop = asyncio.get_running_loop()
@@ -184,23 +207,59 @@ class Server:
         self.dispatcher = dispatcher
         self.read_timeout = config.server.read_timeout
         self.debug = log.isEnabledFor(logging.DEBUG)
-        self.connections: set[Connection] = set()
+        # Oldest first (dicts keep insertion order): the first to go when there are too many.
+        self.connections: dict[Connection, None] = {}
+        self.max_connections = connection_cap()
+        self.shed_total = 0  # idle connections closed to keep room for the others
         self.tasks: set[asyncio.Task[None]] = set()
         self.listeners: list[asyncio.Server] = []
         self.owned_paths: list[tuple[Path, int]] = []  # socket files we bound: (path, inode)
-        self.retired: list[Sources] = []  # replaced by SIGHUP, closed ANSWER_LIMIT later
+        self.retired: list[Dispatcher] = []  # replaced by a reload, not yet closed
+        self.reload_wanted = False
+        self.reload_task: asyncio.Task[None] | None = None
+        self.last_reload = ""  # what the last reload did, for status
         self._idle = asyncio.Event()
         self._idle.set()
 
     def connection_done(self, conn: Connection) -> None:
-        self.connections.discard(conn)
+        self.connections.pop(conn, None)
         if not self.connections:
             self._idle.set()
 
-    def close_retired(self, sources: Sources) -> None:
-        if sources in self.retired:
-            self.retired.remove(sources)
-            self.track(self.loop.create_task(sources.close()))
+    def shed_idle(self, newest: Connection) -> None:
+        """Too many connections at once (a flood, or clients that never send): close the
+        oldest one still waiting for its request, so that the descriptors never run out and
+        Exim's connections are always accepted and answered."""
+        for conn in self.connections:
+            if conn is not newest and not conn.answered and conn.transport is not None:
+                conn.answered = True
+                conn.transport.abort()
+                self.shed_total += 1
+                repeats.warning(
+                    "idle connections closed because too many were open",
+                    "%d connections are open at once, the most lookupd keeps (its file "
+                    "descriptor limit is %d): closed the oldest idle one. A flood of clients "
+                    "that send nothing? Exim sends its request at once", len(self.connections),
+                    _fd_limit())
+                return
+
+    def swap(self, dispatcher: Dispatcher) -> None:
+        """Make `dispatcher` the one that answers; retire the one it replaces."""
+        old, self.dispatcher = self.dispatcher, dispatcher
+        self.retired.append(old)
+        self.answered_on(old)
+        if old in self.retired:  # requests still in flight: close it after them, or later
+            self.loop.call_later(ANSWER_LIMIT, self.close_retired, old)
+
+    def answered_on(self, dispatcher: Dispatcher) -> None:
+        if dispatcher.pending <= 0 and dispatcher in self.retired:
+            self.close_retired(dispatcher)
+
+    def close_retired(self, dispatcher: Dispatcher) -> None:
+        if dispatcher in self.retired:
+            self.retired.remove(dispatcher)
+            if dispatcher.sources is not None:
+                self.track(self.loop.create_task(dispatcher.sources.close()))
 
     def track(self, task: asyncio.Task[None]) -> None:
         self.tasks.add(task)
@@ -299,9 +358,9 @@ def bind_unix(path: Path, mode: int, group: str) -> socket.socket:
 def socket_gid(group: str) -> int:
     """The gid for server.socket_group ("auto": Exim's group, if any); -1 leaves it alone."""
     if group == "auto":
-        for name in EXIM_GROUPS:
-            with contextlib.suppress(KeyError):
-                return grp.getgrnam(name).gr_gid
+        gid = exim_group_gid()
+        if gid is not None:
+            return gid
         log.warning("server.socket_group = \"auto\" found none of the groups Exim runs as "
                     "(%s): the socket keeps lookupd's group, and Exim may not be allowed to "
                     "connect; set server.socket_group", ", ".join(EXIM_GROUPS))
@@ -327,6 +386,20 @@ def bind_tcp(address: HostPort) -> socket.socket:
     return sock
 
 
+def _fd_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# Descriptors kept free for what is not a client: databases, sqlite, DNS sockets, log files.
+FD_RESERVE = 256
+
+
+def connection_cap() -> int:
+    """The most client connections lookupd keeps open at once: below the descriptor limit, so
+    that accept() never fails with EMFILE (the kernel then resets good clients, unlogged)."""
+    return max(32, _fd_limit() - FD_RESERVE)
+
+
 def raise_fd_limit() -> None:
     """Silent or slow clients each hold an fd until read_timeout: allow as many as we may."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -339,8 +412,13 @@ def raise_fd_limit() -> None:
 
 
 async def run(config: Config, reload_config: Callable[[], Config] | None = None,
-              ready: Callable[[Server], None] | None = None) -> None:
-    """Listen, open the sources, notify ready, serve until SIGTERM/SIGINT, drain, close."""
+              ready: Callable[[Server], None] | None = None, *, problem: str = "") -> None:
+    """Listen, open the sources, notify ready, serve until SIGTERM/SIGINT, drain, close.
+
+    With `problem` (the configuration could not be loaded; `config` is then the fallback from
+    config.fallback_config) lookupd still listens and answers, fail-open: every source unknown,
+    every connect accepted, so that Exim always finds the socket connectable. A SIGHUP with a
+    good configuration brings it back to normal."""
     loop = asyncio.get_running_loop()
     raise_fd_limit()
     inherited = systemd.listen_fds()
@@ -357,22 +435,25 @@ async def run(config: Config, reload_config: Callable[[], Config] | None = None,
             owned.append((config.server.socket, config.server.socket.lstat().st_ino))
         if config.server.tcp is not None:
             sockets.append(bind_tcp(config.server.tcp))
-    sources = Sources.from_config(config)
-    await sources.open()
-    server = Server(config, Dispatcher(sources))
+    if problem:
+        dispatcher = Dispatcher.fail_open(problem, _trust(config))
+    else:
+        dispatcher = await build_dispatcher(config)
+    server = Server(config, dispatcher)
     server.owned_paths = owned
     await server.listen(sockets)
     where = ", ".join(_describe(s) for s in sockets)
     log.info("lookupd ready on %s%s", where, " (socket-activated)" if inherited else "")
+    if problem:
+        _warn_fail_open(problem)
+        server.track(loop.create_task(_remind_fail_open(server)))
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if reload_config is not None:
-        loop.add_signal_handler(signal.SIGHUP,
-                                lambda: server.track(loop.create_task(_reload(server,
-                                                                              reload_config))))
-    systemd.notify("READY=1\nSTATUS=answering")
+        loop.add_signal_handler(signal.SIGHUP, _request_reload, server, reload_config)
+    systemd.notify("READY=1\n" + _status(server.dispatcher))
     if ready is not None:
         ready(server)
     try:
@@ -380,36 +461,97 @@ async def run(config: Config, reload_config: Callable[[], Config] | None = None,
     finally:
         systemd.notify("STOPPING=1")
         log.info("lookupd stopping: finishing requests in flight (at most %.1fs)",
-                    config.server.drain_timeout)
-        await server.stop(config.server.drain_timeout)
-        for sources in (*server.retired, server.dispatcher.sources):
-            await sources.close()
+                 server.config.server.drain_timeout)
+        await server.stop(server.config.server.drain_timeout)
+        for retired in (*server.retired, server.dispatcher):
+            if retired.sources is not None:
+                await retired.sources.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 
+async def build_dispatcher(config: Config, previous: Dispatcher | None = None) -> Dispatcher:
+    """Everything built from one configuration, opened: the sources and the dispatcher."""
+    sources = Sources.from_config(config, previous.sources if previous else None)
+    await sources.open()
+    return Dispatcher(sources, trust=_trust(config))
+
+
+def _trust(config: Config) -> PeerTrust:
+    return PeerTrust(config.server.socket_group, config.users.admin_group)
+
+
+def _status(dispatcher: Dispatcher) -> str:
+    if dispatcher.problem:
+        return "STATUS=DEGRADED: configuration not loaded, answering fail-open (nothing " \
+               "checked): " + dispatcher.problem[:200]
+    return "STATUS=answering"
+
+
+def _warn_fail_open(problem: str) -> None:
+    log.error("configuration error: %s", problem)
+    log.error("lookupd is answering FAIL-OPEN until the configuration is fixed: every source "
+              "unknown, every connection accepted, nothing recorded. Fix it (lookupd "
+              "check-config), then reload (systemctl reload lookupd, or kill -HUP)")
+
+
+async def _remind_fail_open(server: Server) -> None:
+    """One reminder an hour while lookupd runs without its configuration."""
+    while server.dispatcher.problem:
+        await asyncio.sleep(FAIL_OPEN_REMINDER)
+        if server.dispatcher.problem:
+            log.error("still answering fail-open, without a configuration: %s",
+                      server.dispatcher.problem)
+
+
+def _request_reload(server: Server, reload_config: Callable[[], Config]) -> None:
+    """SIGHUP: reloads never overlap; signals during one are folded into one more reload."""
+    server.reload_wanted = True
+    if server.reload_task is None or server.reload_task.done():
+        server.reload_task = server.loop.create_task(_reload_while_wanted(server,
+                                                                          reload_config))
+        server.track(server.reload_task)
+
+
+async def _reload_while_wanted(server: Server, reload_config: Callable[[], Config]) -> None:
+    while server.reload_wanted:
+        server.reload_wanted = False
+        try:
+            await _reload(server, reload_config)
+        except Exception:
+            log.exception("SIGHUP: reload failed unexpectedly, still running on the old "
+                          "configuration; please report this")
+
+
 async def _reload(server: Server, reload_config: Callable[[], Config]) -> None:
-    """SIGHUP: read the config again and reopen every source; a bad config keeps the old one."""
+    """Read the config again and build everything from it beside the old set, then swap the
+    whole set at once; a bad config keeps the old one."""
     try:
         config = await asyncio.to_thread(reload_config)
     except ConfigError as exc:
-        log.error("SIGHUP: new configuration refused, still running on the old one: %s", exc)
+        server.last_reload = f"refused: {exc}"
+        if server.dispatcher.problem:
+            log.error("SIGHUP: configuration still refused, still answering fail-open: %s",
+                      exc)
+        else:
+            log.error("SIGHUP: new configuration refused, still running on the old one: %s",
+                      exc)
         return
-    old = server.dispatcher.sources
-    if (config.server.socket, config.server.tcp) != (old.config.server.socket,
-                                                     old.config.server.tcp):
+    old = server.config
+    if (config.server.socket, config.server.tcp) != (old.server.socket, old.server.tcp):
         log.warning("SIGHUP: server.socket and server.tcp changes take effect only after a "
                     "restart (systemctl restart lookupd)")
-    sources = Sources.from_config(config)
-    await sources.open()
-    server.dispatcher.sources = sources
+    was_fail_open = bool(server.dispatcher.problem)
+    dispatcher = await build_dispatcher(config, server.dispatcher)
+    server.swap(dispatcher)
     server.config = config
     server.read_timeout = config.server.read_timeout
-    log.info("SIGHUP: configuration and databases reloaded")
-    # Requests already in flight may still use the old sources: close them a little later
-    # (or at stop, whichever comes first).
-    server.retired.append(old)
-    server.loop.call_later(ANSWER_LIMIT, server.close_retired, old)
+    server.last_reload = "ok"
+    systemd.notify(_status(dispatcher))
+    if was_fail_open:
+        log.warning("SIGHUP: configuration loaded; lookupd checks clients again")
+    else:
+        log.info("SIGHUP: configuration and databases reloaded")
 
 
 def _describe(sock: socket.socket) -> str:

@@ -35,20 +35,32 @@ class Sources:
     users: UserState
 
     @classmethod
-    def from_config(cls, config: Config) -> Sources:
-        return cls(
+    def from_config(cls, config: Config, previous: Sources | None = None) -> Sources:
+        """The sources of `config`, not yet open. On a reload, `previous` (still open) hands
+        over what must not be lost or re-learnt: the DNS lists' health and answer cache."""
+        sources = cls(
             config=config,
             geoip=GeoIPSource(config.geoip),
             incidents=IncidentsSource(config.incidents),
             dnsbl=DnsblSource(config.dnsbl, config.server.state_dir),
             users=UserState(config.users, config.server.state_dir),
         )
+        if previous is not None:
+            sources.dnsbl.take_over(previous.dnsbl)
+        return sources
 
     def all(self) -> tuple[Source, ...]:
         return (self.geoip, self.incidents, self.dnsbl, self.users)
 
     async def open(self) -> None:
-        await asyncio.gather(*(source.open() for source in self.all()))
+        """Open every source; if one fails, close the others again and raise its error (a
+        reload then keeps the old set, and nothing of the new one is left running)."""
+        results = await asyncio.gather(*(source.open() for source in self.all()),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                await self.close()
+                raise result
 
     async def close(self) -> None:
         results = await asyncio.gather(*(source.close() for source in self.all()),

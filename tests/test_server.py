@@ -133,7 +133,9 @@ def test_oversized_requests(daemon) -> None:  # type: ignore[no-untyped-def]
         except (BrokenPipeError, ConnectionResetError):
             pass
     assert daemon.query("ping") == "pong"
-    assert daemon.log().count("longer than 512 bytes") >= 3
+    # Said once for each of the two ways it happens (ended in time, or still sending); the
+    # repeats are summarised (test_flood.py).
+    assert 1 <= daemon.log().count("longer than 512 bytes") <= 2
 
 
 def test_client_that_leaves_before_the_answer(daemon) -> None:  # type: ignore[no-untyped-def]
