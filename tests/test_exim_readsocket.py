@@ -132,3 +132,32 @@ def test_socket_activation_with_systemd_socket_activate(exim: Exim, sockdir: Pat
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+def readme_macro(name: str) -> str:
+    """A macro line as the README's "Exim examples" define it."""
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith(f"{name} = "):
+            return line
+    raise AssertionError(f"README defines no {name}")
+
+
+@pytest.mark.parametrize("fail_string", ["??", "LOOKUPD_RESET??"])
+def test_the_readme_reset_clears_exims_stale_socket_handle(tmp_path: Path,
+                                                           fail_string: str) -> None:
+    """exim-readsocket.md section 10: after a failed connect the next call on the same socket
+    string writes to the stale descriptor (EBADF, or a file that took the number). With the
+    README's LOOKUPD_RESET in the fail string the next call starts afresh."""
+    missing = tmp_path / "absent.sock"
+    exim = Exim(tmp_path / "exim", EXIM_BASE.format(workdir=tmp_path / "exim")
+                + f"LOOKUPD_SOCKET = {missing}\n" + readme_macro("LOOKUPD_RESET") + "\n")
+    first = exim.be(f"${{readsocket{{LOOKUPD_SOCKET}}{{country 1.2.3.4}}{{2s}}{{}}"
+                    f"{{{fail_string}}}}}")
+    assert first == "??"
+    # Two calls in one Exim process: the second shows what the first left in the handle.
+    both = exim.be(f"${{readsocket{{LOOKUPD_SOCKET}}{{country 1.2.3.4}}{{2s}}{{}}"
+                   f"{{{fail_string}}}}}|${{readsocket{{LOOKUPD_SOCKET}}{{ping}}{{2s}}}}")
+    if fail_string == "??":
+        assert both == "Failed: request write to socket failed: Bad file descriptor"
+    else:
+        assert both == f"Failed: failed to connect to socket {missing}: No such file or directory"
