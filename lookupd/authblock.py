@@ -47,6 +47,7 @@ from lookupd.users.decide import (
     check_name,
     clean_recipient,
     clean_text,
+    command,
     may_administer,
     ok,
     render_admin,
@@ -113,10 +114,12 @@ class UserState:
             return
         # Fail open, but keep the blocks we can still read: a read-only disk must not unblock.
         self._blocked = await asyncio.to_thread(_read_blocks, self.path)
-        log.warning("users: %s; user-fail answers ok and blocks nobody new until this is "
-                    "fixed (make %s writable by lookupd and free some space); %d existing "
-                    "block(s) still hold", self._writer.open_error, self.path.parent,
-                    len(self._blocked))
+        # open_error names the file, sqlite's or the OS's error and the fix (store.explain);
+        # last on the line, so that a command at its end can be copied as it is.
+        log.warning("users: user-fail answers ok (fail open) and blocks nobody new until this "
+                    "is fixed (lookupd tries again at most every %gs); %d existing block(s) "
+                    "still hold: %s", store.Writer.REOPEN_EVERY, len(self._blocked),
+                    self._writer.open_error or f"cannot open {self.path}")
 
     async def close(self) -> None:
         if not self._open:
@@ -155,7 +158,8 @@ class UserState:
         if not self._open:
             return unknown(name, "the user state is not open")
         if self._writer.pending >= MAX_PENDING:
-            return self._storage_problem(name, f"{MAX_PENDING} writes are waiting for the disk")
+            return self._storage_problem(name, f"{MAX_PENDING} writes are waiting for the disk "
+                                               f"under {self.path.parent}")
 
         def op(tx: store.Tx) -> store.FailRecord:
             record = store.record_fail(tx.conn, name, rcpt, now=time.time(),
@@ -221,7 +225,8 @@ class UserState:
         try:
             return await asyncio.wait_for(asyncio.shield(future), WRITE_DEADLINE)
         except TimeoutError:
-            problem = f"the state store did not answer within {WRITE_DEADLINE:g}s"
+            problem = (f"{self.path} did not answer within {WRITE_DEADLINE:g}s (a slow or "
+                       f"failing disk?)")
         except store.StorageError as exc:
             problem = str(exc)
         if admin:
@@ -235,10 +240,10 @@ class UserState:
         if now - self._last_warning >= WARN_EVERY:
             more = f" ({self._suppressed} more since the last warning)" if self._suppressed \
                 else ""
-            log.warning("users: cannot record an invalid-recipient event in %s: %s%s; "
-                        "answering ok (fail open): nobody new gets blocked until this is "
-                        "fixed; check free space and permissions of %s", self.path, problem,
-                        more, self.path.parent)
+            # The problem last: it may end with the command that fixes it (store.explain).
+            log.warning("users: cannot record an invalid-recipient event%s; answering ok "
+                        "(fail open), nobody new gets blocked until this is fixed: %s", more,
+                        problem)
             self._last_warning = now
             self._suppressed = 0
         else:
@@ -253,8 +258,9 @@ class UserState:
         if record.outcome is not FailOutcome.NEWLY_BLOCKED:
             return
         block = record.block
-        log.warning("users: blocked %s: %s; their mail is frozen until an admin runs "
-                    "`lookupd users unblock %s`", block.user, block.reason, block.user)
+        # The command last on the line, shell-quoted: a name may hold `;`, `$(...)`, quotes.
+        log.warning("users: blocked %s: %s; their mail is frozen until an admin unblocks "
+                    "them with: %s", block.user, block.reason, command("unblock", block.user))
         self._notify(Notice(block.user, record.count, self.config.window, block.since,
                             block.reason, record.recipients))
 

@@ -9,6 +9,7 @@ sent over the socket, so it needs no admin_group membership, only write access t
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import pwd
@@ -76,6 +77,12 @@ def run_users(args: argparse.Namespace, config: Config) -> int:
     except BadRequest as exc:
         log.error("%s", exc)
         return os.EX_USAGE
+    except PermissionError as exc:
+        # The state is 0750/0600 (store.DIR_MODE, FILE_MODE): names and recipients are private.
+        log.error("cannot use %s: %s; the user state is for root and the user lookupd runs as "
+                  "only: run this as one of them", exc.filename or path,
+                  exc.strerror or "permission denied")
+        return os.EX_NOPERM
     except sqlite3.Error as exc:
         return _storage_failed(path, exc)
     except OSError as exc:
@@ -99,6 +106,7 @@ def _by() -> str:
 def _connect(path: Path) -> sqlite3.Connection:
     """store.connect, then give files it created to the state directory's owner: run as root,
     the CLI must not leave a users.sqlite (-wal, -shm) that lookupd's own user cannot write."""
+    _check_access(path, os.R_OK | os.W_OK)
     conn = store.connect(path)
     if os.geteuid() == 0:
         owner = path.parent.stat()
@@ -114,12 +122,19 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 def _read(path: Path) -> sqlite3.Connection | None:
     """A connection for reading; None when there is no state yet (nothing was ever blocked)."""
-    if not path.exists():
+    if not path.exists():  # PermissionError when the directory is closed to this user
         return None
+    _check_access(path, os.R_OK)
     try:
         return _connect(path)
-    except sqlite3.OperationalError:
+    except (sqlite3.OperationalError, PermissionError):
         return store.connect_readonly(path)  # not writable by this user: read what is there
+
+
+def _check_access(path: Path, mode: int) -> None:
+    """PermissionError before sqlite, whose answer would be "unable to open database file"."""
+    if path.exists() and not os.access(path, mode):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
 
 def _list(path: Path, config: Config) -> int:
@@ -167,8 +182,7 @@ def _history(path: Path, config: Config, user: str) -> int:
 
 def _write(path: Path, config: Config, fn: Any) -> Any:
     """Run fn(conn) in one durable transaction, then bring the lsearch file up to date."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = _connect(path)
+    conn = _connect(path)  # creates the state directory and file (store.secure)
     try:
         conn.execute("BEGIN IMMEDIATE")
         try:

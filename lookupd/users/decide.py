@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import math
+import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -143,6 +144,13 @@ def window_text(seconds: float) -> str:
 def block_reason(count: int, window: float) -> str:
     noun = "recipient" if count == 1 else "recipients"
     return f"{count} invalid {noun} in {window_text(window)}"
+
+
+def command(action: str, user: str) -> str:
+    """`lookupd users ACTION USER` as a line an admin may paste into a shell: the name is
+    shell-quoted (it is whatever the client typed: `;`, `$(...)`, quotes all pass ${escape:}),
+    after `--` when it starts with `-` so that argparse does not take it for an option."""
+    return f"lookupd users {action} {'-- ' if user.startswith('-') else ''}{shlex.quote(user)}"
 
 
 def may_administer(uid: int | None, groups: frozenset[int], admin_gid: int | None) -> bool:

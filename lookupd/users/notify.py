@@ -22,7 +22,7 @@ from email.message import EmailMessage
 from email.utils import formatdate
 
 from lookupd.config import HostPort
-from lookupd.users.decide import clean_text, iso_utc, window_text
+from lookupd.users.decide import clean_text, command, iso_utc, window_text
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,15 @@ def build_mail(notice: Notice, to: str, hostname: str) -> bytes:
         lines.append("Some of the invalid recipients:")
         lines.extend(f"  {clean_text(r, 320)}" for r in notice.recipients)
         lines.append("")
+    # Each command on a line of its own, the name shell-quoted: it is the client's text.
     lines += [
         "Check the account (change its password), then unblock it with:",
         "",
-        f"  lookupd users unblock {notice.user}",
+        f"  {command('unblock', notice.user)}",
         "",
-        f"See its history with: lookupd users history {notice.user}",
+        "See its history with:",
+        "",
+        f"  {command('history', notice.user)}",
     ]
     msg.set_content("\n".join(lines) + "\n")
     return msg.as_bytes()

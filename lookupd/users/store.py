@@ -10,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pwd
 import queue
+import shlex
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +39,13 @@ SAMPLE_RECIPIENTS = 5
 PRUNE_EVERY = 60.0
 # One group commit takes at most this many queued operations.
 BATCH_MAX = 512
+# The state holds account names and the addresses they tried: for lookupd's user and root only,
+# whatever the umask. The directory as StateDirectoryMode= in systemd/lookupd.service (lookupd's
+# group may list it; the DNSBL cache snapshot beside it is 0640), the sqlite files 0600.
+DIR_MODE = 0o750
+FILE_MODE = 0o600
+# Modes secure() could not change, already logged: the writer reopens every 30s.
+_reported: set[str] = set()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -99,6 +110,64 @@ def db_path(state_dir: Path) -> Path:
     return state_dir / DB_NAME
 
 
+def state_files(path: Path) -> tuple[Path, Path, Path]:
+    """The database and the two files sqlite keeps beside it in WAL mode."""
+    return path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+
+
+def secure(path: Path) -> tuple[list[str], list[str]]:
+    """Create the state directory (DIR_MODE) and an empty database (FILE_MODE) if missing, and
+    take group write and all access by others from existing ones. What was changed and what
+    could not be, for one WARNING.
+
+    sqlite creates -wal and -shm with the database's mode, so a 0600 database covers them; the
+    mode is set with fchmod, not a umask (process-wide, and the daemon has threads).
+    """
+    changed: list[str] = []
+    stuck: list[str] = []
+    directory = path.parent
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(mode=DIR_MODE)  # the umask can only take bits away
+    except FileExistsError:
+        _tighten(directory, DIR_MODE | stat.S_ISGID, changed, stuck)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     FILE_MODE)
+    except FileExistsError:
+        for name in state_files(path):
+            _tighten(name, FILE_MODE, changed, stuck)
+    else:
+        try:
+            os.fchmod(fd, FILE_MODE)  # a umask such as 0277 would leave it unwritable
+        finally:
+            os.close(fd)  # sqlite takes an empty file for an empty database
+    return changed, stuck
+
+
+def _tighten(name: Path, keep: int, changed: list[str], stuck: list[str]) -> None:
+    try:
+        st = os.stat(name)
+    except FileNotFoundError:
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISDIR(st.st_mode) and mode & stat.S_ISVTX:
+        # A shared directory such as /tmp: its mode is not lookupd's to change.
+        stuck.append(f"{name} is a shared directory (mode {mode:04o}); give lookupd a "
+                     f"state_dir of its own")
+        return
+    wanted = mode & keep
+    if wanted == mode:
+        return
+    try:
+        os.chmod(name, wanted)
+    except OSError as exc:
+        stuck.append(f"{name} is {mode:04o} and cannot be made {wanted:04o} "
+                     f"({exc.strerror or exc})")
+    else:
+        changed.append(f"{name} {mode:04o} -> {wanted:04o}")
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """Open (creating if needed) the state for writing: WAL, and every commit synced.
 
@@ -106,6 +175,13 @@ def connect(path: Path) -> sqlite3.Connection:
     cut too (a kill -9 loses nothing committed at any level). sqlite refuses to change the
     level inside a transaction, so it is FULL for all; group commit keeps that cheap.
     """
+    changed, stuck = secure(path)
+    stuck = [note for note in stuck if note not in _reported]
+    _reported.update(stuck)
+    if changed or stuck:
+        log.warning("users: the user state (account names and the recipients they tried) is "
+                    "for lookupd's user and root only; tightening modes: %s",
+                    "; ".join(changed + stuck))
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True,
                            timeout=BUSY_TIMEOUT_MS / 1000)
     try:
@@ -127,6 +203,69 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def check_writable(conn: sqlite3.Connection) -> None:
+    """SQLITE_READONLY now, not at the first block: sqlite opens a file it may not write
+    read-only without a word (say a -wal left root's by a kill -9 of a lookupd run as root).
+    A write statement that changes nothing needs the write lock and a writable file."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("UPDATE blocks SET notified = notified WHERE 0")
+    finally:
+        conn.execute("ROLLBACK")
+
+
+def explain(path: Path, exc: BaseException, doing: str = "write") -> str:
+    """`cannot write PATH: ERROR; WHAT TO DO`: the error, the state files this process may not
+    use (with owner and mode) and the command that fixes them, else the likely fix."""
+    error = f"{type(exc).__name__}: {exc}" if isinstance(exc, sqlite3.Error) else str(exc)
+    return f"cannot {doing} {path}: {error}; {_advice(path, error)}"
+
+
+def _advice(path: Path, error: str) -> str:
+    me = _user_name(os.geteuid())
+    refused: list[tuple[Path, os.stat_result | None]] = []
+    needs = [(path.parent, os.W_OK | os.X_OK)] + [(f, os.R_OK | os.W_OK)
+                                                   for f in state_files(path)]
+    for name, need in needs:
+        try:
+            st = os.stat(name)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            refused.append((name, None))
+            continue
+        if not os.access(name, need):
+            refused.append((name, st))
+    if refused:
+        shown = ", ".join(
+            f"{name} (unreachable)" if st is None else
+            f"{name} (owner {_user_name(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o})"
+            for name, st in refused)
+        names = [str(name) for name, _ in refused]
+        if all(st is not None and st.st_uid == os.geteuid() for _, st in refused):
+            fix = "run: " + shlex.join(["chmod", "u+rwX", *names])
+        else:
+            fix = "as root run: " + shlex.join(["chown", me, *names])
+        return f"lookupd runs as {me} and may not write {shown}; {fix}"
+    lower = error.lower()
+    if "full" in lower or "no space" in lower or "quota" in lower:
+        return f"free some space on the file system of {path.parent}"
+    if "locked" in lower or "busy" in lower:
+        return ("another process holds its write lock (a `lookupd users` command, or a second "
+                "lookupd with the same state_dir)")
+    if "malformed" in lower or "not a database" in lower:
+        return (f"the file is damaged: stop lookupd and restore {path.name} from a backup, or "
+                "move it aside with its -wal and -shm files (its blocks are lost)")
+    return f"check the permissions and the free space of {path.parent}"
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
@@ -341,7 +480,10 @@ class Writer:
         self._thread.start()
         try:
             return await self.submit(lambda tx: load_blocks(tx.conn))
-        except StorageError:
+        except StorageError as exc:
+            # Opened, but the first read failed (locked, damaged): the warning needs a cause too.
+            if not self.open_error:
+                self.open_error = await asyncio.to_thread(explain, self.path, exc, "read")
             return None
 
     @property
@@ -399,14 +541,20 @@ class Writer:
 
     def _open(self) -> None:
         self._last_open = time.monotonic()
+        conn: sqlite3.Connection | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = connect(self.path)
-            self._data_version = data_version(self._conn)
-            self.open_error = ""
+            conn = connect(self.path)
+            check_writable(conn)
+            self._data_version = data_version(conn)
         except (sqlite3.Error, OSError) as exc:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
             self._conn = None
-            self.open_error = f"cannot open {self.path} for writing: {exc}"
+            self.open_error = explain(self.path, exc)
+            return
+        self._conn = conn
+        self.open_error = ""
 
     def _batch(self, batch: list[_Op[Any]]) -> None:
         if self._conn is None and time.monotonic() - self._last_open >= self.REOPEN_EVERY:
@@ -453,7 +601,7 @@ class Writer:
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            error = _storage_error(exc)
+            error = StorageError(explain(self.path, exc))
             return [_Done(op, error=error) for op in work]
         if tx.blocks_changed:
             self._written(conn)
