@@ -24,6 +24,7 @@ from lookupd.config import (
     parse_host_port,
 )
 from lookupd.errors import ConfigError, ListenError, LookupdError
+from lookupd.protocol import VERBS
 
 log = logging.getLogger("lookupd")
 
@@ -66,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate the configuration and exit")
     config_arg(check)
 
-    query = sub.add_parser("query", help="ask the running daemon, as Exim does")
+    verbs = "\n".join(f"  {usage:<28} {what}" for usage, what in VERBS.values())
+    query = sub.add_parser("query", help="ask the running daemon, as Exim does",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=f"verbs:\n{verbs}\n\nexample: lookupd query country "
+                                  "81.2.69.142")
     config_arg(query)
     where = query.add_mutually_exclusive_group()
     where.add_argument("--socket", type=Path, metavar="PATH",
@@ -75,8 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--local", action="store_true",
                        help="answer in this process from the configured sources, no daemon")
     query.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
-    query.add_argument("verb", metavar="VERB", help="ping, version, country, asn, incidents ...")
+    # Not argparse choices: the daemon answers an unknown verb itself (it may be newer).
+    query.add_argument("verb", metavar="VERB", help="one of the verbs below")
     query.add_argument("args", nargs="*", metavar="ARG")
+
+    reload = sub.add_parser(
+        "reload", help="make the running daemon reload its configuration, and say whether "
+                       "it was taken (exit status 78 when it was refused)")
+    config_arg(reload)
+    reload.add_argument("--socket", type=Path, metavar="PATH",
+                        help="Unix socket (default: server.socket of the config)")
+    reload.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
 
     _add_optional_commands(sub)
     return parser
@@ -100,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check_config(args)
         if args.command == "query":
             return cmd_query(args)
+        if args.command == "reload":
+            return cmd_reload(args)
         if args.command == "users":
             from lookupd.users_cli import run_users
             return run_users(args, load_config(args.config))
@@ -208,26 +224,14 @@ def cmd_query(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         reply = asyncio.run(_local_answer(config, request))
         return _print_answer(reply, time.perf_counter() - started, "in-process")
-    target: Path | HostPort
-    if args.tcp:
-        try:
-            hp = parse_host_port(args.tcp)
-        except ValueError as exc:
-            log.error("--tcp: %s", exc)
-            return os.EX_USAGE
-        assert hp is not None
-        target = hp
-    elif args.socket:
-        target = args.socket
-    else:
-        config = load_config(args.config)
-        if config.server.socket is None:
-            if config.server.tcp is None:
-                log.error("the configuration sets neither server.socket nor server.tcp")
-                return os.EX_CONFIG
-            target = config.server.tcp
-        else:
-            target = config.server.socket
+    try:
+        target = _target(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return os.EX_USAGE
+    if target is None:
+        log.error("the configuration sets neither server.socket nor server.tcp")
+        return os.EX_CONFIG
     started = time.perf_counter()
     try:
         reply = ask(target, request.encode("ascii", "replace"), args.timeout)
@@ -241,6 +245,42 @@ def cmd_query(args: argparse.Namespace) -> int:
                   exc.strerror or exc)
         return os.EX_UNAVAILABLE
     return _print_answer(reply, time.perf_counter() - started, str(target))
+
+
+def _target(args: argparse.Namespace) -> Path | HostPort | None:
+    """Where the running daemon listens: --tcp, --socket, or the configuration's."""
+    if getattr(args, "tcp", None):
+        try:
+            hp = parse_host_port(args.tcp)
+        except ValueError as exc:
+            raise ValueError(f"--tcp: {exc}") from None
+        return hp
+    if args.socket:
+        return Path(args.socket)
+    config = load_config(args.config)
+    return config.server.socket or config.server.tcp
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    target = _target(args)
+    if target is None:
+        log.error("the configuration sets no server.socket: reload with "
+                  "'systemctl reload lookupd' or 'kill -HUP PID'")
+        return os.EX_CONFIG
+    try:
+        reply = ask(target, b"reload", args.timeout)
+    except TimeoutError:
+        log.error("lookupd at %s did not finish the reload within %.0fs; see journalctl -u "
+                  "lookupd", target, args.timeout)
+        return os.EX_TEMPFAIL
+    except OSError as exc:
+        log.error("lookupd is not answering on %s (%s)", target, exc.strerror or exc)
+        return os.EX_UNAVAILABLE
+    if reply.startswith("ok"):
+        print(f"lookupd at {target}: configuration reloaded")
+        return os.EX_OK
+    log.error("lookupd at %s: %s", target, reply.removeprefix("error "))
+    return os.EX_NOPERM if reply == "error not permitted" else os.EX_CONFIG
 
 
 def ask(target: Path | HostPort, request: bytes, timeout: float) -> str:

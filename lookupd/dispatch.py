@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
+from typing import Protocol
 
 from lookupd import __version__
 from lookupd.authblock import render_admin, render_check
@@ -26,7 +27,7 @@ from lookupd.incidents import IncidentsResult
 from lookupd.ipaddr import parse_ip
 from lookupd.logsummary import Repeats
 from lookupd.outcome import Status
-from lookupd.protocol import Peer, Request, error_reply, shown
+from lookupd.protocol import VERBS, Peer, Request, error_reply, shown
 from lookupd.replies import render_asn, render_country, render_incidents
 from lookupd.sources import Sources
 from lookupd.trust import PeerTrust
@@ -51,7 +52,6 @@ class Handler:
     fn: HandlerFn
     min_args: int
     max_args: int
-    usage: str
     needs_peer: bool = False
     exim_only: bool = False
 
@@ -65,48 +65,48 @@ class Dispatcher:
     its configuration: same verbs, every source unknown, every connect accepted."""
 
     def __init__(self, sources: Sources | None, *, problem: str = "",
-                 trust: PeerTrust | None = None) -> None:
+                 trust: PeerTrust | None = None, control: Control | None = None) -> None:
         self.sources = sources
+        self.control = control
         self.problem = problem  # why lookupd runs fail-open ("" when it does not)
         self.trust = trust or PeerTrust()
         self.pending = 0  # coroutine answers in flight (the server closes a retired set at 0)
         self.connect_checker = None if sources is None else ConnectChecker(
             sources.config.connect, sources.geoip, sources.incidents, sources.dnsbl)
         self.table: dict[str, Handler] = {
-            "ping": Handler(lambda a, p: "pong", 0, 0, "ping"),
-            "version": Handler(lambda a, p: f"lookupd {__version__}", 0, 0, "version"),
+            "ping": Handler(lambda a, p: "pong", 0, 0),
+            "version": Handler(lambda a, p: f"lookupd {__version__}", 0, 0),
             # Exim sends an empty argument for local submissions: `country ` answers --.
-            "country": Handler(self.country, 0, 1, "country IP"),
-            "asn": Handler(self.asn, 0, 1, "asn IP"),
-            "incidents": Handler(self.incidents, 0, 1, "incidents IP"),
+            "country": Handler(self.country, 0, 1),
+            "asn": Handler(self.asn, 0, 1),
+            "incidents": Handler(self.incidents, 0, 1),
             # No address (local submission) or no domain (bounce sender): nothing to list.
-            "dnsbl": Handler(self.dnsbl, 0, 1, "dnsbl IP"),
-            "dbl": Handler(self.dbl, 0, 1, "dbl DOMAIN"),
-            "ptr": Handler(self.ptr, 0, 1, "ptr IP"),
-            "stats": Handler(self.stats, 0, 0, "stats"),
+            "dnsbl": Handler(self.dnsbl, 0, 1),
+            "dbl": Handler(self.dbl, 0, 1),
+            "ptr": Handler(self.ptr, 0, 1),
+            "stats": Handler(self.stats, 0, 0),
             # One verdict per SMTP connection from every source at once. HELO is optional
             # (none yet at connect time); whatever follows PORT is taken as the HELO name.
-            "connect": Handler(self.connect, 0, 64, "connect IP [PORT] [HELO]"),
+            "connect": Handler(self.connect, 0, 64),
             # Authenticated-user block state. No user (an unauthenticated session): `ok`.
-            "user": Handler(self.user, 0, 1, "user USER", exim_only=True),
+            "user": Handler(self.user, 0, 1, exim_only=True),
             # The recipient is the rest of the line: a quoted local part may hold spaces, and
             # a request that failed to parse would let that recipient go uncounted.
-            "user-fail": Handler(self.user_fail, 0, 64, "user-fail USER [RECIPIENT]",
-                                 exim_only=True),
-            "user-block": Handler(self.user_block, 1, 64, "user-block USER [REASON]",
-                                  needs_peer=True),
-            "user-unblock": Handler(self.user_unblock, 1, 1, "user-unblock USER",
-                                    needs_peer=True),
+            "user-fail": Handler(self.user_fail, 0, 64, exim_only=True),
+            "user-block": Handler(self.user_block, 1, 64, needs_peer=True),
+            "user-unblock": Handler(self.user_unblock, 1, 1, needs_peer=True),
+            "reload": Handler(self.reload, 0, 0, needs_peer=True),
         }
         if sources is None:
             self.table = {verb: replace(handler, fn=_FAIL_OPEN.get(verb, handler.fn))
                           for verb, handler in self.table.items()}
 
     @classmethod
-    def fail_open(cls, problem: str, trust: PeerTrust | None = None) -> Dispatcher:
+    def fail_open(cls, problem: str, trust: PeerTrust | None = None,
+                  control: Control | None = None) -> Dispatcher:
         """Answers for a lookupd without a usable configuration: nothing is checked, nothing
         refused, nothing recorded; `problem` says why (shown by admin verbs and stats)."""
-        return cls(None, problem=problem, trust=trust)
+        return cls(None, problem=problem, trust=trust, control=control)
 
     @property
     def live(self) -> Sources:
@@ -130,8 +130,9 @@ class Dispatcher:
         if not handler.min_args <= len(request.args) <= handler.max_args:
             repeats.warning("requests with the wrong number of arguments",
                             "bad request %r from %s client: usage is %r", shown(" ".join(
-                                (request.verb, *request.args))), peer.transport, handler.usage)
-            return error_reply(f"usage: {handler.usage}")
+                                (request.verb, *request.args))), peer.transport,
+                            VERBS[request.verb][0])
+            return error_reply(f"usage: {VERBS[request.verb][0]}")
         if handler.exim_only and peer.transport == "tcp" and not self.trust.may_use_users(peer):
             repeats.warning("user-state requests refused on TCP",
                             "%s refused on TCP: the client (uid %s) is not Exim or root; only "
@@ -257,6 +258,26 @@ class Dispatcher:
         if reason is None:
             return render_admin(await users.unblock(user, by=by))
         return render_admin(await users.block(user, reason, by=by))
+
+
+    # --- control ---------------------------------------------------------------------------
+
+    def reload(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        """Reload now and say whether the new configuration was taken (systemctl reload)."""
+        if not self.trust.may_administer(peer):
+            log.warning("reload refused: the %s client (uid %s, pid %s) is not root, lookupd's "
+                        "user or in users.admin_group; use systemctl reload lookupd",
+                        peer.transport, peer.uid, peer.pid)
+            return error_reply("not permitted")
+        if self.control is None:
+            return error_reply("reload is not available here")
+        return self.control.reload()
+
+
+class Control(Protocol):
+    """What the server offers the control verbs."""
+
+    def reload(self) -> Awaitable[str]: ...
 
 
 def _optional_ip(args: tuple[str, ...]) -> IPv4Address | IPv6Address | None:

@@ -28,6 +28,27 @@ ERR_NOT_ASCII = "error request is not printable ASCII"
 ERR_TIMEOUT = "error request not received in time"
 ERR_INTERNAL = "error internal error, see the lookupd log"
 
+# Every verb lookupd answers: its usage and what it answers (README "The protocol" says more).
+# dispatch.py answers exactly these; `lookupd query --help` lists them.
+VERBS: dict[str, tuple[str, str]] = {
+    "ping": ("ping", "pong: lookupd is answering"),
+    "version": ("version", "lookupd's version"),
+    "country": ("country IP", "ISO country code; -- none; ?? unknown"),
+    "asn": ("asn IP", "AS number and organisation"),
+    "incidents": ("incidents IP", "the firewall database's incident count"),
+    "dnsbl": ("dnsbl IP", "the DNS block lists' verdict (key=value pairs)"),
+    "dbl": ("dbl DOMAIN", "the domain lists' verdict (key=value pairs)"),
+    "ptr": ("ptr IP", "reverse name and whether it resolves back"),
+    "stats": ("stats", "the DNS lists' figures"),
+    "connect": ("connect IP [PORT] [HELO]", "every fact and lookupd's verdict on a client"),
+    "user": ("user USER", "ok, or blocked - since=... reason=..."),
+    "user-fail": ("user-fail USER [RECIPIENT]", "record an invalid recipient; the state after"),
+    "user-block": ("user-block USER [REASON]", "block a user (root or users.admin_group)"),
+    "user-unblock": ("user-unblock USER", "unblock a user (root or users.admin_group)"),
+    "reload": ("reload", "reload the configuration and say whether it was taken (root, "
+                         "lookupd's user or users.admin_group)"),
+}
+
 _PRINTABLE = re.compile(rb"[\x20-\x7e\t]*")
 _MAX_SHOWN = 40  # longest piece of client text echoed in an error reply
 

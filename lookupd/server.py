@@ -18,13 +18,14 @@ import signal
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal, cast
 
 from lookupd import systemd
 from lookupd.config import EXIM_GROUPS, Config, HostPort
-from lookupd.dispatch import Dispatcher
+from lookupd.dispatch import Control, Dispatcher
 from lookupd.errors import BadRequest, ConfigError, ListenError
 from lookupd.logsummary import Repeats
 from lookupd.peercred import tcp_peer_uid
@@ -217,7 +218,8 @@ class Server:
         self.retired: list[Dispatcher] = []  # replaced by a reload, not yet closed
         self.reload_wanted = False
         self.reload_task: asyncio.Task[None] | None = None
-        self.last_reload = ""  # what the last reload did, for status
+        self.last_reload = ""  # what the last reload did: "ok" or "refused: ..."
+        self.reload_config: Callable[[], Config] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -250,6 +252,18 @@ class Server:
         self.answered_on(old)
         if old in self.retired:  # requests still in flight: close it after them, or later
             self.loop.call_later(ANSWER_LIMIT, self.close_retired, old)
+
+    async def reload(self) -> str:
+        """The `reload` verb: reload now (folded with any SIGHUP under way) and say how it
+        went, so that `systemctl reload lookupd` fails when the new file is refused."""
+        if self.reload_config is None:
+            return "error reload is not available: lookupd runs without a configuration file"
+        _request_reload(self, self.reload_config)
+        assert self.reload_task is not None
+        await asyncio.shield(self.reload_task)
+        if self.last_reload == "ok":
+            return "ok reloaded"
+        return "error reload " + " ".join(self.last_reload.split())
 
     def answered_on(self, dispatcher: Dispatcher) -> None:
         if dispatcher.pending <= 0 and dispatcher in self.retired:
@@ -435,11 +449,12 @@ async def run(config: Config, reload_config: Callable[[], Config] | None = None,
             owned.append((config.server.socket, config.server.socket.lstat().st_ino))
         if config.server.tcp is not None:
             sockets.append(bind_tcp(config.server.tcp))
+    server = Server(config, Dispatcher.fail_open(problem or "starting", _trust(config)))
+    server.reload_config = reload_config
     if problem:
-        dispatcher = Dispatcher.fail_open(problem, _trust(config))
+        server.dispatcher.control = server
     else:
-        dispatcher = await build_dispatcher(config)
-    server = Server(config, dispatcher)
+        server.dispatcher = await build_dispatcher(config, control=server)
     server.owned_paths = owned
     await server.listen(sockets)
     where = ", ".join(_describe(s) for s in sockets)
@@ -470,11 +485,12 @@ async def run(config: Config, reload_config: Callable[[], Config] | None = None,
             loop.remove_signal_handler(sig)
 
 
-async def build_dispatcher(config: Config, previous: Dispatcher | None = None) -> Dispatcher:
+async def build_dispatcher(config: Config, previous: Dispatcher | None = None, *,
+                           control: Control | None = None) -> Dispatcher:
     """Everything built from one configuration, opened: the sources and the dispatcher."""
     sources = Sources.from_config(config, previous.sources if previous else None)
     await sources.open()
-    return Dispatcher(sources, trust=_trust(config))
+    return Dispatcher(sources, trust=_trust(config), control=control)
 
 
 def _trust(config: Config) -> PeerTrust:
@@ -526,10 +542,14 @@ async def _reload_while_wanted(server: Server, reload_config: Callable[[], Confi
 async def _reload(server: Server, reload_config: Callable[[], Config]) -> None:
     """Read the config again and build everything from it beside the old set, then swap the
     whole set at once; a bad config keeps the old one."""
+    # systemd (Type=notify-reload, 253+) waits for READY=1 after RELOADING=1; older ones
+    # ignore both.
+    systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         config = await asyncio.to_thread(reload_config)
     except ConfigError as exc:
         server.last_reload = f"refused: {exc}"
+        systemd.notify("READY=1")
         if server.dispatcher.problem:
             log.error("SIGHUP: configuration still refused, still answering fail-open: %s",
                       exc)
@@ -542,12 +562,12 @@ async def _reload(server: Server, reload_config: Callable[[], Config]) -> None:
         log.warning("SIGHUP: server.socket and server.tcp changes take effect only after a "
                     "restart (systemctl restart lookupd)")
     was_fail_open = bool(server.dispatcher.problem)
-    dispatcher = await build_dispatcher(config, server.dispatcher)
+    dispatcher = await build_dispatcher(config, server.dispatcher, control=server)
     server.swap(dispatcher)
     server.config = config
     server.read_timeout = config.server.read_timeout
     server.last_reload = "ok"
-    systemd.notify(_status(dispatcher))
+    systemd.notify("READY=1\n" + _status(dispatcher))
     if was_fail_open:
         log.warning("SIGHUP: configuration loaded; lookupd checks clients again")
     else:

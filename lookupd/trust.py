@@ -46,6 +46,7 @@ class PeerTrust:
     def __init__(self, socket_group: str = "auto", admin_group: str = "") -> None:
         self._gids = frozenset(gid for gid in (group_gid(socket_group), group_gid(admin_group))
                                if gid is not None)
+        self._admin_gid = group_gid(admin_group) if admin_group else None
         self._own_uid = os.getuid()
         self._cache: dict[int, tuple[float, bool]] = {}
 
@@ -64,6 +65,15 @@ class PeerTrust:
             self._cache.clear()
         self._cache[uid] = (now + _CACHE_SECONDS, allowed)
         return allowed
+
+    def may_administer(self, peer: Peer) -> bool:
+        """Control verbs (reload): on the Unix socket only, root, lookupd's own user (systemd's
+        ExecReload) or a member of users.admin_group."""
+        if peer.transport != "unix" or peer.uid is None:
+            return False
+        if peer.uid in (0, self._own_uid):
+            return True
+        return self._admin_gid is not None and self._admin_gid in self._groups_of(peer.uid)
 
     @staticmethod
     def _groups_of(uid: int) -> frozenset[int]:

@@ -423,3 +423,48 @@ def test_tcp_owner_lookup_sees_the_peer() -> None:
         conn, _ = server.accept()
         with client, conn:
             assert tcp_peer_uid(conn) == os.geteuid()
+
+
+# --- `lookupd reload`: what systemctl reload runs, and it says whether the file was taken ----
+
+def lookupd_cli(*args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
+    prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user else []
+    return subprocess.run([*prefix, sys.executable, "-m", "lookupd", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_reload_command_says_whether_the_configuration_was_taken(
+        start_lookupd: StartLookupd) -> None:
+    daemon = start_lookupd('[server]\nsocket_mode = "0666"\n'
+                           f'[geoip]\ncountry_db = "{MAXMIND / "GeoIP2-Country-Test.mmdb"}"\n')
+    taken = lookupd_cli("reload", "--socket", str(daemon.socket))
+    assert (taken.returncode, taken.stdout) == (0, f"lookupd at {daemon.socket}: "
+                                                   "configuration reloaded\n"), taken.stderr
+    daemon.config_path.write_text('[geoip]\ncountry_fieldd = "x"\n')
+    refused = lookupd_cli("reload", "--socket", str(daemon.socket))
+    assert refused.returncode == os.EX_CONFIG, refused
+    assert "refused" in refused.stderr and "geoip.country_fieldd" in refused.stderr
+    assert daemon.query(f"country {CLEAN}") == "GB"  # still the old configuration
+    if os.geteuid() == 0:
+        other = lookupd_cli("reload", "--socket", str(daemon.socket), user=NOBODY)
+        assert other.returncode == os.EX_NOPERM, other
+        assert "not permitted" in other.stderr
+
+
+def test_reload_command_brings_a_fail_open_daemon_back(start_lookupd: StartLookupd) -> None:
+    daemon = start_lookupd(BROKEN)
+    assert daemon.query(f"country {CLEAN}") == "??"
+    daemon.config_path.write_text(
+        f'[geoip]\ncountry_db = "{MAXMIND / "GeoIP2-Country-Test.mmdb"}"\n'
+        '[dnsbl]\nlist = []\nnameservers = ["127.0.0.1:9"]\n[users]\nnotify_command = ""\n')
+    taken = lookupd_cli("reload", "--socket", str(daemon.socket))
+    assert taken.returncode == 0, taken.stderr
+    assert daemon.query(f"country {CLEAN}") == "GB"
+
+
+def test_query_help_lists_every_verb() -> None:
+    from lookupd.dispatch import Dispatcher
+
+    shown = lookupd_cli("query", "--help").stdout
+    for verb in Dispatcher.fail_open("test").table:
+        assert f"\n  {verb}" in shown, verb

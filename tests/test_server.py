@@ -256,7 +256,9 @@ def test_query_command(daemon, sockdir: Path) -> None:  # type: ignore[no-untype
 
 def test_query_local_needs_no_daemon(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
-    config.write_text(with_test_defaults(CONFIG))
+    # Its own state dir: never the system's /var/lib/lookupd.
+    config.write_text(with_test_defaults(f'[server]\nstate_dir = "{tmp_path}/state"\n'
+                                         + CONFIG))
     out = subprocess.run([sys.executable, "-m", "lookupd", "query", "--config", str(config),
                           "--local", "incidents", "203.0.113.7"], capture_output=True,
                          text=True, cwd=REPO, timeout=30, check=False)
