@@ -1,21 +1,34 @@
 """GeoIP source: country and AS number from MaxMind GeoIP2/GeoLite2 or DB-IP .mmdb files.
 
 Lookups are synchronous on purpose: with maxminddb's C extension one takes 5-10 us, so the server
-calls them inline. geoipupdate replaces the files by rename every week; a lookup notices a new file
-at most once per check_interval and a background thread opens and verifies it before it is swapped
-in, so a broken download never replaces a working database.
+calls them inline. geoipupdate replaces the files by rename every week, admins often with `cp` over
+the old file; a lookup notices a new file at most once per check_interval and a background thread
+copies it into private memory, verifies the copy and only then swaps it in, so a broken download
+never replaces a working database.
+
+The C reader maps that private copy (a sealed memfd), never the file itself: a file mapped
+directly and then overwritten or truncated in place kills the process with SIGBUS on the next
+lookup that touches a page past its new end. Lookups on the copy are as fast as on the file;
+maxminddb's pure-Python MODE_MEMORY reader would be 7-8 times slower. The copy costs memory the
+size of the file, not shared and not reclaimable without swap (9.3 MiB for a 9.7 MB Country, 63
+MiB for a 66 MB City database), twice that while a replacement is verified. A file written in
+place is read only once two checks in a row see it unchanged, so a `cp` in progress is not read
+half-written; a file that fails verification while still changing is looked at again at the next
+check, and only one that fails once it has stopped changing is refused and reported.
 
 Verification (open_verified) is metadata sanity, a check of every search-tree record done on
 whole byte planes (`_record_lanes`), decoding the data records of a sample of nodes, and probe
 lookups. Measured on the 2-core project machine (warm page cache): real GeoLite2-Country (9.7 MB,
-1.6 M nodes) 0.12 s, GeoLite2-City (66 MB, 6.1 M nodes) 0.5 s. A full walk decoding every network
-with the C reader's iterator took 11.9 s for Country alone, so it is not done.
+1.6 M nodes) 0.12 s, GeoLite2-City (66 MB, 6.1 M nodes) 0.5 s; copying the file into memory
+first adds about 0.01 s and 0.05 s. A full walk decoding every network with the C reader's
+iterator took 11.9 s for Country alone, so it is not done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import mmap
@@ -147,6 +160,7 @@ _FIELDS = {
     "asn": ("autonomous_system_number",),
 }
 _CHUNK_NODES = 1 << 16  # nodes per step: bounds memory and how long the GIL is held
+_COPY_STEP = 1 << 24  # bytes per sendfile() call when copying a database into memory
 _HIGH_NIBBLE = bytes(b >> 4 for b in range(256))
 _LOW_NIBBLE = bytes(b & 0x0F for b in range(256))
 # Addresses looked up to exercise the decoder: one in every IPv4 /8 (1-223), 64 across 2000::/4.
@@ -157,66 +171,112 @@ _PROBES: tuple[IPAddress, ...] = (
 
 
 def identity_of(path: Path) -> Identity:
-    st = os.stat(path)
+    return _identity(os.stat(path))
+
+
+def _identity(st: os.stat_result) -> Identity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def open_verified(path: Path, kind: Kind) -> OpenedDb:
-    """Open `path` and check it is a sound `kind` database; raise Refused saying why not.
+    """Copy `path` into private memory, check the copy is a sound `kind` database and open a
+    reader on it; raise Refused saying why not.
 
     Blocking (up to about a second for a 70 MB City database): call it through to_thread.
     """
     for _ in range(3):
         try:
-            before = identity_of(path)
-            reader = maxminddb.open_database(os.fspath(path), maxminddb.MODE_AUTO)
+            copied = _private_copy(path)
         except FileNotFoundError:
             raise Refused("no such file") from None
         except PermissionError:
             raise Refused("permission denied: make it readable by the lookupd user") from None
         except OSError as exc:
             raise Refused(f"cannot read it: {exc.strerror}") from None
-        except (maxminddb.InvalidDatabaseError, ValueError) as exc:
-            with contextlib.suppress(OSError):
-                if identity_of(path) != before:
-                    continue  # caught half-written or mid-rename: look again
-            log.debug("%s: %s", path, exc)
-            raise Refused("not a valid MaxMind DB file (corrupt or truncated?)", before) \
-                from None
+        if copied is None:
+            continue  # written to while copied: look again
+        fd, identity = copied
         try:
-            problem = _verify(path, reader, kind)
-            after = identity_of(path)
-        except BaseException:
-            reader.close()
-            raise
-        if after != before:
-            reader.close()
-            continue
-        if problem:
-            reader.close()
-            raise Refused(problem, before)
-        meta = reader.metadata()
-        log.debug("%s: %s reader for %s", path, type(reader).__module__, meta.database_type)
-        return OpenedDb(reader, path, before, meta.database_type, meta.build_epoch,
-                        meta.ip_version == 4)
+            return _open_copy(fd, path, identity, kind)
+        finally:
+            os.close(fd)  # the reader's own mapping keeps the copy alive
     raise Refused("the file kept changing while lookupd read it")
 
 
-def _verify(path: Path, reader: maxminddb.Reader, kind: Kind) -> str | None:
+def _private_copy(path: Path) -> tuple[int, Identity] | None:
+    """A sealed memfd holding the bytes of `path`, and which version of the file they are;
+    None when the file changed while it was copied.
+
+    Sealed against writing, shrinking and growing, so no one, lookupd included, can change the
+    copy or cut pages from under a mapping of it (the SIGBUS a shared mapping of the file risks).
+    """
+    with open(path, "rb") as fh:
+        before = _identity(os.fstat(fh.fileno()))
+        try:
+            # The name shows in /proc/PID/maps; the kernel takes up to 249 bytes.
+            fd = os.memfd_create(f"lookupd-geoip:{path.name[:200]}",
+                                 os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as exc:
+            raise Refused(f"cannot make a copy in memory: {exc.strerror}") from None
+        try:
+            while os.sendfile(fd, fh.fileno(), None, _COPY_STEP):
+                pass  # until EOF, not st_size: the file may have grown meanwhile
+            if _identity(os.fstat(fh.fileno())) != before:
+                os.close(fd)
+                return None
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK
+                        | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        except OSError as exc:
+            os.close(fd)
+            raise Refused(f"cannot copy it into memory: {exc.strerror}", before) from None
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd, before
+
+
+def _open_copy(fd: int, path: Path, identity: Identity, kind: Kind) -> OpenedDb:
+    """Open a reader on the private copy `fd` of `path` and verify it; raise Refused if bad."""
+    if os.fstat(fd).st_size == 0:
+        raise Refused("the file is empty (truncated, or still being written?)", identity)
+    try:
+        # The C extension opens a path only; /proc/self/fd names the memfd. It maps the copy,
+        # then closes its descriptor.
+        reader = maxminddb.open_database(f"/proc/self/fd/{fd}", maxminddb.MODE_AUTO)
+    except (maxminddb.InvalidDatabaseError, ValueError) as exc:
+        log.debug("%s: %s", path, exc)
+        raise Refused("not a valid MaxMind DB file (corrupt, truncated, or still being "
+                      "written?)", identity) from None
+    except OSError as exc:  # no /proc mounted, for one
+        raise Refused(f"cannot open its copy in memory: {exc}", identity) from None
+    try:
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buf:
+            problem = _verify(buf, reader, kind)
+    except BaseException:
+        reader.close()
+        raise
+    if problem:
+        reader.close()
+        raise Refused(problem, identity)
+    meta = reader.metadata()
+    log.debug("%s: %s reader for %s", path, type(reader).__module__, meta.database_type)
+    return OpenedDb(reader, path, identity, meta.database_type, meta.build_epoch,
+                    meta.ip_version == 4)
+
+
+def _verify(buf: mmap.mmap, reader: maxminddb.Reader, kind: Kind) -> str | None:
     meta = reader.metadata()
     if meta.binary_format_major_version != 2:
         return f"unsupported format version {meta.binary_format_major_version}"
     if meta.record_size not in (24, 28, 32) or meta.ip_version not in (4, 6):
         return "invalid metadata (record_size or ip_version)"
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        problem = check_layout(buf, meta.node_count, meta.record_size)
-        if problem:
-            return problem
-        if not isinstance(meta.database_type, str) or \
-                not _TYPES[kind].search(meta.database_type):
-            want = "a Country or City" if kind == "country" else "an ASN"
-            return f"it is a {meta.database_type!r} database, not {want} database"
-        problem = check_data(buf, meta.node_count, meta.record_size, kind)
+    problem = check_layout(buf, meta.node_count, meta.record_size)
+    if problem:
+        return problem
+    if not isinstance(meta.database_type, str) or not _TYPES[kind].search(meta.database_type):
+        want = "a Country or City" if kind == "country" else "an ASN"
+        return f"it is a {meta.database_type!r} database, not {want} database"
+    problem = check_data(buf, meta.node_count, meta.record_size, kind)
     return problem or check_probes(reader, meta.ip_version)
 
 
@@ -392,6 +452,8 @@ class _Database:
         self.reason = f"{_WHAT[kind]} database not opened"
         # The file last tried, good or refused: a refused file is not retried until it changes.
         self._tried: tuple[Path, Identity] | None = None
+        # What the previous check found: a file written in place must look the same twice.
+        self._seen: tuple[Path, Identity] | None = None
         self._next_check = 0.0
         self._task: asyncio.Task[None] | None = None
         self._gone_warned = False
@@ -418,9 +480,9 @@ class _Database:
         except (maxminddb.InvalidDatabaseError, ValueError, TypeError) as exc:
             if not self._error_warned:
                 self._error_warned = True
-                log.warning("GeoIP %s database %s fails on lookups (%s): it was probably "
-                            "overwritten in place; replace it by rename (geoipupdate does) or "
-                            "send lookupd SIGHUP", _WHAT[self.kind], opened.path, exc)
+                log.warning("GeoIP %s database %s fails on lookups (%s): it is corrupt in a "
+                            "way verification missed; run geoipupdate again or put a good copy "
+                            "in place", _WHAT[self.kind], opened.path, exc)
             log.debug("%s lookup of %s failed: %s", self.kind, ip, exc)
             raise _LookupFailed(f"{_WHAT[self.kind]} database error") from None
 
@@ -437,6 +499,7 @@ class _Database:
         if self._closed or (self._task is not None and not self._task.done()):
             return
         found = self._find()
+        seen, self._seen = self._seen, found
         if found is None:
             if self.opened is not None and not self._gone_warned:
                 self._gone_warned = True
@@ -446,14 +509,33 @@ class _Database:
             return
         if found == self._tried:
             return
+        settled = found == seen
+        if not settled and self._written_in_place(found):
+            # `cp new.mmdb GeoLite2-Country.mmdb` truncates the file, then fills it: wait
+            # until it stops changing rather than read it half-written.
+            log.debug("GeoIP %s database %s changed in place; waiting for it to settle",
+                      self.kind, found[0])
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # called outside the daemon's loop: nothing to schedule on
-        self._task = loop.create_task(self.load(), name=f"geoip-{self.kind}-load")
+        self._task = loop.create_task(self.load(settled=settled),
+                                      name=f"geoip-{self.kind}-load")
 
-    async def load(self, *, force: bool = False, starting: bool = False) -> None:
-        """Open and verify the current file if it is new (or `force`), then swap it in."""
+    def _written_in_place(self, found: tuple[Path, Identity]) -> bool:
+        """Is `found` the file tried last (same path, device and inode) with new contents?"""
+        tried = self._tried
+        return tried is not None and tried[0] == found[0] and tried[1][:2] == found[1][:2]
+
+    async def load(self, *, force: bool = False, starting: bool = False,
+                   settled: bool = True) -> None:
+        """Open and verify the current file if it is new (or `force`), then swap it in.
+
+        A file that is not `settled` (it changed since the previous check) and fails
+        verification may still be being written: it is looked at again at the next check, and
+        refused (and reported) only if it fails once it has stopped changing.
+        """
         found = self._find()
         if found is None:
             self._missing(starting)
@@ -461,10 +543,13 @@ class _Database:
         if found == self._tried and not force:
             return
         path = found[0]
-        self._tried = found
         try:
             opened = await asyncio.to_thread(open_verified, path, self.kind)
         except Refused as exc:
+            if not settled:
+                log.debug("GeoIP %s database %s not usable yet (%s); looking again at the "
+                          "next check", self.kind, path, exc)
+                return
             self._tried = (path, exc.identity or found[1])
             self._refused(path, str(exc))
             return
@@ -477,6 +562,16 @@ class _Database:
         built = time.strftime("%Y-%m-%d", time.gmtime(opened.build_epoch))
         log.info("GeoIP %s database %s (%s, built %s) %s", _WHAT[self.kind], path,
                  opened.database_type, built, "loaded" if old is None else "replaced")
+
+    def problem(self) -> str:
+        """Why no database answers, with where it was looked for ("" when one answers)."""
+        if self.opened is not None:
+            return ""
+        if self.reason != f"no {_WHAT[self.kind]} database":
+            return self.reason
+        if self._configured is not None:
+            return f"{self.reason}: {self._configured} does not exist"
+        return f"{self.reason} in {', '.join(sorted({str(p.parent) for p in self._candidates}))}"
 
     def _missing(self, starting: bool) -> None:
         what = _WHAT[self.kind]
@@ -501,12 +596,12 @@ class _Database:
         what = _WHAT[self.kind]
         if self.opened is not None:
             log.warning("GeoIP %s database %s refused: %s. Still answering from the previous "
-                        "file; run geoipupdate again or put a good copy in place (by rename). "
-                        "lookupd tries again when the file changes", what, path, problem)
+                        "file; run geoipupdate again or put a good copy in place. lookupd "
+                        "tries again when the file changes", what, path, problem)
             return
         self.reason = f"{what} database unusable"
         log.warning("GeoIP %s database %s refused: %s. %s answers are ?? until it is replaced: "
-                    "run geoipupdate again or put a good copy in place (by rename); lookupd "
+                    "run geoipupdate again or put a good copy in place; lookupd "
                     "tries again when the file changes", what, path, problem, what.capitalize())
 
     async def open(self) -> None:
@@ -567,6 +662,15 @@ class GeoIPSource:
     @property
     def asn_db(self) -> OpenedDb | None:
         return self._asn.opened
+
+    @property
+    def country_problem(self) -> str:
+        """Why no country database answers ("" when one does), for status output."""
+        return self._country.problem()
+
+    @property
+    def asn_problem(self) -> str:
+        return self._asn.problem()
 
     def country(self, ip: IPAddress | None) -> CountryResult:
         """Country of `ip`; None (empty argument) and non-public addresses have none."""

@@ -260,6 +260,99 @@ async def test_same_type_corruption_refused(make_source: Callable[[GeoIPConfig],
         assert len(warnings_about(caplog, f"{path} refused")) == 1, name
 
 
+def write_in_place(src: Path, dst: Path) -> None:
+    """Overwrite dst's contents in place, keeping its inode, as `cp src dst` does."""
+    with open(dst, "r+b") as fh:
+        fh.truncate(0)
+        fh.write(src.read_bytes())
+
+
+@pytest.fixture
+def open_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The paths open_verified is called with, from now on."""
+    calls: list[Path] = []
+    real = geoip.open_verified
+
+    def counted(path: Path, kind: geoip.Kind) -> geoip.OpenedDb:
+        calls.append(path)
+        return real(path, kind)
+
+    monkeypatch.setattr(geoip, "open_verified", counted)
+    return calls
+
+
+async def test_file_written_in_place_is_taken_once_settled(make_source: Callable[[GeoIPConfig],
+        Awaitable[GeoIPSource]], tmp_path: Path, open_calls: list[Path]) -> None:
+    path = tmp_path / "GeoIP2-Country.mmdb"
+    shutil.copyfile(MAXMIND / BEFORE_DB, path)
+    src = await make_source(config(tmp_path, path, check_interval=0.05))
+    open_calls.clear()
+    assert src.country(parse_ip(MARKER)).code == MARKER_BEFORE
+    write_in_place(MAXMIND / AFTER_DB, path)
+    await asyncio.sleep(0.06)
+    # The first check sees the file changed in place (a cp may still be writing): not read.
+    assert src.country(parse_ip(MARKER)).code == MARKER_BEFORE
+    await asyncio.sleep(0.02)
+    assert open_calls == []
+    await asyncio.sleep(0.06)
+    # The next check sees it unchanged: read, verified and taken.
+    await eventually(lambda: src.country(parse_ip(MARKER)).code == MARKER_AFTER)
+    assert open_calls == [path]
+
+
+async def test_unsettled_bad_file_is_reported_only_once_settled(make_source: Callable[
+        [GeoIPConfig], Awaitable[GeoIPSource]], tmp_path: Path, open_calls: list[Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "GeoIP2-Country.mmdb"
+    shutil.copyfile(MAXMIND / BEFORE_DB, path)
+    src = await make_source(config(tmp_path, path, check_interval=0.05))
+    open_calls.clear()
+    half = tmp_path / "half.mmdb"
+    half.write_bytes((MAXMIND / AFTER_DB).read_bytes()[:10_000])
+    os.replace(half, path)  # a new file, caught half-written: tried at once...
+    await asyncio.sleep(0.06)
+    assert src.country(parse_ip(MARKER)).code == MARKER_BEFORE
+    await eventually(lambda: len(open_calls) == 1 and src._country._task is not None
+                     and src._country._task.done())
+    assert warnings_about(caplog, "refused") == []  # ...but not reported: it may be growing
+    await asyncio.sleep(0.06)
+    # Unchanged at the next check: tried again and refused, once.
+    await eventually(lambda: bool(src.country(parse_ip(MARKER))) and
+                     bool(warnings_about(caplog, "refused")))
+    for _ in range(4):
+        assert src.country(parse_ip(MARKER)).code == MARKER_BEFORE
+        await asyncio.sleep(0.06)
+    msgs = warnings_about(caplog, "refused")
+    assert len(msgs) == 1 and "still being written?" in msgs[0], msgs
+    assert open_calls == [path, path]
+
+
+def test_database_is_read_from_a_private_copy(tmp_path: Path) -> None:
+    """The reader maps a sealed copy in memory, not the file: cutting the file cannot cut it."""
+    path = tmp_path / "GeoIP2-Country.mmdb"
+    shutil.copyfile(MAXMIND / BEFORE_DB, path)
+    opened = open_verified(path, "country")
+    try:
+        maps = Path("/proc/self/maps").read_text()
+        assert "memfd:lookupd-geoip:GeoIP2-Country.mmdb" in maps
+        assert str(path) not in maps
+        path.write_bytes(b"")
+        record = opened.reader.get(IPv4Address("81.2.69.142"))
+        assert geoip.country_from_record(record, "country") == CountryResult(Status.FOUND, "GB")
+    finally:
+        opened.reader.close()
+
+
+def test_no_memory_copy_is_a_clear_refusal(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(name: str, flags: int = 0) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "memfd_create", refuse)  # as a seccomp filter without @ipc would
+    with pytest.raises(Refused, match="^cannot make a copy in memory: Operation not permitted$"):
+        open_verified(MAXMIND / BEFORE_DB, "country")
+
+
 async def test_sighup_reload_retries_and_picks_up(make_source: Callable[[GeoIPConfig],
         Awaitable[GeoIPSource]], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "GeoIP2-Country.mmdb"
