@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from bench import chart, compare, connect, core, designs, dnsbl, harness, users
+from bench import chart, compare, connect, core, counting, designs, dnsbl, harness, users
 from bench.harness import BenchError, Context, Settings, SuiteResult
 
 log = logging.getLogger("bench")
@@ -42,6 +42,7 @@ SUITES = (
     Suite("connect", connect.DESCRIPTION, connect.run, default=True),
     Suite("compare", compare.DESCRIPTION, compare.run, default=True),
     Suite("designs", designs.DESCRIPTION, designs.run, default=False),
+    Suite("counting", counting.DESCRIPTION, counting.run, default=True),
 )
 
 # `--results`: the committed record of a run on this machine (bench/RESULTS.md and its chart).

@@ -121,6 +121,15 @@ class UserState:
                     "still hold: %s", store.Writer.REOPEN_EVERY, len(self._blocked),
                     self._writer.open_error or f"cannot open {self.path}")
 
+    @property
+    def blocked_count(self) -> int:
+        return len(self._blocked)
+
+    @property
+    def problem(self) -> str:
+        """Why user-fail cannot record events now ("" when it can)."""
+        return self._writer.open_error
+
     async def close(self) -> None:
         if not self._open:
             return

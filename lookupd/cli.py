@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -92,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Unix socket (default: server.socket of the config)")
     reload.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
 
+    status = sub.add_parser(
+        "status", help="what the running daemon is doing; exit status 0 ok, 1 degraded, "
+                       "2 critical or not answering (usable as a monitoring check)")
+    config_arg(status)
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("--socket", type=Path, metavar="PATH",
+                       help="Unix socket (default: server.socket of the config)")
+    where.add_argument("--tcp", metavar="HOST:PORT", help="loopback TCP listener")
+    status.add_argument("--json", action="store_true", help="the daemon's JSON, as it is")
+    status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+
     _add_optional_commands(sub)
     return parser
 
@@ -116,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_query(args)
         if args.command == "reload":
             return cmd_reload(args)
+        if args.command == "status":
+            return cmd_status(args)
         if args.command == "users":
             from lookupd.users_cli import run_users
             return run_users(args, load_config(args.config))
@@ -203,11 +217,19 @@ def _run_loop(coro: Any) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.config, required=args.config is not None)
-    problems = file_problems(config)
+    """Every check `serve` makes of the file, every problem at once, each naming its key."""
+    try:
+        config = load_config(args.config, required=args.config is not None)
+    except ConfigError as exc:
+        problems = exc.problems
+    else:
+        problems = file_problems(config)
     for problem in problems:
         log.error("%s", problem)
     if problems:
+        log.error("%d problem(s); lookupd would answer fail-open (nothing checked) with this "
+                  "file at start, and a reload would keep the running configuration",
+                  len(problems))
         return os.EX_CONFIG
     where = config.source or "embedded defaults (no /etc/lookupd/lookupd.toml)"
     print(f"{where}: configuration OK")
@@ -281,6 +303,33 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return os.EX_OK
     log.error("lookupd at %s: %s", target, reply.removeprefix("error "))
     return os.EX_NOPERM if reply == "error not permitted" else os.EX_CONFIG
+
+
+# Monitoring plugin exit statuses (ok, warning, critical), as check_* commands use them.
+STATUS_EXIT = {"ok": 0, "warning": 1, "critical": 2}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from lookupd.status import render_text
+
+    try:
+        target = _target(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return os.EX_USAGE
+    if target is None:
+        print("CRITICAL: the configuration sets neither server.socket nor server.tcp")
+        return STATUS_EXIT["critical"]
+    try:
+        reply = ask(target, b"status", args.timeout)
+        state = json.loads(reply)
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"CRITICAL: lookupd is not answering on {target} ({why}): Exim's lookups fail "
+              "open. Start it: systemctl start lookupd.socket")
+        return STATUS_EXIT["critical"]
+    print(reply if args.json else render_text(state))
+    return STATUS_EXIT.get(state.get("level"), STATUS_EXIT["critical"])
 
 
 def ask(target: Path | HostPort, request: bytes, timeout: float) -> str:

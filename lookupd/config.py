@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import grp
 import ipaddress
 import os
 import re
@@ -174,6 +175,18 @@ def _country_codes(value: tuple[str, ...]) -> str | None:
     return f"not ISO 3166-1 alpha-2 codes in upper case (e.g. \"GB\"): {bad}" if bad else None
 
 
+def _group_exists(value: str) -> str | None:
+    """A group name must exist here ("auto" and "" need none): serve would refuse it."""
+    if value in ("", "auto"):
+        return None
+    try:
+        grp.getgrnam(value)
+    except KeyError:
+        return (f'= "{value}": there is no such group on this system; use the group Exim '
+                'runs as (Debian: "Debian-exim"; Sympl, cPanel: "exim" or "mail"), or "auto"')
+    return None
+
+
 def _parsed(parse: Callable[[object], Any], check: Callable[[Any], str | None] | None = None,
             ) -> dict[str, Any]:
     meta: dict[str, Any] = {"parse": parse}
@@ -199,7 +212,7 @@ class ServerConfig:
     socket_mode: int = field(default=0o660, metadata=_parsed(parse_mode))
     # Group that owns the socket: "auto" takes the group Exim runs as (the first that exists
     # of EXIM_GROUPS), a name sets it, "" leaves the process's group.
-    socket_group: str = "auto"
+    socket_group: str = field(default="auto", metadata=_checked(_group_exists))
     # Optional loopback TCP listener for Exim's `inet:127.0.0.1:PORT` form; "" is off.
     tcp: HostPort | None = field(default=None, metadata=_parsed(_parse_tcp))
     # How long a client may take to send its request before lookupd closes the connection.
@@ -224,6 +237,9 @@ class GeoIPConfig:
     country_field: Literal["country", "registered_country"] = "country"
     # How often lookupd looks whether geoipupdate replaced a database file.
     check_interval: float = field(default=30.0, metadata=_parsed(parse_duration, _positive))
+    # `lookupd status` (and the metrics' lookupd_health) calls a country database built
+    # longer ago than this stale: geoipupdate runs weekly, so 5 weeks means it stopped. 0: off.
+    stale_after: float = field(default=35 * 86400.0, metadata=_parsed(parse_duration))
 
 
 @dataclass(frozen=True)
@@ -351,7 +367,7 @@ class UsersConfig:
     # Compare user names without regard to case (most authenticators do).
     case_insensitive: bool = True
     # Members of this group (and root) may run user-block / user-unblock over the socket.
-    admin_group: str = ""
+    admin_group: str = field(default="", metadata=_checked(_group_exists))
     # Command that gets the notification mail on stdin; "" sends none.
     notify_command: str = "/usr/sbin/sendmail -t -oi"
     notify_to: str = "postmaster"
@@ -397,6 +413,14 @@ class ConnectConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: the `metrics` verb always answers; this adds an HTTP listener for a
+    Prometheus scraper, loopback only (GET /metrics), e.g. "127.0.0.1:9466"."""
+
+    listen: HostPort | None = field(default=None, metadata=_parsed(_parse_tcp))
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; `source` is the file it came from (None: embedded defaults)."""
 
@@ -406,6 +430,7 @@ class Config:
     dnsbl: DnsblConfig = field(default_factory=DnsblConfig)
     users: UsersConfig = field(default_factory=UsersConfig)
     connect: ConnectConfig = field(default_factory=ConnectConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = field(default=None, metadata={"internal": True})
 
 
@@ -478,34 +503,39 @@ def _from_raw(raw: dict[str, Any], where: str, source: Path | None,
 
 
 def _build(cls: type[Any], raw: object, where: str, prefix: str) -> Any:
+    """One section (or the whole file) from its TOML table. Every problem of the table and of
+    the tables in it is collected: ConfigError.problems lists them all, so the admin sees
+    every mistake of a file at once."""
     label = prefix or "top level"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: {label} must be a table")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     toml_names = {_TOML_NAMES.get((cls, name), name): name for name in fields}
-    unknown = sorted(set(raw) - set(toml_names))
-    if unknown:
-        known = ", ".join(sorted(toml_names))
-        raise ConfigError(
-            f"{where}: unknown key {_join(prefix, unknown[0])}: check the spelling; "
-            f"{label} takes {known}"
-        )
+    known = ", ".join(sorted(toml_names))
+    problems = [f"{where}: unknown key {_join(prefix, name)}: check the spelling; "
+                f"{label} takes {known}" for name in sorted(set(raw) - set(toml_names))]
     values: dict[str, Any] = {}
     for toml_name, name in toml_names.items():
         f = fields[name]
         key = _join(prefix, toml_name)
         if toml_name not in raw:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{where}: {key} is required")
+                problems.append(f"{where}: {key} is required")
             continue
-        value = _convert(hints[name], f.metadata, raw[toml_name], where, key)
-        check = f.metadata.get("check")
-        if check is not None:
-            problem = check(value)
-            if problem:
-                raise ConfigError(f"{where}: {key} {problem}")
+        try:
+            value = _convert(hints[name], f.metadata, raw[toml_name], where, key)
+            check = f.metadata.get("check")
+            if check is not None:
+                problem = check(value)
+                if problem:
+                    raise ConfigError(f"{where}: {key} {problem}")
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
         values[name] = value
+    if problems:
+        raise ConfigError("\n".join(problems), problems)
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
@@ -519,8 +549,15 @@ def _convert(tp: Any, meta: Mapping[str, Any], raw: object, where: str, key: str
         item_tp = typing.get_args(tp)[0]
         if not isinstance(raw, list):
             raise ConfigError(f"{where}: {key} must be a list, e.g. {key.split('.')[-1]} = [...]")
-        return tuple(_convert(item_tp, meta, item, where, f"{key}[{i}]")
-                     for i, item in enumerate(raw))
+        items, problems = [], []
+        for i, item in enumerate(raw):
+            try:
+                items.append(_convert(item_tp, meta, item, where, f"{key}[{i}]"))
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+        if problems:
+            raise ConfigError("\n".join(problems), problems)
+        return tuple(items)
     if parse is not None:
         try:
             return parse(raw)

@@ -256,8 +256,10 @@ class ConnectChecker:
     decides, and logs the refusals."""
 
     def __init__(self, config: ConnectConfig, geoip: GeoIPLookup, incidents: IncidentsLookup,
-                 dnsbl: DnsblLookup) -> None:
+                 dnsbl: DnsblLookup, *,
+                 on_verdict: Callable[[Verdict, Facts], None] | None = None) -> None:
         self.config = config
+        self.on_verdict = on_verdict  # the metrics' count of verdicts
         self.geoip = geoip
         self.incidents = incidents
         self.dnsbl = dnsbl
@@ -287,6 +289,8 @@ class ConnectChecker:
 
     def _conclude(self, facts: Facts) -> str:
         verdict = decide(facts, self.config)
+        if self.on_verdict is not None:
+            self.on_verdict(verdict, facts)
         line = log_line(verdict, facts)
         if line is not None:
             # One line per refusal: the admin's record of why (Exim logs the SMTP side).

@@ -8,6 +8,7 @@ no task per request; they return a coroutine when the source needs the network o
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -26,10 +27,12 @@ from lookupd.geoip import AsnResult, CountryResult
 from lookupd.incidents import IncidentsResult
 from lookupd.ipaddr import parse_ip
 from lookupd.logsummary import Repeats
+from lookupd.metrics import Metrics
 from lookupd.outcome import Status
-from lookupd.protocol import VERBS, Peer, Request, error_reply, shown
+from lookupd.protocol import VERBS, Document, Peer, Request, error_reply, shown
 from lookupd.replies import render_asn, render_country, render_incidents
 from lookupd.sources import Sources
+from lookupd.status import Snapshot
 from lookupd.trust import PeerTrust
 
 log = logging.getLogger(__name__)
@@ -72,7 +75,8 @@ class Dispatcher:
         self.trust = trust or PeerTrust()
         self.pending = 0  # coroutine answers in flight (the server closes a retired set at 0)
         self.connect_checker = None if sources is None else ConnectChecker(
-            sources.config.connect, sources.geoip, sources.incidents, sources.dnsbl)
+            sources.config.connect, sources.geoip, sources.incidents, sources.dnsbl,
+            on_verdict=control.metrics.verdict if control is not None else None)
         self.table: dict[str, Handler] = {
             "ping": Handler(lambda a, p: "pong", 0, 0),
             "version": Handler(lambda a, p: f"lookupd {__version__}", 0, 0),
@@ -96,6 +100,8 @@ class Dispatcher:
             "user-block": Handler(self.user_block, 1, 64, needs_peer=True),
             "user-unblock": Handler(self.user_unblock, 1, 1, needs_peer=True),
             "reload": Handler(self.reload, 0, 0, needs_peer=True),
+            "status": Handler(self.status, 0, 0),
+            "metrics": Handler(self.metrics, 0, 0),
         }
         if sources is None:
             self.table = {verb: replace(handler, fn=_FAIL_OPEN.get(verb, handler.fn))
@@ -273,11 +279,28 @@ class Dispatcher:
             return error_reply("reload is not available here")
         return self.control.reload()
 
+    def status(self, args: tuple[str, ...], peer: Peer) -> str:
+        if self.control is None:
+            return error_reply("status is not available here")
+        return json.dumps(self.control.status().to_json(), separators=(",", ":"))
+
+    def metrics(self, args: tuple[str, ...], peer: Peer) -> str:
+        if self.control is None:
+            return error_reply("metrics are not available here")
+        return Document(self.control.metrics_text())
+
 
 class Control(Protocol):
     """What the server offers the control verbs."""
 
+    @property
+    def metrics(self) -> Metrics: ...
+
     def reload(self) -> Awaitable[str]: ...
+
+    def status(self) -> Snapshot: ...
+
+    def metrics_text(self) -> str: ...
 
 
 def _optional_ip(args: tuple[str, ...]) -> IPv4Address | IPv6Address | None:

@@ -8,7 +8,12 @@ class LookupdError(Exception):
 
 
 class ConfigError(LookupdError):
-    """The configuration file (or a command-line override) is not valid."""
+    """The configuration file (or a command-line override) is not valid. `problems` holds
+    every problem found, one message each; str() is all of them, one a line."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 class BadRequest(LookupdError):

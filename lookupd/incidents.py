@@ -369,6 +369,16 @@ class IncidentsSource:
         """The index answering now, with its schema and load time (for status output)."""
         return self._loaded
 
+    @property
+    def path(self) -> Path | None:
+        """The database file configured or found (for status output)."""
+        return self._find()
+
+    @property
+    def problem(self) -> str:
+        """Why no index answers ("" when one does)."""
+        return "" if self._loaded is not None else self._reason
+
     def count(self, ip: IPAddress) -> IncidentsResult:
         """How many incidents the firewall counted for `ip` (0 is NOT_FOUND)."""
         now = time.monotonic()

@@ -26,11 +26,15 @@ from prometheus_client.core import (
     Metric,
 )
 
+from lookupd.outcome import Status
+
 if TYPE_CHECKING:
     from lookupd.connect import Facts, Verdict
     from lookupd.status import Snapshot
 
 log = logging.getLogger(__name__)
+
+UNKNOWN = Status.UNKNOWN
 
 # Seconds, from an answer out of memory (~0.1 ms) to the DNS deadline (seconds).
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -40,28 +44,33 @@ class Metrics:
     """Counters kept for the daemon's whole life (a reload keeps them)."""
 
     def __init__(self) -> None:
-        self.requests: defaultdict[tuple[str, str], int] = defaultdict(int)
-        self.latency: dict[str, list[int]] = {}  # verb -> counts per bucket (+Inf last)
-        self.latency_sum: defaultdict[str, float] = defaultdict(float)
+        # verb -> [ok, error, sum of seconds, count per bucket ..., +Inf]: one dict lookup
+        # and list stores a reply.
+        self.by_verb: dict[str, list[float]] = {}
         self.verdicts: defaultdict[tuple[str, str, str], int] = defaultdict(int)
-        self.unknown_facts: defaultdict[str, int] = defaultdict(int)
+        self.unknown_facts = {"country": 0, "incidents": 0, "dnsbl": 0, "ptr": 0}
         self.reloads: defaultdict[str, int] = defaultdict(int)
 
     def answered(self, verb: str, error: bool, seconds: float) -> None:
         """One reply: its verb ("-" for a request that did not parse) and how long it took."""
-        self.requests[verb, "error" if error else "ok"] += 1
-        counts = self.latency.get(verb)
-        if counts is None:
-            counts = self.latency[verb] = [0] * (len(BUCKETS) + 1)
-        counts[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self.latency_sum[verb] += seconds
+        row = self.by_verb.get(verb)
+        if row is None:
+            row = self.by_verb[verb] = [0.0] * (len(BUCKETS) + 4)
+        row[error] += 1
+        row[2] += seconds
+        row[3 + bisect.bisect_left(BUCKETS, seconds)] += 1
 
     def verdict(self, verdict: Verdict, facts: Facts) -> None:
         """One connect verdict; the facts a source could not give are counted too."""
         self.verdicts[verdict.action, verdict.rule, verdict.would] += 1
-        for name in ("country", "incidents", "dnsbl", "ptr"):
-            if getattr(facts, name).status.value == "unknown":
-                self.unknown_facts[name] += 1
+        if facts.country.status is UNKNOWN:
+            self.unknown_facts["country"] += 1
+        if facts.incidents.status is UNKNOWN:
+            self.unknown_facts["incidents"] += 1
+        if facts.dnsbl.status is UNKNOWN:
+            self.unknown_facts["dnsbl"] += 1
+        if facts.ptr.status is UNKNOWN:
+            self.unknown_facts["ptr"] += 1
 
 
 class _Collector:
@@ -92,17 +101,18 @@ class _Collector:
         requests = CounterMetricFamily("lookupd_requests", "Requests answered, by verb and "
                                        "whether the answer was an error", labels=["verb",
                                                                                   "outcome"])
-        for (verb, outcome), n in sorted(m.requests.items()):
-            requests.add_metric([verb, outcome], n)
-        yield requests
         latency = HistogramMetricFamily("lookupd_answer_seconds", "Time from a complete "
                                         "request to its answer", labels=["verb"])
-        for verb, counts in sorted(m.latency.items()):
-            running, buckets = 0, []
-            for bound, count in zip((*map(str, BUCKETS), "+Inf"), counts, strict=True):
+        for verb, row in sorted(m.by_verb.items()):
+            for outcome, answered in (("ok", row[0]), ("error", row[1])):
+                if answered:
+                    requests.add_metric([verb, outcome], answered)
+            running, buckets = 0.0, []
+            for bound, count in zip((*map(str, BUCKETS), "+Inf"), row[3:], strict=True):
                 running += count
                 buckets.append((bound, running))
-            latency.add_metric([verb], buckets, m.latency_sum[verb])
+            latency.add_metric([verb], buckets, row[2])
+        yield requests
         yield latency
         verdicts = CounterMetricFamily("lookupd_connect_verdicts", "connect verdicts by "
                                        "action, rule, and what a log-only rule would have done",
@@ -113,7 +123,8 @@ class _Collector:
         unknown = CounterMetricFamily("lookupd_connect_unknown_facts", "connect answers with "
                                       "a fact its source could not give", labels=["fact"])
         for name, n in sorted(m.unknown_facts.items()):
-            unknown.add_metric([name], n)
+            if n:
+                unknown.add_metric([name], n)
         yield unknown
 
         yield GaugeMetricFamily("lookupd_connections", "Client connections open",

@@ -47,6 +47,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "user-unblock": ("user-unblock USER", "unblock a user (root or users.admin_group)"),
     "reload": ("reload", "reload the configuration and say whether it was taken (root, "
                          "lookupd's user or users.admin_group)"),
+    "status": ("status", "lookupd's state as one line of JSON (lookupd status shows it)"),
+    "metrics": ("metrics", "the metrics in Prometheus' text format (several lines)"),
 }
 
 _PRINTABLE = re.compile(rb"[\x20-\x7e\t]*")
@@ -108,9 +110,16 @@ def error_reply(reason: str) -> str:
     return f"error {reason}"
 
 
+class Document(str):
+    """A reply of several lines, for people and tools, never for Exim (`metrics`)."""
+
+
 def check_reply(reply: str) -> bytes:
-    """Encode a reply for the wire; a reply must be one printable ASCII line."""
+    """Encode a reply for the wire; a reply must be one printable ASCII line (a Document may
+    have several)."""
     data = reply.encode("ascii", "replace")
+    if isinstance(reply, Document):
+        return data
     if b"\n" in data or b"\r" in data:
         raise ValueError(f"reply contains a line break: {reply!r}")
     return data

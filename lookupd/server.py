@@ -28,6 +28,7 @@ from lookupd.config import EXIM_GROUPS, Config, HostPort
 from lookupd.dispatch import Control, Dispatcher
 from lookupd.errors import BadRequest, ConfigError, ListenError
 from lookupd.logsummary import Repeats
+from lookupd.metrics import Metrics, exposition, serve_http
 from lookupd.peercred import tcp_peer_uid
 from lookupd.protocol import (
     ERR_INTERNAL,
@@ -35,6 +36,7 @@ from lookupd.protocol import (
     ERR_TOO_LONG,
     MAX_DISCARD,
     MAX_REQUEST,
+    VERBS,
     Peer,
     check_reply,
     parse_request,
@@ -42,6 +44,7 @@ from lookupd.protocol import (
     shown,
 )
 from lookupd.sources import Sources
+from lookupd.status import Snapshot, collect
 from lookupd.trust import PeerTrust, exim_group_gid
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,8 @@ _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 class Connection(asyncio.Protocol):
     """One client connection: read one request, answer it, close."""
 
-    __slots__ = ("server", "kind", "transport", "buffer", "discarded", "answered", "timer")
+    __slots__ = ("server", "kind", "transport", "buffer", "discarded", "answered", "timer",
+                 "verb", "started")
 
     def __init__(self, server: Server, kind: Literal["unix", "tcp"]) -> None:
         self.server = server
@@ -68,6 +72,8 @@ class Connection(asyncio.Protocol):
         self.discarded = -1  # >= 0 once the request is known to be too long
         self.answered = False
         self.timer: asyncio.TimerHandle | None = None
+        self.verb = "-"  # for the metrics: "-" until a request parsed
+        self.started = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
@@ -128,6 +134,7 @@ class Connection(asyncio.Protocol):
 
     def _answer(self, data: bytes | bytearray) -> None:
         self.answered = True
+        self.started = time.perf_counter()
         if self.timer is not None:
             self.timer.cancel()
         try:
@@ -140,6 +147,7 @@ class Connection(asyncio.Protocol):
             return
         if self.server.debug:  # built only when wanted: this is the hot path
             log.debug("request %s %s", request.verb, shown(" ".join(request.args)))
+        self.verb = request.verb if request.verb in VERBS else "unknown"
         dispatcher = self.server.dispatcher
         try:
             reply = dispatcher.handle(request, self._peer(dispatcher.needs_peer(request.verb)))
@@ -192,6 +200,9 @@ class Connection(asyncio.Protocol):
             data = ERR_INTERNAL.encode()
         transport.write(data)
         transport.close()
+        if self.started:
+            self.server.metrics.answered(self.verb, reply.startswith("error "),
+                                         time.perf_counter() - self.started)
 
 
 class Server:
@@ -220,6 +231,9 @@ class Server:
         self.reload_task: asyncio.Task[None] | None = None
         self.last_reload = ""  # what the last reload did: "ok" or "refused: ..."
         self.reload_config: Callable[[], Config] | None = None
+        self.metrics = Metrics()
+        self.started = time.time()
+        self.http: asyncio.Server | None = None
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -265,6 +279,18 @@ class Server:
             return "ok reloaded"
         return "error reload " + " ".join(self.last_reload.split())
 
+    def status(self) -> Snapshot:
+        dispatcher = self.dispatcher
+        return collect(started=self.started, config=self.config.source,
+                       fail_open=dispatcher.problem, last_reload=self.last_reload,
+                       listeners=tuple(_describe(s) for listener in self.listeners
+                                       for s in listener.sockets),
+                       connections=len(self.connections), shed=self.shed_total,
+                       sources=dispatcher.sources)
+
+    def metrics_text(self) -> str:
+        return exposition(self.metrics, self.status())
+
     def answered_on(self, dispatcher: Dispatcher) -> None:
         if dispatcher.pending <= 0 and dispatcher in self.retired:
             self.close_retired(dispatcher)
@@ -300,6 +326,8 @@ class Server:
         """Stop accepting, let in-flight requests finish (bounded), then drop the rest."""
         for listener in self.listeners:
             listener.close()
+        if self.http is not None:
+            self.http.close()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(drain_timeout):
                 await self._idle.wait()
@@ -457,6 +485,13 @@ async def run(config: Config, reload_config: Callable[[], Config] | None = None,
         server.dispatcher = await build_dispatcher(config, control=server)
     server.owned_paths = owned
     await server.listen(sockets)
+    if config.metrics.listen is not None:
+        try:
+            server.http = await serve_http(config.metrics.listen.host, config.metrics.listen.port,
+                                           server.metrics_text)
+        except OSError as exc:
+            log.error("metrics.listen: cannot listen on %s (%s); the metrics verb still "
+                      "answers", config.metrics.listen, exc.strerror or exc)
     where = ", ".join(_describe(s) for s in sockets)
     log.info("lookupd ready on %s%s", where, " (socket-activated)" if inherited else "")
     if problem:
@@ -549,6 +584,7 @@ async def _reload(server: Server, reload_config: Callable[[], Config]) -> None:
         config = await asyncio.to_thread(reload_config)
     except ConfigError as exc:
         server.last_reload = f"refused: {exc}"
+        server.metrics.reloads["refused"] += 1
         systemd.notify("READY=1")
         if server.dispatcher.problem:
             log.error("SIGHUP: configuration still refused, still answering fail-open: %s",
@@ -567,6 +603,7 @@ async def _reload(server: Server, reload_config: Callable[[], Config]) -> None:
     server.config = config
     server.read_timeout = config.server.read_timeout
     server.last_reload = "ok"
+    server.metrics.reloads["ok"] += 1
     systemd.notify("READY=1\n" + _status(dispatcher))
     if was_fail_open:
         log.warning("SIGHUP: configuration loaded; lookupd checks clients again")

@@ -113,3 +113,43 @@ def test_check_config_reports_missing_files(tmp_path: Path,
     text = capsys.readouterr().err
     assert "geoip.country_db" in text and "GeoLite2-Contry.mmdb does not exist" in text
     assert "connect.allowlist_files[0]" in text and "is not a file" in text
+
+
+def test_check_config_reports_every_problem_at_once(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, '[server]\nsocket_group = "nosuchgroup"\nread_timeout = "x"\n'
+                           '[geoip]\nbogus = 1\n'
+                           '[[dnsbl.list]]\nzone = "a.test"\nweight = "x"\n'
+                           '[[dnsbl.list]]\nzon = "b.test"\n'
+                           '[connect]\ndeny_countries = ["gb"]\n')
+    assert main(["check-config", "--config", str(path)]) == 78
+    lines = [line.split(" ERROR lookupd: ", 1)[1]
+             for line in capsys.readouterr().err.splitlines() if " ERROR lookupd: " in line]
+    assert lines == [
+        f'{path}: server.socket_group = "nosuchgroup": there is no such group on this system; '
+        'use the group Exim runs as (Debian: "Debian-exim"; Sympl, cPanel: "exim" or "mail"), '
+        'or "auto"',
+        f'{path}: server.read_timeout: "x" is not a duration: write e.g. 2.5, "500ms", "30s", '
+        '"1h"',
+        f"{path}: unknown key geoip.bogus: check the spelling; geoip takes asn_db, "
+        "check_interval, country_db, country_field",
+        f"{path}: dnsbl.list[0].weight must be a number",
+        f"{path}: unknown key dnsbl.list[1].zon: check the spelling; dnsbl.list[1] takes "
+        "codes, families, kind, name, spamhaus, weight, zone",
+        f"{path}: dnsbl.list[1].zone is required",
+        f"{path}: connect.deny_countries not ISO 3166-1 alpha-2 codes in upper case (e.g. "
+        "\"GB\"): ['gb']",
+        "7 problem(s); lookupd would answer fail-open (nothing checked) with this file at "
+        "start, and a reload would keep the running configuration",
+    ]
+
+
+def test_a_group_serve_would_refuse_is_a_config_error(tmp_path: Path) -> None:
+    """check-config and serve agree: a socket group that does not exist is refused at load
+    time (serve then answers fail-open on the default socket instead of exiting)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, '[users]\nadmin_group = "no-such-admins"\n'))
+    assert err.value.problems == [
+        f'{tmp_path / "lookupd.toml"}: users.admin_group = "no-such-admins": there is no '
+        'such group on this system; use the group Exim runs as (Debian: "Debian-exim"; '
+        'Sympl, cPanel: "exim" or "mail"), or "auto"']
