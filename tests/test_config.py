@@ -132,7 +132,7 @@ def test_check_config_reports_every_problem_at_once(tmp_path: Path,
         f'{path}: server.read_timeout: "x" is not a duration: write e.g. 2.5, "500ms", "30s", '
         '"1h"',
         f"{path}: unknown key geoip.bogus: check the spelling; geoip takes asn_db, "
-        "check_interval, country_db, country_field",
+        "check_interval, country_db, country_field, stale_after",
         f"{path}: dnsbl.list[0].weight must be a number",
         f"{path}: unknown key dnsbl.list[1].zon: check the spelling; dnsbl.list[1] takes "
         "codes, families, kind, name, spamhaus, weight, zone",
