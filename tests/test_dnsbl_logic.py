@@ -9,7 +9,7 @@ import pytest
 
 from lookupd.config import DnsblListConfig
 from lookupd.dnsbl.answers import DnsAnswer, negative_ttl, positive_ttl
-from lookupd.dnsbl.cache import AnswerCache, carry_over, decode_snapshot, encode_snapshot
+from lookupd.dnsbl.cache import AnswerCache, carry_over
 from lookupd.dnsbl.codes import classify, error_advice, parse_code, parse_codes
 from lookupd.dnsbl.health import Health, OncePer, judge, standing
 from lookupd.dnsbl.names import (
@@ -22,6 +22,7 @@ from lookupd.dnsbl.names import (
     reverse_ip,
 )
 from lookupd.dnsbl.render import exim_value, printable, render_dnsbl, render_ptr, render_stats
+from lookupd.dnsbl.snapshot import decode_snapshot, encode_snapshot
 from lookupd.dnsbl.stats import DnsblStats, ListStats, percentile
 from lookupd.dnsbl.verdict import (
     DnsblResult,

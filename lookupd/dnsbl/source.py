@@ -21,14 +21,7 @@ from typing import Any, Generic, TypeVar
 
 from lookupd.config import DnsblConfig
 from lookupd.dnsbl.answers import DnsAnswer
-from lookupd.dnsbl.cache import (
-    AnswerCache,
-    CacheKey,
-    carry_over,
-    decode_snapshot,
-    encode_snapshot,
-    write_atomically,
-)
+from lookupd.dnsbl.cache import AnswerCache, CacheKey, carry_over
 from lookupd.dnsbl.codes import error_advice
 from lookupd.dnsbl.health import QUARANTINED, UNPROBED, Health, OncePer, judge, standing
 from lookupd.dnsbl.names import (
@@ -41,6 +34,12 @@ from lookupd.dnsbl.names import (
     reverse_ip,
 )
 from lookupd.dnsbl.resolver import DnsClient, make_resolver
+from lookupd.dnsbl.snapshot import (
+    SNAPSHOT_NAME,
+    decode_snapshot,
+    encode_snapshot,
+    write_atomically,
+)
 from lookupd.dnsbl.stats import DnsblStats, ListCounters, list_stats
 from lookupd.dnsbl.verdict import (
     DnsblResult,
@@ -58,7 +57,6 @@ from lookupd.outcome import Status
 
 logger = logging.getLogger(__name__)
 
-SNAPSHOT_NAME = "dnsbl-cache.msgpack"
 # Quarantined lists are probed again after this long (or probe_interval, if shorter).
 QUARANTINE_RECHECK = 30.0
 
