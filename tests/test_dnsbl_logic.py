@@ -392,8 +392,8 @@ def test_snapshot_round_trip_drops_expired_entries() -> None:
                (("", "PTR", "1.2.0.192.in-addr.arpa"), DnsAnswer(NOT_FOUND, (), "", 1500.0)),
                (("cop.test", "A", "9"), DnsAnswer(UNKNOWN, (), "timeout", 1010.0))]
     data = encode_snapshot(entries)
-    assert decode_snapshot(data, 1000.0) == entries
-    assert [k for k, _ in decode_snapshot(data, 1600.0)] == [entries[0][0], entries[1][0]]
+    assert decode_snapshot(data, 1000.0).entries == entries
+    assert [k for k, _ in decode_snapshot(data, 1600.0).entries] == [entries[0][0], entries[1][0]]
 
 
 def test_carry_over_keeps_the_zones_asked_the_same_within_the_new_bounds() -> None:

@@ -36,8 +36,10 @@ from lookupd.dnsbl.names import (
 from lookupd.dnsbl.resolver import DnsClient, make_resolver
 from lookupd.dnsbl.snapshot import (
     SNAPSHOT_NAME,
-    decode_snapshot,
+    Refused,
     encode_snapshot,
+    read_snapshot,
+    size_limit,
     write_atomically,
 )
 from lookupd.dnsbl.stats import DnsblStats, ListCounters, list_stats
@@ -546,13 +548,22 @@ class DnsblSource:
                            path, exc.strerror or exc)
 
     async def _load_snapshot(self) -> None:
+        """Only a regular file of at most size_limit(cache_size) bytes is read (a FIFO or a
+        device is never opened to wait on), and at most cache_size entries are decoded."""
         path = self._snapshot_path
         now = self._clock()
+        cache_size = self._config.cache_size
         try:
-            entries = await asyncio.to_thread(lambda: decode_snapshot(path.read_bytes(), now))
+            snapshot = await asyncio.to_thread(lambda: read_snapshot(
+                path, now, max_bytes=size_limit(cache_size), max_entries=cache_size))
         except FileNotFoundError:
             logger.info("no DNSBL cache snapshot at %s (normal on a first start): "
                         "starting with an empty cache", path)
+            return
+        except Refused as exc:
+            logger.warning("the DNSBL cache snapshot %s %s: not read, starting with an empty "
+                           "cache; remove it (lookupd writes a new one on stop and every "
+                           "dnsbl.snapshot_interval)", path, exc)
             return
         except OSError as exc:
             logger.warning("cannot read the DNSBL cache snapshot %s: %s; starting with an "
@@ -563,7 +574,10 @@ class DnsblSource:
                            "ignored, starting with an empty cache; it is rewritten on stop",
                            path, exc)
             return
-        self._cache.load(entries)
+        self._cache.load(snapshot.entries)
+        if snapshot.dropped:
+            logger.info("DNSBL cache snapshot %s: %d more answers than dnsbl.cache_size "
+                        "dropped", path, snapshot.dropped)
 
     # -- stats -----------------------------------------------------------------------------
 
