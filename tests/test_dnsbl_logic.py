@@ -386,6 +386,24 @@ async def test_a_caller_giving_up_does_not_cancel_the_question() -> None:
     assert cache.get(key) == DnsAnswer(NOT_FOUND, expires=50)
 
 
+def test_absorb_takes_a_loaded_cache_under_the_newer_answers() -> None:
+    """The snapshot, loaded in a thread into a cache of its own, joins the live cache: what
+    the live one learnt meanwhile wins."""
+    live = AnswerCache(3, clock=lambda: 0.0)
+    asked, new = DnsAnswer(NOT_FOUND, expires=50), DnsAnswer(NOT_FOUND, expires=60)
+    live.put(("bl.test", "A", "1"), asked)
+    live.put(("bl.test", "A", "9"), new)
+    loaded = AnswerCache(3, clock=lambda: 0.0)
+    old = DnsAnswer(FOUND, ("127.0.0.2",), expires=90)
+    loaded.load([(("bl.test", "A", str(i)), old) for i in range(3)])
+    live.absorb(loaded)
+    # Full: the snapshot's least recent answer made room for the live ones.
+    assert dict(live.items()) == {("bl.test", "A", "1"): asked, ("bl.test", "A", "9"): new,
+                                  ("bl.test", "A", "2"): old}
+    with pytest.raises(ValueError):
+        live.absorb(AnswerCache(4, clock=lambda: 0.0))
+
+
 def test_snapshot_round_trip_drops_expired_entries() -> None:
     entries = [(("bl.test", "A", "4.2.0.192"), DnsAnswer(FOUND, ("127.0.0.4",), "", 2000.0)),
                (("bl.test", "TXT", "4.2.0.192"), DnsAnswer(FOUND, ("why",), "", 2000.0)),
@@ -398,8 +416,10 @@ def test_snapshot_round_trip_drops_expired_entries() -> None:
 
 def test_carry_over_keeps_the_zones_asked_the_same_within_the_new_bounds() -> None:
     """A reload keeps the answers of zones asked the same way (and reverse DNS, zone ""),
-    a NXDOMAIN no longer than negative_ttl_max from now, a failure no longer than error_ttl."""
+    a NXDOMAIN no longer than negative_ttl_max from now, a failure no longer than error_ttl,
+    a listing no longer than a day (a snapshot can say anything)."""
     entries = [(("bl.test", "A", "4"), DnsAnswer(FOUND, ("127.0.0.4",), "", 5000.0)),
+               (("bl.test", "A", "3"), DnsAnswer(FOUND, ("127.0.0.2",), "", 9e9)),
                (("bl.test", "A", "5"), DnsAnswer(NOT_FOUND, (), "", 1800.0)),
                (("bl.test", "A", "6"), DnsAnswer(UNKNOWN, (), "timeout", 1030.0)),
                (("bl.test", "A", "7"), DnsAnswer(NOT_FOUND, (), "", 999.0)),
@@ -409,6 +429,7 @@ def test_carry_over_keeps_the_zones_asked_the_same_within_the_new_bounds() -> No
                       error_ttl=10.0)
     assert kept == [
         (("bl.test", "A", "4"), DnsAnswer(FOUND, ("127.0.0.4",), "", 5000.0)),
+        (("bl.test", "A", "3"), DnsAnswer(FOUND, ("127.0.0.2",), "", 1000.0 + 86400)),
         (("bl.test", "A", "5"), DnsAnswer(NOT_FOUND, (), "", 1300.0)),
         (("bl.test", "A", "6"), DnsAnswer(UNKNOWN, (), "timeout", 1010.0)),
         (("", "PTR", "1.2.0.192.in-addr.arpa"), DnsAnswer(NOT_FOUND, (), "", 1100.0)),

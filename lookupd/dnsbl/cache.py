@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 
 from cachetools import TLRUCache
 
-from lookupd.dnsbl.answers import DnsAnswer
+from lookupd.dnsbl.answers import MAX_POSITIVE_TTL, DnsAnswer
 from lookupd.outcome import Status
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,17 @@ class AnswerCache:
             count += 1
         return count
 
+    def absorb(self, loaded: AnswerCache) -> None:
+        """Take the answers of `loaded` (a cache of the same size filled in another thread,
+        from the snapshot) under the ones this cache holds already, which are newer and win.
+        Costs O(len(self)), not O(len(loaded)): the event loop never waits for a big load."""
+        if loaded.maxsize != self.maxsize:
+            raise ValueError("AnswerCache.absorb() needs a cache of the same size")
+        cache = loaded._cache
+        for key, answer in self._cache.items():
+            cache[key] = answer
+        self._cache = cache
+
     async def aclose(self) -> None:
         """Cancel the questions still on the wire (at shutdown)."""
         tasks = list(self._inflight.values())
@@ -106,15 +117,16 @@ class AnswerCache:
 def carry_over(entries: Iterable[tuple[CacheKey, DnsAnswer]], now: float, *,
                zones: Collection[str], negative_ttl_max: float,
                error_ttl: float) -> list[tuple[CacheKey, DnsAnswer]]:
-    """The answers a reloaded source keeps (pure): those of `zones` ("" is reverse DNS) still
-    valid at `now`, a NXDOMAIN or a failure kept no longer than the new bounds allow."""
+    """The answers a reloaded source (or one loading the snapshot) keeps (pure): those of
+    `zones` ("" is reverse DNS) still valid at `now`, kept no longer than the bounds allow
+    (a listing a day, a NXDOMAIN negative_ttl_max, a failure error_ttl)."""
     kept: list[tuple[CacheKey, DnsAnswer]] = []
     for key, answer in entries:
         if key[0] not in zones or answer.expires <= now:
             continue
-        bound = {Status.NOT_FOUND: negative_ttl_max, Status.UNKNOWN: error_ttl}.get(
-            answer.status)
-        if bound is not None and answer.expires > now + bound:
+        bound = {Status.FOUND: MAX_POSITIVE_TTL, Status.NOT_FOUND: negative_ttl_max,
+                 Status.UNKNOWN: error_ttl}[answer.status]
+        if answer.expires > now + bound:
             answer = DnsAnswer(answer.status, answer.records, answer.reason, now + bound)
         kept.append((key, answer))
     return kept
