@@ -9,7 +9,7 @@ import pytest
 
 from lookupd.config import DnsblListConfig
 from lookupd.dnsbl.answers import DnsAnswer, negative_ttl, positive_ttl
-from lookupd.dnsbl.cache import AnswerCache, carry_over, decode_snapshot, encode_snapshot
+from lookupd.dnsbl.cache import AnswerCache, carry_over
 from lookupd.dnsbl.codes import classify, error_advice, parse_code, parse_codes
 from lookupd.dnsbl.health import Health, OncePer, judge, standing
 from lookupd.dnsbl.names import (
@@ -22,6 +22,7 @@ from lookupd.dnsbl.names import (
     reverse_ip,
 )
 from lookupd.dnsbl.render import exim_value, printable, render_dnsbl, render_ptr, render_stats
+from lookupd.dnsbl.snapshot import decode_snapshot, encode_snapshot
 from lookupd.dnsbl.stats import DnsblStats, ListStats, percentile
 from lookupd.dnsbl.verdict import (
     DnsblResult,
@@ -385,20 +386,40 @@ async def test_a_caller_giving_up_does_not_cancel_the_question() -> None:
     assert cache.get(key) == DnsAnswer(NOT_FOUND, expires=50)
 
 
+def test_absorb_takes_a_loaded_cache_under_the_newer_answers() -> None:
+    """The snapshot, loaded in a thread into a cache of its own, joins the live cache: what
+    the live one learnt meanwhile wins."""
+    live = AnswerCache(3, clock=lambda: 0.0)
+    asked, new = DnsAnswer(NOT_FOUND, expires=50), DnsAnswer(NOT_FOUND, expires=60)
+    live.put(("bl.test", "A", "1"), asked)
+    live.put(("bl.test", "A", "9"), new)
+    loaded = AnswerCache(3, clock=lambda: 0.0)
+    old = DnsAnswer(FOUND, ("127.0.0.2",), expires=90)
+    loaded.load([(("bl.test", "A", str(i)), old) for i in range(3)])
+    live.absorb(loaded)
+    # Full: the snapshot's least recent answer made room for the live ones.
+    assert dict(live.items()) == {("bl.test", "A", "1"): asked, ("bl.test", "A", "9"): new,
+                                  ("bl.test", "A", "2"): old}
+    with pytest.raises(ValueError):
+        live.absorb(AnswerCache(4, clock=lambda: 0.0))
+
+
 def test_snapshot_round_trip_drops_expired_entries() -> None:
     entries = [(("bl.test", "A", "4.2.0.192"), DnsAnswer(FOUND, ("127.0.0.4",), "", 2000.0)),
                (("bl.test", "TXT", "4.2.0.192"), DnsAnswer(FOUND, ("why",), "", 2000.0)),
                (("", "PTR", "1.2.0.192.in-addr.arpa"), DnsAnswer(NOT_FOUND, (), "", 1500.0)),
                (("cop.test", "A", "9"), DnsAnswer(UNKNOWN, (), "timeout", 1010.0))]
     data = encode_snapshot(entries)
-    assert decode_snapshot(data, 1000.0) == entries
-    assert [k for k, _ in decode_snapshot(data, 1600.0)] == [entries[0][0], entries[1][0]]
+    assert decode_snapshot(data, 1000.0).entries == entries
+    assert [k for k, _ in decode_snapshot(data, 1600.0).entries] == [entries[0][0], entries[1][0]]
 
 
 def test_carry_over_keeps_the_zones_asked_the_same_within_the_new_bounds() -> None:
     """A reload keeps the answers of zones asked the same way (and reverse DNS, zone ""),
-    a NXDOMAIN no longer than negative_ttl_max from now, a failure no longer than error_ttl."""
+    a NXDOMAIN no longer than negative_ttl_max from now, a failure no longer than error_ttl,
+    a listing no longer than a day (a snapshot can say anything)."""
     entries = [(("bl.test", "A", "4"), DnsAnswer(FOUND, ("127.0.0.4",), "", 5000.0)),
+               (("bl.test", "A", "3"), DnsAnswer(FOUND, ("127.0.0.2",), "", 9e9)),
                (("bl.test", "A", "5"), DnsAnswer(NOT_FOUND, (), "", 1800.0)),
                (("bl.test", "A", "6"), DnsAnswer(UNKNOWN, (), "timeout", 1030.0)),
                (("bl.test", "A", "7"), DnsAnswer(NOT_FOUND, (), "", 999.0)),
@@ -408,6 +429,7 @@ def test_carry_over_keeps_the_zones_asked_the_same_within_the_new_bounds() -> No
                       error_ttl=10.0)
     assert kept == [
         (("bl.test", "A", "4"), DnsAnswer(FOUND, ("127.0.0.4",), "", 5000.0)),
+        (("bl.test", "A", "3"), DnsAnswer(FOUND, ("127.0.0.2",), "", 1000.0 + 86400)),
         (("bl.test", "A", "5"), DnsAnswer(NOT_FOUND, (), "", 1300.0)),
         (("bl.test", "A", "6"), DnsAnswer(UNKNOWN, (), "timeout", 1010.0)),
         (("", "PTR", "1.2.0.192.in-addr.arpa"), DnsAnswer(NOT_FOUND, (), "", 1100.0)),

@@ -21,7 +21,7 @@ from lookupd.config import ConnectConfig, DnsblConfig, DnsblListConfig, HostPort
 from lookupd.connect import ConnectChecker, ConnectRequest
 from lookupd.dnsbl import DnsblSource, render_dnsbl, render_stats
 from lookupd.dnsbl.answers import DnsAnswer
-from lookupd.dnsbl.cache import encode_snapshot
+from lookupd.dnsbl.snapshot import encode_snapshot
 from lookupd.dnsbl.source import SNAPSHOT_NAME
 from lookupd.geoip import AsnResult, CountryResult
 from lookupd.incidents import IncidentsResult

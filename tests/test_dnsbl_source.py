@@ -24,7 +24,7 @@ from lookupd.dnsbl import (
     render_stats,
 )
 from lookupd.dnsbl.answers import DnsAnswer
-from lookupd.dnsbl.cache import encode_snapshot
+from lookupd.dnsbl.snapshot import encode_snapshot
 from lookupd.dnsbl.source import SNAPSHOT_NAME
 from lookupd.errors import BadRequest
 from lookupd.outcome import Status

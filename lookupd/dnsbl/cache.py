@@ -3,30 +3,24 @@
 Keys are (zone, type, label) with the configured zone (never the DQS one, so the key stays
 out of the snapshot) or "" for reverse DNS. Values are DnsAnswer with a wall-clock expiry.
 Identical questions asked while one is on the wire wait for that one (one DNS packet).
-The snapshot is msgpack: {"v": 1, "entries": [[zone, type, label, status, records, reason,
-expires], ...]}; decoding is pure, the file helpers write atomically.
+The cache is saved to and loaded from state_dir by snapshot.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from pathlib import Path
 
-import msgpack
 from cachetools import TLRUCache
 
-from lookupd.dnsbl.answers import DnsAnswer
+from lookupd.dnsbl.answers import MAX_POSITIVE_TTL, DnsAnswer
 from lookupd.outcome import Status
 
 logger = logging.getLogger(__name__)
 
 CacheKey = tuple[str, str, str]
-SNAPSHOT_VERSION = 1
 
 
 def _expiry(_key: CacheKey, value: DnsAnswer, _now: float) -> float:
@@ -100,6 +94,17 @@ class AnswerCache:
             count += 1
         return count
 
+    def absorb(self, loaded: AnswerCache) -> None:
+        """Take the answers of `loaded` (a cache of the same size filled in another thread,
+        from the snapshot) under the ones this cache holds already, which are newer and win.
+        Costs O(len(self)), not O(len(loaded)): the event loop never waits for a big load."""
+        if loaded.maxsize != self.maxsize:
+            raise ValueError("AnswerCache.absorb() needs a cache of the same size")
+        cache = loaded._cache
+        for key, answer in self._cache.items():
+            cache[key] = answer
+        self._cache = cache
+
     async def aclose(self) -> None:
         """Cancel the questions still on the wire (at shutdown)."""
         tasks = list(self._inflight.values())
@@ -112,68 +117,16 @@ class AnswerCache:
 def carry_over(entries: Iterable[tuple[CacheKey, DnsAnswer]], now: float, *,
                zones: Collection[str], negative_ttl_max: float,
                error_ttl: float) -> list[tuple[CacheKey, DnsAnswer]]:
-    """The answers a reloaded source keeps (pure): those of `zones` ("" is reverse DNS) still
-    valid at `now`, a NXDOMAIN or a failure kept no longer than the new bounds allow."""
+    """The answers a reloaded source (or one loading the snapshot) keeps (pure): those of
+    `zones` ("" is reverse DNS) still valid at `now`, kept no longer than the bounds allow
+    (a listing a day, a NXDOMAIN negative_ttl_max, a failure error_ttl)."""
     kept: list[tuple[CacheKey, DnsAnswer]] = []
     for key, answer in entries:
         if key[0] not in zones or answer.expires <= now:
             continue
-        bound = {Status.NOT_FOUND: negative_ttl_max, Status.UNKNOWN: error_ttl}.get(
-            answer.status)
-        if bound is not None and answer.expires > now + bound:
+        bound = {Status.FOUND: MAX_POSITIVE_TTL, Status.NOT_FOUND: negative_ttl_max,
+                 Status.UNKNOWN: error_ttl}[answer.status]
+        if answer.expires > now + bound:
             answer = DnsAnswer(answer.status, answer.records, answer.reason, now + bound)
         kept.append((key, answer))
     return kept
-
-
-def encode_snapshot(entries: Iterable[tuple[CacheKey, DnsAnswer]]) -> bytes:
-    rows = [[k[0], k[1], k[2], a.status.value, list(a.records), a.reason, a.expires]
-            for k, a in entries]
-    data = msgpack.packb({"v": SNAPSHOT_VERSION, "entries": rows})
-    assert isinstance(data, bytes)
-    return data
-
-
-def decode_snapshot(data: bytes, now: float) -> list[tuple[CacheKey, DnsAnswer]]:
-    """Entries still valid at `now`; ValueError when `data` is not a whole, sane snapshot."""
-    try:
-        doc = msgpack.unpackb(data)
-        if not isinstance(doc, dict) or doc.get("v") != SNAPSHOT_VERSION:
-            raise ValueError("not a lookupd DNSBL cache snapshot (version 1)")
-        entries: list[tuple[CacheKey, DnsAnswer]] = []
-        for row in doc["entries"]:
-            zone, rdtype, label, status, records, reason, expires = row
-            if not all(isinstance(x, str) for x in (zone, rdtype, label, reason, *records)):
-                raise ValueError("snapshot row with a non-text field")
-            if isinstance(expires, bool) or not isinstance(expires, int | float):
-                raise ValueError("snapshot row with a non-numeric expiry")
-            if expires > now:
-                entries.append(((zone, rdtype, label),
-                                DnsAnswer(Status(status), tuple(records), reason,
-                                          float(expires))))
-        return entries
-    except (TypeError, KeyError, msgpack.UnpackException) as exc:
-        raise ValueError(f"corrupt snapshot ({exc.__class__.__name__})") from None
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write temp file, fsync, rename over `path`, fsync the directory (blocking)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temp name: after a reload the old and the new source may write at once.
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o640)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

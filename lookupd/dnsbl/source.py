@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -21,14 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from lookupd.config import DnsblConfig
 from lookupd.dnsbl.answers import DnsAnswer
-from lookupd.dnsbl.cache import (
-    AnswerCache,
-    CacheKey,
-    carry_over,
-    decode_snapshot,
-    encode_snapshot,
-    write_atomically,
-)
+from lookupd.dnsbl.cache import AnswerCache, CacheKey, carry_over
 from lookupd.dnsbl.codes import error_advice
 from lookupd.dnsbl.health import QUARANTINED, UNPROBED, Health, OncePer, judge, standing
 from lookupd.dnsbl.names import (
@@ -41,6 +35,14 @@ from lookupd.dnsbl.names import (
     reverse_ip,
 )
 from lookupd.dnsbl.resolver import DnsClient, make_resolver
+from lookupd.dnsbl.snapshot import (
+    SNAPSHOT_NAME,
+    Refused,
+    encode_snapshot,
+    read_snapshot,
+    size_limit,
+    write_atomically,
+)
 from lookupd.dnsbl.stats import DnsblStats, ListCounters, list_stats
 from lookupd.dnsbl.verdict import (
     DnsblResult,
@@ -58,9 +60,11 @@ from lookupd.outcome import Status
 
 logger = logging.getLogger(__name__)
 
-SNAPSHOT_NAME = "dnsbl-cache.msgpack"
 # Quarantined lists are probed again after this long (or probe_interval, if shorter).
 QUARANTINE_RECHECK = 30.0
+# Readiness waits this long at most for the cache snapshot; a snapshot still loading then
+# goes on in the background (the cache warms up from DNS meanwhile).
+SNAPSHOT_WAIT = 0.5
 
 # What to tell the admin, once per list and period, when a list cannot answer.
 _FAILURE_ADVICE = {
@@ -99,6 +103,8 @@ class _Handover:
     servers: tuple[str, ...]
     health: dict[int, Health]  # index into _lists -> the running source's verdict
     answers: list[tuple[CacheKey, DnsAnswer]]
+    # The running source was still loading the snapshot: this one loads it instead.
+    snapshot_pending: bool
 
 
 R = TypeVar("R")
@@ -150,6 +156,9 @@ class DnsblSource:
         self._client: DnsClient | None = None
         self._handover: _Handover | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # True once the snapshot is loaded (or known absent, refused, unreadable): only then
+        # may the cache be written over it, or a start cut short would lose the file.
+        self._snapshot_settled = False
         if config.nameservers:
             self._resolver_name = "the resolver " + ", ".join(str(n) for n in
                                                               config.nameservers)
@@ -181,7 +190,8 @@ class DnsblSource:
             answers = carry_over(previous._cache.items(), self._clock(), zones={"", *zones},
                                  negative_ttl_max=self._config.negative_ttl_max,
                                  error_ttl=self._config.error_ttl)
-        self._handover = _Handover(client.servers, health, answers)
+        self._handover = _Handover(client.servers, health, answers,
+                                   snapshot_pending=not previous._snapshot_settled)
 
     def _probe_identity(self, state: _ListState) -> tuple[object, ...]:
         """Everything that changes what a probe of the list says (qzone: zone and DQS key)."""
@@ -210,9 +220,19 @@ class DnsblSource:
                             "cached answers are dropped", self._resolver_name)
         # Probes first: every query of an unprobed list waits for them.
         self._tasks = [asyncio.create_task(self._probe_loop())]
-        if handover is None:
-            # After a take_over the running source's cache was newer than the snapshot.
-            await self._load_snapshot()
+        if handover is None or handover.snapshot_pending:
+            # A snapshot of a normal size is in the cache before the first query; a big one
+            # (or a slow disk) must not hold up readiness: it goes on loading in the
+            # background and joins the cache under what it has learnt meanwhile.
+            loading = asyncio.create_task(self._load_snapshot())
+            self._tasks.append(loading)
+            await asyncio.wait({loading}, timeout=SNAPSHOT_WAIT)
+            if not loading.done():
+                logger.info("the DNSBL cache snapshot %s is still loading after %gs: it joins "
+                            "the cache when it is read", self._snapshot_path, SNAPSHOT_WAIT)
+        else:
+            # After a take_over the running source's cache is newer than the snapshot.
+            self._snapshot_settled = True
         self._tasks.append(asyncio.create_task(self._snapshot_loop()))
 
     async def close(self) -> None:
@@ -223,7 +243,8 @@ class DnsblSource:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._cache.aclose()
         if self._client is not None:
-            await self.save_snapshot()
+            if self._snapshot_settled:
+                await self.save_snapshot()
             self._client = None
 
     async def _probe_loop(self) -> None:
@@ -241,6 +262,8 @@ class DnsblSource:
     async def _snapshot_loop(self) -> None:
         while True:
             await asyncio.sleep(self._config.snapshot_interval)
+            if not self._snapshot_settled:
+                continue  # still loading: the file holds more than the cache
             try:
                 await self.save_snapshot()
             except Exception:
@@ -548,24 +571,54 @@ class DnsblSource:
                            path, exc.strerror or exc)
 
     async def _load_snapshot(self) -> None:
+        """Read the snapshot in a thread into a cache of its own, then take that in whole.
+
+        Bounded: only a regular file of at most size_limit(cache_size) bytes is read (a FIFO
+        or a device is never opened to wait on), at most cache_size entries are decoded, and
+        only those of the configured zones are kept, no longer than the TTL bounds allow."""
         path = self._snapshot_path
-        now = self._clock()
+        config = self._config
+        stop = threading.Event()
+        started = time.monotonic()
+
+        def load() -> tuple[AnswerCache, int]:
+            now = self._clock()
+            snapshot = read_snapshot(path, now, max_bytes=size_limit(config.cache_size),
+                                     max_entries=config.cache_size, stop=stop)
+            loaded = AnswerCache(config.cache_size, self._clock)
+            loaded.load(carry_over(snapshot.entries, now, zones={"", *self._qzones},
+                                   negative_ttl_max=config.negative_ttl_max,
+                                   error_ttl=config.error_ttl))
+            return loaded, snapshot.dropped
+
         try:
-            entries = await asyncio.to_thread(lambda: decode_snapshot(path.read_bytes(), now))
+            loaded, dropped = await asyncio.to_thread(load)
         except FileNotFoundError:
             logger.info("no DNSBL cache snapshot at %s (normal on a first start): "
                         "starting with an empty cache", path)
-            return
+        except Refused as exc:
+            logger.warning("the DNSBL cache snapshot %s %s: not read, starting with an empty "
+                           "cache; remove it (lookupd writes a new one on stop and every "
+                           "dnsbl.snapshot_interval)", path, exc)
         except OSError as exc:
             logger.warning("cannot read the DNSBL cache snapshot %s: %s; starting with an "
                            "empty cache", path, exc.strerror or exc)
-            return
         except ValueError as exc:
             logger.warning("the DNSBL cache snapshot %s is truncated or corrupt (%s): "
                            "ignored, starting with an empty cache; it is rewritten on stop",
                            path, exc)
-            return
-        self._cache.load(entries)
+        except Exception:
+            logger.exception("loading the DNSBL cache snapshot %s failed unexpectedly; "
+                             "starting with an empty cache", path)
+        else:
+            count = len(loaded)
+            self._cache.absorb(loaded)
+            logger.info("DNSBL cache snapshot %s: %d answers loaded in %.2fs%s", path,
+                        count, time.monotonic() - started,
+                        f", {dropped} more than dnsbl.cache_size dropped" if dropped else "")
+        finally:
+            stop.set()  # cancelled (close() during the load): the thread stops soon
+        self._snapshot_settled = True
 
     # -- stats -----------------------------------------------------------------------------
 
