@@ -213,7 +213,12 @@ def _run_loop(coro: Any) -> None:
     except ImportError:  # pragma: no cover - uvloop is a dependency, but optional in spirit
         asyncio.run(coro)
         return
-    uvloop.run(coro)
+    if hasattr(uvloop, "run"):
+        uvloop.run(coro)
+        return
+    # uvloop < 0.18 (Debian 12 has 0.17) has no run(): the same loop through asyncio.run.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -79,7 +80,19 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         text = text.replace("/usr/local/bin/lookupd", shutil.which("lookupd") or
                             str(REPO / ".venv" / "bin" / "lookupd"))
         (tmp_path / unit).write_text(text)
-    out = subprocess.run(["systemd-analyze", "verify", "lookupd.socket", "lookupd.service"],
+    # --man=no: the Documentation= pages are in man/, installed by the Debian package
+    # (test_debian_package verifies the installed units with them).
+    out = subprocess.run(["systemd-analyze", "verify", "--man=no", "lookupd.socket",
+                          "lookupd.service"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert "lookupd" not in out.stderr, out.stderr
+
+
+def test_units_document_pages_of_man() -> None:
+    for unit in ("lookupd.socket", "lookupd.service"):
+        text = (REPO / "systemd" / unit).read_text()
+        pages = re.findall(r"man:([\w.-]+)\((\d)\)", text)
+        assert pages, unit
+        for name, section in pages:
+            assert (REPO / "man" / f"{name}.{section}.md").exists(), f"{unit}: {name}({section})"

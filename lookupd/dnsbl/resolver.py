@@ -16,7 +16,6 @@ import dns.asyncresolver
 import dns.exception
 import dns.message
 import dns.name
-import dns.nameserver
 import dns.rcode
 import dns.rdatatype
 import dns.resolver
@@ -24,6 +23,12 @@ import dns.resolver
 from lookupd.config import HostPort
 from lookupd.dnsbl.answers import DnsAnswer, negative_ttl, positive_ttl
 from lookupd.outcome import Status
+
+try:
+    import dns.nameserver
+    _NAMESERVER_OBJECTS = True
+except ImportError:  # dnspython < 2.4 (Debian 12 has 2.3): nameservers are address strings
+    _NAMESERVER_OBJECTS = False
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +41,7 @@ def make_resolver(nameservers: tuple[HostPort, ...], timeout: float,
     """
     if nameservers:
         resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(ns.host, ns.port)
-                                for ns in nameservers]
+        _set_nameservers(resolver, nameservers)
     else:
         try:
             resolver = dns.asyncresolver.Resolver()
@@ -58,14 +62,36 @@ def make_resolver(nameservers: tuple[HostPort, ...], timeout: float,
     return resolver
 
 
+def _set_nameservers(resolver: dns.asyncresolver.Resolver,
+                     nameservers: tuple[HostPort, ...]) -> None:
+    if _NAMESERVER_OBJECTS:
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(ns.host, ns.port)
+                                for ns in nameservers]
+        return
+    # dnspython 2.3 keeps one port per address: of two nameservers on one address with
+    # different ports only the last port is asked.
+    resolver.nameservers = [ns.host for ns in nameservers]
+    resolver.nameserver_ports = {ns.host: ns.port for ns in nameservers}
+
+
+def _servers(resolver: dns.asyncresolver.Resolver) -> tuple[str, ...]:
+    """Who is asked, comparable across a reload (the system resolver's may have changed).
+
+    dnspython >= 2.4 renders a nameserver with its port (Do53:127.0.0.1@5353); 2.3 keeps
+    the ports apart, in nameserver_ports.
+    """
+    ports = sorted(getattr(resolver, "nameserver_ports", {}).items())
+    return (str(resolver.port), *(str(n) for n in resolver.nameservers),
+            *(f"{host}@{port}" for host, port in ports))
+
+
 class DnsClient:
     """Turns one (name, type) question into a DnsAnswer with its cache expiry."""
 
     def __init__(self, resolver: dns.asyncresolver.Resolver, *, negative_ttl_max: float,
                  error_ttl: float, clock: Callable[[], float] = time.time) -> None:
         self._resolver = resolver
-        # Who is asked, comparable across a reload (the system resolver's may have changed).
-        self.servers = (str(resolver.port), *(str(n) for n in resolver.nameservers))
+        self.servers = _servers(resolver)
         self._negative_ttl_max = negative_ttl_max
         self._error_ttl = error_ttl
         self._clock = clock
