@@ -96,3 +96,17 @@ def test_units_document_pages_of_man() -> None:
         assert pages, unit
         for name, section in pages:
             assert (REPO / "man" / f"{name}.{section}.md").exists(), f"{unit}: {name}({section})"
+
+
+def test_service_unit_exposure(tmp_path: Path) -> None:
+    """systemd-analyze security --offline: no worse than 1.8 (issue 12), with
+    MemoryDenyWriteExecute=yes (lookupd needs no writable executable memory)."""
+    text = (REPO / "systemd" / "lookupd.service").read_text()
+    assert "\nMemoryDenyWriteExecute=yes\n" in text
+    unit = tmp_path / "lookupd.service"
+    unit.write_text(text)
+    out = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    found = re.search(r"Overall exposure level for lookupd.service: (\d+\.\d+)", out.stdout)
+    assert found, out.stdout + out.stderr
+    assert float(found.group(1)) <= 1.8, out.stdout
