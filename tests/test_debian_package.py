@@ -212,8 +212,9 @@ def _check_installed_files(files: set[str]) -> None:
     assert (units / "lookupd.socket").read_text() == \
         (REPO / "systemd" / "lookupd.socket").read_text()
     service = (REPO / "systemd" / "lookupd.service").read_text()
-    assert (units / "lookupd.service").read_text() == \
+    assert (units / "lookupd.service").read_text() == (
         service.replace("ExecStart=/usr/local/bin/lookupd ", "ExecStart=/usr/bin/lookupd ")
+        .replace("ExecReload=+/usr/local/bin/lookupd ", "ExecReload=+/usr/bin/lookupd "))
     wants = Path("/etc/systemd/system/sockets.target.wants/lookupd.socket")
     assert wants.is_symlink() and os.readlink(wants) == f"{units}/lookupd.socket"
     assert not Path("/etc/systemd/system/multi-user.target.wants/lookupd.service").exists()
