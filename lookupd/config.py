@@ -254,19 +254,24 @@ def _list_name(value: str) -> str | None:
 
 
 def _dnsbl_codes(value: tuple[str, ...]) -> str | None:
-    octet = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+    # The grammar has one home, the DNSBL code parser; imported here, when a file is checked,
+    # because lookupd.dnsbl imports this module.
+    from lookupd.dnsbl.codes import parse_code
+
     for code in value:
-        if re.fullmatch(rf"({octet}\.){{3}}{octet}", code):
-            continue
-        m = re.fullmatch(rf"({octet}\.){{3}}\[(?P<low>\d+)\.\.(?P<high>\d+)\]", code)
-        if m and int(m["low"]) <= int(m["high"]) <= 255:
-            continue
-        m = re.fullmatch(r"&(0[xX][0-9a-fA-F]{1,2}|\d{1,3})", code)
-        if m and 0 < int(m.group(1), 0) <= 255:
-            continue
-        return (f'has "{code}": write answer codes as "127.0.0.2", a range '
-                '"127.0.0.[2..11]" (low..high) or a bitmask "&0x04" (1-255)')
+        try:
+            parse_code(code)
+        except ValueError as exc:
+            return f'has "{code}": {exc}'
     return None
+
+
+def _dnsbl_error_codes(value: tuple[str, ...]) -> str | None:
+    masks = [code for code in value if code.strip().startswith("&")]
+    if masks:
+        return (f'has "{masks[0]}": an error answer is an address, a range or a network '
+                '(e.g. "127.0.0.255", "127.255.255.0/24"), not a bitmask')
+    return _dnsbl_codes(value)
 
 
 def _dqs_key(value: str) -> str | None:
@@ -291,9 +296,14 @@ class DnsblListConfig:
     name: str = field(default="", metadata=_checked(_list_name))
     # Added to the score on a hit; negative for allow lists (e.g. a DNSWL).
     weight: float = 1.0
-    # Which answers count: "127.0.0.2", ranges "127.0.0.[2..11]", or bitmasks "&0x04".
-    # Empty: any 127.0.0.0/8 answer except the reserved error codes.
+    # Which answers count, as postscreen writes them: "127.0.0.2", ranges in any octet
+    # "127.0.[0..255].[1..3]" ("[2;4;9..11]" for several), networks "127.0.0.0/24", or
+    # bitmasks of the last octet "&0x04". Empty: any 127.0.0.0/8 answer except errors.
     codes: tuple[str, ...] = field(default=(), metadata=_checked(_dnsbl_codes))
+    # The list's own error answers ("you may not ask"), never a listing; added to the ones
+    # every list shares (127.0.0.1, 127.255.255.0/24, 127.0.1.255) and to those built in for
+    # well-known lists (list.dnswl.org: 127.0.0.255).
+    error_codes: tuple[str, ...] = field(default=(), metadata=_checked(_dnsbl_error_codes))
     # Address families the list answers for (SpamCop and Barracuda: IPv4 only).
     families: tuple[Literal["ipv4", "ipv6"], ...] = ("ipv4", "ipv6")
     # "ip": asked with reversed addresses (`dnsbl`); "domain": with names (`dbl`).

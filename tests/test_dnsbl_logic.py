@@ -58,6 +58,16 @@ def hit(*records: str) -> DnsAnswer:
     ("127.0.1.[2..99]", ["127.0.1.2", "127.0.1.99"], ["127.0.1.102", "127.0.0.2"]),
     ("&0x04", ["127.0.0.4", "127.0.0.6", "127.0.0.254"], ["127.0.0.2", "127.0.0.10"]),
     ("&8", ["127.0.0.8", "127.0.0.10"], ["127.0.0.4"]),
+    # postscreen's syntax: a range (or a list of numbers and ranges) in any octet.
+    ("127.0.[0..255].[1..3]", ["127.0.0.2", "127.0.10.3", "127.0.255.1"],
+     ["127.0.10.0", "127.0.0.255", "127.1.10.2"]),
+    ("127.0.[2..20].[0..3]", ["127.0.2.0", "127.0.20.3"], ["127.0.1.0", "127.0.21.1"]),
+    ("127.0.0.[2;4;9..11]", ["127.0.0.2", "127.0.0.4", "127.0.0.9", "127.0.0.11"],
+     ["127.0.0.3", "127.0.0.8", "127.0.0.12"]),
+    ("127.[0..1].[0;2].[5]", ["127.0.0.5", "127.1.2.5"], ["127.0.1.5", "127.2.0.5"]),
+    # A network: what a prefix fixes, per octet.
+    ("127.0.2.0/24", ["127.0.2.0", "127.0.2.252"], ["127.0.1.255", "127.0.3.0"]),
+    ("127.0.16.0/20", ["127.0.16.0", "127.0.31.255"], ["127.0.15.255", "127.0.32.0"]),
 ])
 def test_code_rules_match_what_they_say(code: str, listed: list[str],
                                         not_listed: list[str]) -> None:
@@ -67,7 +77,10 @@ def test_code_rules_match_what_they_say(code: str, listed: list[str],
 
 
 @pytest.mark.parametrize("bad", ["127.0.0.256", "127.0.0.[5..2]", "127.0.0.[2..300]", "&0",
-                                 "&0x100", "zen", "127.0.0.2/24", ""])
+                                 "&0x100", "zen", "127.0.0.2/24", "", "127.0.[0..255]",
+                                 "127.0.[3..1].2", "127.0.0.[2;x]", "127.0.0.[]",
+                                 "127.0.0.[2..3", "127.0.0.[[2]]", "10.0.0.[1..3]",
+                                 "[0..126].0.0.2", "10.0.0.0/8", "127.0.0.0/33"])
 def test_bad_codes_are_refused_with_the_forms_that_work(bad: str) -> None:
     with pytest.raises(ValueError, match=r"127\.0\.0|1\.\.255|low to high|bitmask"):
         parse_code(bad)
@@ -91,6 +104,45 @@ def test_spamhaus_error_advice_says_what_to_do() -> None:
     assert "DQS key" in (error_advice("127.255.255.255") or "")
     assert error_advice("127.0.0.2") is None
     assert error_advice("127.0.1.2") is None
+
+
+def test_a_lists_own_error_answers_are_errors_of_that_list_only() -> None:
+    """DNSWL answers 127.0.0.255 to resolvers it blocks: built in for list.dnswl.org, which
+    a loose filter would otherwise count as an allow-list hit; another list's 127.0.0.255 is
+    a code like any other, unless its error_codes say so."""
+    dnswl = ListSpec.from_config(DnsblListConfig(zone="list.dnswl.org", weight=-1,
+                                                 codes=("127.0.[0..255].[0..255]",)))
+    blocked = interpret(dnswl, hit("127.0.0.255"))
+    assert (blocked.status, blocked.reason) == (UNKNOWN, "error-code-127.0.0.255")
+    assert interpret(dnswl, hit("127.0.10.2")).codes == ("127.0.10.2",)
+    assert "dnswl.org" in (error_advice("127.0.0.255", dnswl.errors) or "")
+    other = spec("wl.test", codes=(), weight=-1)
+    assert interpret(other, hit("127.0.0.255")).status is FOUND
+    assert error_advice("127.0.0.255") is None
+    own = ListSpec.from_config(DnsblListConfig(zone="wl.test", weight=-1,
+                                               error_codes=("127.0.0.255", "127.0.9.0/24")))
+    assert interpret(own, hit("127.0.9.7")).reason == "error-code-127.0.9.7"
+    assert "error_codes" in (error_advice("127.0.9.7", own.errors) or "")
+    # The shared error answers stay errors whatever a list adds.
+    assert interpret(own, hit("127.255.255.254")).reason == "error-code-127.255.255.254"
+    # An error answer beside a hit: the list did not really look.
+    assert interpret(dnswl, hit("127.0.10.2", "127.0.0.255")).status is UNKNOWN
+
+
+def test_a_blocked_allow_list_never_makes_a_listed_client_clean() -> None:
+    """The bug of issue 11: a client on a block list, DNSWL answering "blocked" (127.0.0.255)
+    under a loose filter, came out clean with score -1. The allow list's say is unknown now:
+    it could have pulled the score under the threshold, so the verdict is unknown."""
+    block = spec("bl.test", codes=("127.0.0.2",))
+    dnswl = ListSpec.from_config(DnsblListConfig(zone="list.dnswl.org", weight=-1,
+                                                 codes=("127.0.[0..255].[0..255]",)))
+    result = combine([interpret(block, hit("127.0.0.2")),
+                      interpret(dnswl, hit("127.0.0.255"))], 1)
+    assert (result.status, result.score, result.reason) == \
+        (UNKNOWN, 1, "list.dnswl.org:error-code-127.0.0.255")
+    allowed = combine([interpret(block, hit("127.0.0.2")),
+                       interpret(dnswl, hit("127.0.10.3"))], 1)
+    assert (allowed.status, allowed.score) == (NOT_FOUND, 0)
 
 
 def test_empty_codes_take_any_loopback_answer_but_errors() -> None:

@@ -496,7 +496,7 @@ class DnsblSource:
             code = answer.reason.removeprefix("error-code-")
             logger.warning("DNSBL %s answered %s, which is not a listing: %s; its answers "
                            "count as unknown meanwhile", state.spec.name, code,
-                           error_advice(code))
+                           error_advice(code, state.spec.errors))
         else:
             advice = _FAILURE_ADVICE.get(answer.reason, _FAILURE_ADVICE["error"]).format(
                 deadline=self._config.deadline, resolver=self._resolver_name)

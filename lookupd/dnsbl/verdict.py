@@ -16,7 +16,13 @@ from typing import Literal
 
 from lookupd.config import DnsblListConfig
 from lookupd.dnsbl.answers import DnsAnswer
-from lookupd.dnsbl.codes import SPAMHAUS_MEANINGS, CodeRule, classify, parse_codes
+from lookupd.dnsbl.codes import (
+    SPAMHAUS_MEANINGS,
+    CodeRule,
+    classify,
+    known_error_codes,
+    parse_codes,
+)
 from lookupd.outcome import Status
 
 # Reverse DNS: at most this many PTR names are checked for a forward match (Exim checks all;
@@ -26,12 +32,14 @@ MAX_PTR_NAMES = 4
 
 @dataclass(frozen=True)
 class ListSpec:
-    """One configured list, ready to use: codes parsed, name settled."""
+    """One configured list, ready to use: codes parsed (its own error answers too: the
+    built-in ones of a well-known list and its error_codes), name settled."""
 
     name: str
     zone: str
     weight: float
     rules: tuple[CodeRule, ...]
+    errors: tuple[CodeRule, ...]
     families: tuple[Literal["ipv4", "ipv6"], ...]
     kind: Literal["ip", "domain"]
     spamhaus: bool
@@ -40,8 +48,9 @@ class ListSpec:
     def from_config(cls, cfg: DnsblListConfig) -> ListSpec:
         zone = cfg.zone.rstrip(".").lower()
         return cls(name=cfg.name or zone, zone=zone, weight=cfg.weight,
-                   rules=parse_codes(cfg.codes), families=cfg.families, kind=cfg.kind,
-                   spamhaus=cfg.spamhaus)
+                   rules=parse_codes(cfg.codes),
+                   errors=parse_codes(known_error_codes(zone) + cfg.error_codes),
+                   families=cfg.families, kind=cfg.kind, spamhaus=cfg.spamhaus)
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,7 @@ def interpret(spec: ListSpec, answer: DnsAnswer) -> ListAnswer:
         return ListAnswer(spec.name, spec.weight, Status.UNKNOWN, reason=answer.reason)
     if answer.status is Status.NOT_FOUND:
         return ListAnswer(spec.name, spec.weight, Status.NOT_FOUND)
-    sorted_out = classify(answer.records, spec.rules)
+    sorted_out = classify(answer.records, spec.rules, spec.errors)
     if sorted_out.errors:
         # An error code means "I did not really look": even with other codes beside it the
         # answer cannot be trusted either way.
