@@ -310,6 +310,9 @@ class DnsblListConfig:
     kind: Literal["ip", "domain"] = "ip"
     # Spamhaus: with [dnsbl] dqs_key set, ZONE becomes KEY.<zone minus spamhaus.org>.dq.spamhaus.net
     spamhaus: bool = False
+    # An internal list that lists special-use addresses (private, loopback, link-local,
+    # documentation, ...): ask it about them too. Other lists are never asked about them.
+    query_special: bool = False
 
 
 def _default_lists() -> tuple[DnsblListConfig, ...]:

@@ -1,6 +1,9 @@
 """What lookupd asks of which list, and how it reads the answers, against real servers: zones
 of this module's own in rbldnsd, reverse DNS in knot, both behind dnsmasq (tests/dnsservers.py).
 
+- Special-use addresses (private, loopback, link-local, documentation, ..., and their
+  IPv4-mapped forms) are never sent to a list, unless it is an internal one that asks for
+  them (`query_special`); their reverse DNS is still asked of the local resolver.
 - Allow lists: postscreen's filters with ranges in every octet, and a list's own error
   answers (DNSWL's 127.0.0.255, built in; `error_codes`), never taken as an allow-list hit.
 
@@ -14,11 +17,14 @@ import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
 from conftest import StartLookupd
 from dnsservers import RBLDNSD, Dnsmasq, Knot, Rbldnsd
+
+from lookupd.dnsbl.names import reverse_ip
 
 pytestmark = pytest.mark.skipif(not Path(RBLDNSD).exists(), reason="rbldnsd is not installed")
 
@@ -34,6 +40,51 @@ ZONES: dict[str, tuple[str, str, str]] = {
 81.2.69.162
 81.2.69.163
 81.2.69.164
+81.2.69.165
+# Special-use addresses: listed, so that a question about one would come back "listed".
+# lookupd must never ask.
+0.1.2.3
+10.1.2.3
+100.64.1.1
+127.0.0.5
+169.254.1.1
+172.16.0.9
+192.0.0.8
+192.0.2.55
+192.168.1.5
+198.18.0.1
+198.51.100.55
+203.0.113.55
+224.1.1.1
+240.1.1.1
+255.255.255.255
+"""),
+    "block6.zone": ("block.lists.test", "ip6trie", """\
+:127.0.0.2:Blocked, see https://block.lists.test/?$
+::ffff:7f00:2
+2001:218::25
+::1
+fe80::1
+fd00::25
+fec0::1
+ff02::1
+64:ff9b:1::1
+100::1
+2001:2::1
+2001:db8::55
+3fff::1
+"""),
+    # An internal list: it lists the LAN, and says so (query_special).
+    "internal.zone": ("internal.lists.test", "ip4set", SOA.format("internal.lists.test") + """\
+:127.0.0.3:Internal: $
+127.0.0.2
+10.1.2.3
+192.168.1.5
+"""),
+    "internal6.zone": ("internal.lists.test", "ip6trie", """\
+:127.0.0.3:Internal: $
+::ffff:7f00:2
+fd00::25
 """),
     # dnswl.org's list as lookupd sees it: 127.0.CATEGORY.TRUST, and 127.0.0.255 for a
     # resolver it blocks (here answered for one client only, so the list stays healthy).
@@ -49,6 +100,23 @@ ZONES: dict[str, tuple[str, str, str]] = {
 81.2.69.163 :127.0.0.254:Not for you
 81.2.69.164 :127.0.5.3:Trusted
 """),
+}
+
+# Reverse DNS of the LAN, served by the local resolver (as RFC 6303 has resolvers do).
+KNOT_ZONES = {
+    "168.192.in-addr.arpa": """
+$TTL 300
+@ SOA ns.corp.lists.test. hostmaster.corp.lists.test. 1 600 60 3600 60
+@ NS ns.corp.lists.test.
+5.1 PTR mail.corp.lists.test.
+""",
+    "corp.lists.test": """
+$TTL 300
+@ SOA ns.corp.lists.test. hostmaster.corp.lists.test. 1 600 60 3600 60
+@ NS ns.corp.lists.test.
+ns A 127.0.0.1
+mail A 192.168.1.5
+""",
 }
 
 
@@ -81,7 +149,7 @@ def lists_lab(workdir: Path) -> Iterator[ListsLab]:
             zone, kind, _) in ZONES.items()), source_dir=zones)
         stack.callback(rbl.stop)
         rbl.start()
-        knot = Knot(workdir / "knot", broken=())
+        knot = Knot(workdir / "knot", zones=dict(KNOT_ZONES), broken=())
         stack.callback(knot.stop)
         knot.start()
         routes = {zone: rbl.port for zone, _, _ in ZONES.values()}
@@ -175,3 +243,91 @@ families = ["ipv4"]
         "unknown=wl.lists.test:error-code-127.0.0.254 ")
     assert "one of the list's own error answers (error_codes)" in own.log()
     assert fields(own.query("dnsbl 81.2.69.164"))["verdict"] == "clean"
+
+
+# --- special-use addresses ----------------------------------------------------------------------
+
+# (address as Exim may give it, the `skipped=` word)
+SPECIAL = [
+    ("0.1.2.3", "this-network"), ("10.1.2.3", "private"), ("100.64.1.1", "shared"),
+    ("127.0.0.5", "loopback"), ("169.254.1.1", "link-local"), ("172.16.0.9", "private"),
+    ("192.0.0.8", "ietf-protocol"), ("192.0.2.55", "documentation"),
+    ("192.168.1.5", "private"), ("198.18.0.1", "benchmarking"),
+    ("198.51.100.55", "documentation"), ("203.0.113.55", "documentation"),
+    ("224.1.1.1", "multicast"), ("240.1.1.1", "reserved"), ("255.255.255.255", "reserved"),
+    ("::1", "loopback"), ("fe80::1", "link-local"), ("fd00::25", "private"),
+    ("fec0::1", "site-local"), ("ff02::1", "multicast"), ("64:ff9b:1::1", "private"),
+    ("100::1", "discard-only"), ("2001:2::1", "benchmarking"),
+    ("2001:db8::55", "documentation"), ("3fff::1", "documentation"),
+    # IPv4-mapped IPv6, as a dual-stack listener hands IPv4 clients over.
+    ("::ffff:10.1.2.3", "private"), ("::ffff:192.168.1.5", "private"),
+    ("::ffff:127.0.0.5", "loopback"), ("0:0:0:0:0:ffff:a9fe:101", "link-local"),
+]
+
+
+def label(ip: str) -> str:
+    """The name a list is asked for an address (reversed octets or nibbles)."""
+    return reverse_ip(ip_address(ip))
+
+
+TEST_POINTS = {label(ip) for ip in ("127.0.0.2", "127.0.0.1", "::ffff:7f00:2", "::ffff:7f00:1")}
+INTERNAL = """
+[[dnsbl.list]]
+zone = "internal.lists.test"
+query_special = true   # it lists the LAN
+"""
+
+
+def test_special_use_addresses_are_never_sent_to_a_list(start_lookupd: StartLookupd,
+                                                       lab: ListsLab) -> None:
+    daemon = start_lookupd(config(lab, BLOCK))
+    seen = len(lab.asked("block.lists.test"))
+    for ip, word in SPECIAL:
+        assert daemon.query(f"dnsbl {ip}") == \
+            f'verdict=clean score=0 lists="" unknown="" text="" skipped={word}', ip
+        got = fields(daemon.query(f"connect {ip} 25"))
+        assert (got["action"], got["dnsbl"], got["dnsbl_lists"]) == ("accept", "clean", '""')
+    # The list works, and is asked about Internet addresses of both families.
+    assert daemon.query("dnsbl 81.2.69.165").startswith(
+        "verdict=listed score=1 lists=block.lists.test:127.0.0.2 ")
+    assert daemon.query("dnsbl ::ffff:81.2.69.165").startswith("verdict=listed ")
+    v6 = daemon.query("dnsbl 2001:218::25")
+    assert v6.startswith("verdict=listed ") and v6.endswith(' skipped=""')
+    # rbldnsd heard of none of the special addresses: only test points and those clients.
+    asked = set(lab.asked("block.lists.test")[seen:])
+    assert asked - TEST_POINTS == {label("81.2.69.165"), label("2001:218::25")}
+
+
+def test_an_internal_list_is_asked_about_special_addresses(start_lookupd: StartLookupd,
+                                                          lab: ListsLab) -> None:
+    daemon = start_lookupd(config(lab, BLOCK + INTERNAL))
+    seen = len(lab.asked("block.lists.test"))
+    lan = daemon.query("dnsbl 10.1.2.3")
+    # Listed by the internal list; the other one was left out, and the reply says why.
+    assert lan == ('verdict=listed score=1 lists=internal.lists.test:127.0.0.3 unknown="" '
+                   'text="internal.lists.test: Internal: 10.1.2.3" skipped=private')
+    assert daemon.query("dnsbl ::ffff:192.168.1.5").startswith(
+        "verdict=listed score=1 lists=internal.lists.test:127.0.0.3 ")
+    assert daemon.query("dnsbl fd00::25").startswith(
+        "verdict=listed score=1 lists=internal.lists.test:127.0.0.3 ")
+    assert daemon.query("dnsbl 192.0.2.55") == \
+        'verdict=clean score=0 lists="" unknown="" text="" skipped=documentation'
+    assert fields(daemon.query("connect 10.1.2.3 25"))["dnsbl"] == "listed"
+    # An Internet address: both are asked, nothing is left out.
+    assert daemon.query("dnsbl 81.2.69.165").endswith(' skipped=""')
+    assert set(lab.asked("block.lists.test")[seen:]) - TEST_POINTS <= {label("81.2.69.165")}
+    assert label("10.1.2.3") in lab.asked("internal.lists.test")
+    # Only internal lists: nothing is left out.
+    alone = start_lookupd(config(lab, INTERNAL))
+    assert alone.query("dnsbl 10.1.2.3").endswith(" skipped=\"\"")
+
+
+def test_reverse_dns_of_a_private_address_is_asked_of_the_local_resolver(
+        start_lookupd: StartLookupd, lab: ListsLab) -> None:
+    """PTR questions go to lookupd's own resolver, never to a list operator; a LAN's reverse
+    zone lives there (RFC 6303 has resolvers answer the private ones locally)."""
+    daemon = start_lookupd(config(lab, BLOCK))
+    assert daemon.query("ptr 192.168.1.5") == "name=mail.corp.lists.test fcrdns=yes"
+    assert lab.dnsmasq.queries("PTR", "5.1.168.192.in-addr.arpa")
+    got = fields(daemon.query("connect ::ffff:192.168.1.5 25"))
+    assert (got["dnsbl"], got["ptr"], got["fcrdns"]) == ("clean", "mail.corp.lists.test", "yes")

@@ -22,6 +22,7 @@ from lookupd.dnsbl.names import (
     reverse_ip,
 )
 from lookupd.dnsbl.render import exim_value, printable, render_dnsbl, render_ptr, render_stats
+from lookupd.dnsbl.special import special_address
 from lookupd.dnsbl.stats import DnsblStats, ListStats, percentile
 from lookupd.dnsbl.verdict import (
     DnsblResult,
@@ -202,6 +203,33 @@ def test_rfc5782_test_points() -> None:
     assert [p.listed for p in both] == [True, False, True, False]
     assert [(p.label, p.listed) for p in probe_points("domain", ())] == \
         [("test", True), ("invalid", False)]
+
+
+# --- special-use addresses -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("address", "word"), [
+    ("0.0.0.0", "this-network"), ("10.255.255.255", "private"), ("100.127.0.1", "shared"),
+    ("127.1.2.3", "loopback"), ("169.254.0.1", "link-local"), ("172.31.255.1", "private"),
+    ("192.0.0.170", "ietf-protocol"), ("192.0.2.0", "documentation"),
+    ("192.168.0.1", "private"), ("198.19.255.255", "benchmarking"),
+    ("198.51.100.1", "documentation"), ("203.0.113.255", "documentation"),
+    ("239.255.255.250", "multicast"), ("255.255.255.255", "reserved"),
+    ("::", "unspecified"), ("::1", "loopback"), ("fe80::1", "link-local"),
+    ("febf:ffff::1", "link-local"), ("fc00::1", "private"), ("fdff::1", "private"),
+    ("fec0::1", "site-local"), ("ff05::2", "multicast"), ("64:ff9b:1::a00:1", "private"),
+    ("100::1", "discard-only"), ("2001:2::1", "benchmarking"),
+    ("2001:db8:ffff::1", "documentation"), ("3fff:fff::1", "documentation"),
+    ("::ffff:10.1.2.3", "private"), ("::ffff:192.0.2.1", "documentation"),
+    # On the Internet: asked.
+    ("81.2.69.142", ""), ("100.63.255.255", ""), ("100.128.0.0", ""), ("172.32.0.1", ""),
+    ("192.0.1.255", ""), ("192.0.3.0", ""), ("192.88.99.1", ""), ("198.20.0.1", ""),
+    ("223.255.255.255", ""), ("1.1.1.1", ""), ("2001:218::1", ""), ("2a00:1450::1", ""),
+    ("64:ff9b::81.2.69.142", ""), ("2002:c000:201::1", ""), ("2001:db9::1", ""),
+    ("::ffff:81.2.69.142", ""), ("fbff::1", ""), ("2001::1", ""),
+])
+def test_special_use_addresses(address: str, word: str) -> None:
+    assert special_address(ipaddress.ip_address(address)) == word
 
 
 # --- one list's verdict ---------------------------------------------------------------------
@@ -497,12 +525,12 @@ def test_dnsbl_reply() -> None:
     assert render_dnsbl(result) == (
         "verdict=listed score=2 lists=zen.spamhaus.org:127.0.0.4,zen.spamhaus.org:127.0.0.10,"
         "bl.spamcop.net:127.0.0.2 unknown=b.barracudacentral.org:timeout "
-        'text="zen.spamhaus.org: Exploited \\"host\\" \\\\ see https://x/?"')
+        'text="zen.spamhaus.org: Exploited \\"host\\" \\\\ see https://x/?" skipped=""')
 
 
 def test_empty_values_are_quoted_so_exim_does_not_read_the_next_pair() -> None:
     assert render_dnsbl(DnsblResult(NOT_FOUND)) == \
-        'verdict=clean score=0 lists="" unknown="" text=""'
+        'verdict=clean score=0 lists="" unknown="" text="" skipped=""'
     assert render_ptr(PtrResult(NOT_FOUND, fcrdns="no")) == 'name="" fcrdns=no'
     assert render_ptr(PtrResult(FOUND, "mail.example", "yes")) == "name=mail.example fcrdns=yes"
 

@@ -80,6 +80,7 @@ deadline = "1s"
 [[dnsbl.list]]
 zone = "bl.test"
 families = ["ipv4"]
+query_special = true
 [connect]
 incidents_threshold = 10
 deadline = "2s"
@@ -108,6 +109,7 @@ deadline = "1s"
 zone = "bl.test"
 families = ["ipv4"]
 codes = ["127.0.0.3"]
+query_special = true
 [connect]
 incidents_threshold = 10
 deny_countries = ["US"]

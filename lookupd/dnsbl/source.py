@@ -41,6 +41,7 @@ from lookupd.dnsbl.names import (
     reverse_ip,
 )
 from lookupd.dnsbl.resolver import DnsClient, make_resolver
+from lookupd.dnsbl.special import special_address
 from lookupd.dnsbl.stats import DnsblStats, ListCounters, list_stats
 from lookupd.dnsbl.verdict import (
     DnsblResult,
@@ -143,6 +144,9 @@ class DnsblSource:
         self._ip_lists = {
             family: [s for s in self._lists if s.spec.kind == "ip" and family in s.spec.families]
             for family in ("ipv4", "ipv6")}
+        # Of those, the ones also asked about special-use addresses (internal lists).
+        self._special_ip_lists = {family: [s for s in lists if s.spec.query_special]
+                                  for family, lists in self._ip_lists.items()}
         self._domain_lists = [s for s in self._lists if s.spec.kind == "domain"]
         self._ptr_counters = ListCounters()
         self._cache = AnswerCache(config.cache_size, clock)
@@ -327,8 +331,8 @@ class DnsblSource:
         """`ptr`'s result, counted, when the cache holds all of it; else None."""
         return _take(self.peek_ptr(ip))
 
-    def _peek_check(self, lists: Sequence[_ListState],
-                    label: str) -> Cached[DnsblResult] | None:
+    def _peek_check(self, lists: Sequence[_ListState], label: str,
+                    skipped: str = "") -> Cached[DnsblResult] | None:
         answers: list[ListAnswer] = []
         asked: list[_ListState] = []
         for state in lists:
@@ -361,7 +365,7 @@ class DnsblSource:
                 state.counters.cache_hits += 1
             self._account_all(lists, answers)
 
-        return Cached(combine(answers, self._config.threshold), count)
+        return Cached(combine(answers, self._config.threshold, skipped), count)
 
     def _cached(self, zone: str, rdtype: str, label: str) -> DnsAnswer | None:
         # Before open() and after close() nothing is "cached": the DNS path then raises.
@@ -371,12 +375,21 @@ class DnsblSource:
 
     # -- lookups through DNS -----------------------------------------------------------------
 
-    def _ip_query(self, ip: str | IPAddress) -> tuple[list[_ListState], str]:
+    def _ip_query(self, ip: str | IPAddress) -> tuple[list[_ListState], str, str]:
+        """The lists to ask about an address, its label, and why other lists serving its
+        family are not asked ("" when none is left out)."""
         address = _address(ip)
         family = "ipv4" if isinstance(address, ipaddress.IPv4Address) else "ipv6"
-        return self._ip_lists[family], reverse_ip(address)
+        lists = self._ip_lists[family]
+        special = special_address(address)
+        if not special:
+            return lists, reverse_ip(address), ""
+        # Never sent to the Internet's lists: only internal ones (query_special) hear of it.
+        asked = self._special_ip_lists[family]
+        return asked, reverse_ip(address), special if len(asked) < len(lists) else ""
 
-    async def _check(self, lists: Sequence[_ListState], label: str) -> DnsblResult:
+    async def _check(self, lists: Sequence[_ListState], label: str,
+                     skipped: str = "") -> DnsblResult:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.deadline
         answers: dict[int, ListAnswer] = {}
@@ -422,7 +435,7 @@ class DnsblSource:
         ordered = [answers.get(i) or _unusable(state, standing(state.health) or "timeout")
                    for i, state in enumerate(lists)]
         self._account_all(lists, ordered)
-        return combine(ordered, self._config.threshold)
+        return combine(ordered, self._config.threshold, skipped)
 
     async def _list_answer(self, state: _ListState, label: str) -> ListAnswer:
         if state.health is None:

@@ -43,6 +43,8 @@ class ListSpec:
     families: tuple[Literal["ipv4", "ipv6"], ...]
     kind: Literal["ip", "domain"]
     spamhaus: bool
+    # Asked about special-use addresses too (an internal list); see special.py.
+    query_special: bool = False
 
     @classmethod
     def from_config(cls, cfg: DnsblListConfig) -> ListSpec:
@@ -50,7 +52,8 @@ class ListSpec:
         return cls(name=cfg.name or zone, zone=zone, weight=cfg.weight,
                    rules=parse_codes(cfg.codes),
                    errors=parse_codes(known_error_codes(zone) + cfg.error_codes),
-                   families=cfg.families, kind=cfg.kind, spamhaus=cfg.spamhaus)
+                   families=cfg.families, kind=cfg.kind, spamhaus=cfg.spamhaus,
+                   query_special=cfg.query_special)
 
 
 @dataclass(frozen=True)
@@ -100,12 +103,15 @@ def with_text(spec: ListSpec, listed: ListAnswer, txt: DnsAnswer | None) -> List
 @dataclass(frozen=True)
 class DnsblResult:
     """The verdict on one IP or domain. FOUND: listed, NOT_FOUND: clean, UNKNOWN: could not
-    tell. `answers` holds every asked list's say, in configuration order."""
+    tell. `answers` holds every asked list's say, in configuration order. `skipped` says why
+    some lists were not asked at all ("private", "documentation", ... see special.py), or
+    is ""."""
 
     status: Status
     score: float = 0.0
     answers: tuple[ListAnswer, ...] = ()
     text: str = ""
+    skipped: str = ""
 
     @property
     def listed(self) -> tuple[ListAnswer, ...]:
@@ -121,8 +127,9 @@ class DnsblResult:
         return ",".join(f"{a.name}:{a.reason}" for a in self.unknown)
 
 
-def combine(answers: Iterable[ListAnswer], threshold: float) -> DnsblResult:
-    """Sum the weights of the hits and decide, counting unknown lists as "could be either"."""
+def combine(answers: Iterable[ListAnswer], threshold: float, skipped: str = "") -> DnsblResult:
+    """Sum the weights of the hits and decide, counting unknown lists as "could be either".
+    Lists not asked (`skipped` says why) have no say: only the `answers` count."""
     answers = tuple(answers)
     score = sum(a.weight for a in answers if a.status is Status.FOUND)
     unknown = [a.weight for a in answers if a.status is Status.UNKNOWN]
@@ -136,7 +143,7 @@ def combine(answers: Iterable[ListAnswer], threshold: float) -> DnsblResult:
         status = Status.UNKNOWN
     text = "; ".join(f"{a.name}: {a.text}" for a in answers
                      if a.status is Status.FOUND and a.text)
-    return DnsblResult(status, score, answers, text)
+    return DnsblResult(status, score, answers, text, skipped)
 
 
 @dataclass(frozen=True)
