@@ -311,7 +311,8 @@ class DnsblListConfig:
     # Spamhaus: with [dnsbl] dqs_key set, ZONE becomes KEY.<zone minus spamhaus.org>.dq.spamhaus.net
     spamhaus: bool = False
     # An internal list that lists special-use addresses (private, loopback, link-local,
-    # documentation, ...): ask it about them too. Other lists are never asked about them.
+    # documentation, ...) or, for a domain list, special-use names (.local, .test, ...): ask
+    # it about them too. Other lists are never asked about them.
     query_special: bool = False
 
 

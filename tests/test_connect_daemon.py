@@ -222,6 +222,7 @@ DOMAIN_LIST = """
 zone = "bl.test"
 name = "domains"
 kind = "domain"
+query_special = true   # asked about names under .example too
 """
 PEER = Peer("unix")
 

@@ -13,7 +13,8 @@ from support import EXIM, EXIM_BASE, Exim, Lookupd
 
 pytestmark = pytest.mark.skipif(not Path(EXIM).exists(), reason="exim4 is not installed")
 
-# Internal test lists of documentation addresses: asked about them only because they say so.
+# Internal test lists of documentation addresses and .example names: asked about them only
+# because they say so.
 BL = """
 [[dnsbl.list]]
 zone = "bl.test"
@@ -32,6 +33,7 @@ DBL = """
 zone = "dbl.test"
 kind = "domain"
 codes = ["127.0.1.[2..99]"]
+query_special = true
 """
 
 # The ACL of the issue: deny listed clients, accept clean ones, accept (and log) when the

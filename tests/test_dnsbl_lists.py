@@ -6,6 +6,8 @@ of this module's own in rbldnsd, reverse DNS in knot, both behind dnsmasq (tests
   them (`query_special`); their reverse DNS is still asked of the local resolver.
 - Allow lists: postscreen's filters with ranges in every octet, and a list's own error
   answers (DNSWL's 127.0.0.255, built in; `error_codes`), never taken as an allow-list hit.
+- Domain lists for names a client gives: `dbl`, and `sender` for the MAIL ACL (a bounce, an
+  address literal, a numeric TLD: clean, never asked); special-use names are not asked either.
 
 The public addresses here (81.2.69.160-169, from the MaxMind test data's network) are only
 ever asked of the local rbldnsd: dnsmasq forwards nothing off loopback.
@@ -85,6 +87,26 @@ ff02::1
 :127.0.0.3:Internal: $
 ::ffff:7f00:2
 fd00::25
+"""),
+    # A DBL-like domain list for HELO names and sender domains.
+    "dbl.zone": ("dbl.lists.test", "dnset", SOA.format("dbl.lists.test") + """\
+:127.0.1.2:Spam domain $
+test
+spam-helo.net
+spam-sender.net
+.spam-sender.net
+# Names no list may be asked about, listed so that a question would come back "listed".
+laptop.local
+spam.example
+localhost.test
+host.123
+192.0.2.1
+"""),
+    # An internal domain list: it lists the LAN's names, and says so (query_special).
+    "corpdbl.zone": ("corpdbl.lists.test", "dnset", SOA.format("corpdbl.lists.test") + """\
+:127.0.1.3:Internal name $
+test
+laptop.local
 """),
     # dnswl.org's list as lookupd sees it: 127.0.CATEGORY.TRUST, and 127.0.0.255 for a
     # resolver it blocks (here answered for one client only, so the list stays healthy).
@@ -331,3 +353,69 @@ def test_reverse_dns_of_a_private_address_is_asked_of_the_local_resolver(
     assert lab.dnsmasq.queries("PTR", "5.1.168.192.in-addr.arpa")
     got = fields(daemon.query("connect ::ffff:192.168.1.5 25"))
     assert (got["dnsbl"], got["ptr"], got["fcrdns"]) == ("clean", "mail.corp.lists.test", "yes")
+
+
+# --- domain lists: dbl and sender ----------------------------------------------------------------
+
+DBL = """
+[[dnsbl.list]]
+zone = "dbl.lists.test"
+kind = "domain"
+codes = ["127.0.1.[2..99]"]
+"""
+CORPDBL = """
+[[dnsbl.list]]
+zone = "corpdbl.lists.test"
+kind = "domain"
+query_special = true   # it lists the LAN's names
+"""
+CLEAN = 'verdict=clean score=0 lists="" unknown="" text="" skipped='
+
+
+def test_sender_domains_are_checked_but_what_no_list_holds(start_lookupd: StartLookupd,
+                                                          lab: ListsLab) -> None:
+    daemon = start_lookupd(config(lab, BLOCK + DBL))
+    seen = len(lab.asked("dbl.lists.test"))
+    listed = ("verdict=listed score=1 lists=dbl.lists.test:127.0.1.2 unknown=\"\" "
+              "text=\"dbl.lists.test: Spam domain {}\" skipped=\"\"")
+    # $sender_address_domain, or the whole $sender_address: the domain after the last "@".
+    for request, name in (("sender spam-sender.net", "spam-sender.net"),
+                          # (rbldnsd's text names the entry that matched)
+                          ("sender Alice@Mail.Spam-Sender.NET", "spam-sender.net"),
+                          ('sender "a b"@spam-sender.net', "spam-sender.net"),
+                          ("dbl spam-helo.net", "spam-helo.net")):
+        assert daemon.query(request) == listed.format(name), request
+    assert daemon.query("sender clean-sender.net") == CLEAN + '""'
+    # The bounce's empty sender: nothing to check, clean.
+    assert daemon.query("sender") == CLEAN + '""'
+    assert daemon.query("sender <>") == CLEAN + '""'
+    # Never asked of any list: no list holds them, or they are special-use names.
+    for request, why in (("sender alice@[192.0.2.1]", "address-literal"),
+                         ("sender 192.0.2.1", "numeric-tld"),
+                         ("sender alice@host.123", "numeric-tld"),
+                         ("sender localhost", "not-a-domain"),
+                         ("sender alice@laptop.local", "special-use-name"),
+                         ("sender spam.example", "special-use-name"),
+                         ("dbl localhost.test", "special-use-name"),
+                         ("dbl host.123", "numeric-tld")):
+        assert daemon.query(request) == CLEAN + why, request
+    assert daemon.query("dbl 192.0.2.1") == 'error not a domain name: "192.0.2.1"'
+    asked = set(lab.asked("dbl.lists.test")[seen:]) - {"test", "invalid"}
+    assert asked == {"spam-sender.net", "mail.spam-sender.net", "spam-helo.net",
+                     "clean-sender.net"}
+    # The IP lists are never asked about names.
+    assert not [n for n in lab.asked("block.lists.test") if "spam" in n]
+
+
+def test_an_internal_domain_list_is_asked_about_special_names(start_lookupd: StartLookupd,
+                                                             lab: ListsLab) -> None:
+    daemon = start_lookupd(config(lab, DBL + CORPDBL))
+    seen = len(lab.asked("dbl.lists.test"))
+    assert daemon.query("sender bob@laptop.local") == (
+        "verdict=listed score=1 lists=corpdbl.lists.test:127.0.1.3 unknown=\"\" "
+        "text=\"corpdbl.lists.test: Internal name laptop.local\" skipped=special-use-name")
+    assert daemon.query("dbl spam-helo.net").endswith(' skipped=""')
+    assert daemon.query("sender alice@host.123") == CLEAN + "numeric-tld"
+    assert set(lab.asked("dbl.lists.test")[seen:]) - {"test", "invalid"} == {"spam-helo.net"}
+    assert "laptop.local" in lab.asked("corpdbl.lists.test")
+    assert "host.123" not in lab.asked("corpdbl.lists.test")

@@ -22,7 +22,7 @@ from lookupd.dnsbl.names import (
     reverse_ip,
 )
 from lookupd.dnsbl.render import exim_value, printable, render_dnsbl, render_ptr, render_stats
-from lookupd.dnsbl.special import special_address
+from lookupd.dnsbl.special import numeric_tld, smtp_name, special_address, special_name
 from lookupd.dnsbl.stats import DnsblStats, ListStats, percentile
 from lookupd.dnsbl.verdict import (
     DnsblResult,
@@ -230,6 +230,46 @@ def test_rfc5782_test_points() -> None:
 ])
 def test_special_use_addresses(address: str, word: str) -> None:
     assert special_address(ipaddress.ip_address(address)) == word
+
+
+@pytest.mark.parametrize(("name", "special"), [
+    ("test", True), ("spam.example", True), ("a.b.localhost", True), ("laptop.local", True),
+    ("x.home.arpa", True), ("www.example.com", True), ("example.org", True),
+    ("svc.internal", True), ("foo.onion", True), ("foo.alt", True), ("bad.invalid", True),
+    ("example.co.uk", False), ("notexample.com", False), ("localdomain", False),
+    ("test.example.net.au", False), ("mail.example.test.net", False), ("arpa", False),
+    ("spam-helo.net", False), ("latest", False),
+])
+def test_special_use_names(name: str, special: bool) -> None:
+    assert special_name(name) == ("special-use-name" if special else "")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # A HELO name, a sender domain or a whole sender address: the domain to ask.
+    ("Mail.Example.NET.", ("mail.example.net", "")),
+    ("alice@Spam-Sender.net", ("spam-sender.net", "")),
+    ("<alice@spam-sender.net>", ("spam-sender.net", "")),
+    ('"a b"@spam-sender.net', ("spam-sender.net", "")),
+    ("bücher.example", ("xn--bcher-kva.example", "")),
+    # Special-use names are asked (of the lists that take them): the source decides.
+    ("laptop.local", ("laptop.local", "")),
+    # Nothing to ask: the bounce's empty sender.
+    ("", ("", "")), ("<>", ("", "")), ("  ", ("", "")),
+    # Never asked: address literals, numeric TLDs (bare IPs too), no domain name at all.
+    ("[192.0.2.1]", ("", "address-literal")), ("[IPv6:2001:db8::1]", ("", "address-literal")),
+    ("alice@[192.0.2.1]", ("", "address-literal")),
+    ("192.0.2.1", ("", "numeric-tld")), ("host.123", ("", "numeric-tld")),
+    ("alice@host.123.", ("", "numeric-tld")), ("localhost", ("", "not-a-domain")),
+    ("2001:db8::1", ("", "not-a-domain")), ("two words.example", ("", "not-a-domain")),
+    ("a..example", ("", "not-a-domain")), ("-bad.example", ("", "not-a-domain")),
+])
+def test_smtp_names(text: str, expected: tuple[str, str]) -> None:
+    assert smtp_name(text) == expected
+
+
+def test_numeric_tld() -> None:
+    assert numeric_tld("192.0.2.1") and numeric_tld("host.123") and numeric_tld("1.2.3.")
+    assert not numeric_tld("host.123a") and not numeric_tld("123.example")
 
 
 # --- one list's verdict ---------------------------------------------------------------------

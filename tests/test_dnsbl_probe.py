@@ -49,13 +49,15 @@ RBL_ZONES = (("all.test", "ip4trie", "all.zone"), ("dball.test", "dnset", "dball
              ("good.test", "ip4set", "good.zone"), ("other.test", "ip4set", "other.zone"),
              ("moved.test", "ip4set", "moved.zone"), ("dblgood.test", "dnset", "dblgood.zone"))
 
-# Internal test lists of documentation addresses: they ask to be asked (query_special).
+# Internal test lists of documentation addresses and .example names: they ask to be asked
+# (query_special).
 ALL = DnsblListConfig(zone="all.test", families=("ipv4",), query_special=True)
-DBALL = DnsblListConfig(zone="dball.test", kind="domain")
+DBALL = DnsblListConfig(zone="dball.test", kind="domain", query_special=True)
 GOOD = DnsblListConfig(zone="good.test", codes=("127.0.0.2",), families=("ipv4",),
                        query_special=True)
 OTHER = DnsblListConfig(zone="other.test", families=("ipv4",), query_special=True)
-DBLGOOD = DnsblListConfig(zone="dblgood.test", kind="domain", codes=("127.0.1.[2..99]",))
+DBLGOOD = DnsblListConfig(zone="dblgood.test", kind="domain", codes=("127.0.1.[2..99]",),
+                          query_special=True)
 
 QUARANTINED_ALL = ('verdict=unknown score=0 lists="" unknown=all.test:quarantined text="" '
                    'skipped=""')

@@ -31,21 +31,23 @@ from lookupd.outcome import Status
 
 FOUND, NOT_FOUND, UNKNOWN = Status.FOUND, Status.NOT_FOUND, Status.UNKNOWN
 
-# The test zones list documentation addresses (192.0.2.0/24, 2001:db8::/32): internal lists,
-# which lookupd asks about special-use addresses only when they say so (query_special).
+# The test zones list documentation addresses (192.0.2.0/24, 2001:db8::/32) and names under
+# .example: internal lists, which lookupd asks about special-use addresses and names only
+# when they say so (query_special).
 BL = DnsblListConfig(zone="bl.test", codes=("127.0.0.[2..11]",), query_special=True)
 COP = DnsblListConfig(zone="cop.test", codes=("127.0.0.2",), families=("ipv4",),
                       query_special=True)
 MASK = DnsblListConfig(zone="mask.test", codes=("&0x04",), families=("ipv4",),
                        query_special=True)
 EVERYTHING = DnsblListConfig(zone="everything.test", query_special=True)
-DBL = DnsblListConfig(zone="dbl.test", kind="domain", codes=("127.0.1.[2..99]",))
+DBL = DnsblListConfig(zone="dbl.test", kind="domain", codes=("127.0.1.[2..99]",),
+                      query_special=True)
 SLOW = DnsblListConfig(zone="slow.test", query_special=True)
 BROKEN = DnsblListConfig(zone="broken.test", query_special=True)
 ZEN_DQS = DnsblListConfig(zone="zen.spamhaus.org", codes=("127.0.0.[2..11]",), spamhaus=True,
                           query_special=True)
 DBL_DQS = DnsblListConfig(zone="dbl.spamhaus.org", kind="domain", codes=("127.0.1.[2..99]",),
-                          spamhaus=True)
+                          spamhaus=True, query_special=True)
 # Any 127/8 answer counts, but the error codes.
 ANY_CODE = DnsblListConfig(zone="bl.test", query_special=True)
 

@@ -41,7 +41,7 @@ from lookupd.dnsbl.names import (
     reverse_ip,
 )
 from lookupd.dnsbl.resolver import DnsClient, make_resolver
-from lookupd.dnsbl.special import special_address
+from lookupd.dnsbl.special import NUMERIC_TLD, numeric_tld, smtp_name, special_address, special_name
 from lookupd.dnsbl.stats import DnsblStats, ListCounters, list_stats
 from lookupd.dnsbl.verdict import (
     DnsblResult,
@@ -148,6 +148,7 @@ class DnsblSource:
         self._special_ip_lists = {family: [s for s in lists if s.spec.query_special]
                                   for family, lists in self._ip_lists.items()}
         self._domain_lists = [s for s in self._lists if s.spec.kind == "domain"]
+        self._special_domain_lists = [s for s in self._domain_lists if s.spec.query_special]
         self._ptr_counters = ListCounters()
         self._cache = AnswerCache(config.cache_size, clock)
         self._once = OncePer()
@@ -258,8 +259,15 @@ class DnsblSource:
         return await self._check(*self._ip_query(ip))
 
     async def check_domain(self, name: str) -> DnsblResult:
-        """Every domain list (Spamhaus DBL and the like), in parallel, within the deadline."""
-        return await self._check(self._domain_lists, _domain(name))
+        """Every domain list (Spamhaus DBL and the like), in parallel, within the deadline.
+        BadRequest when `name` is no domain name (an IP address, say)."""
+        return await self._check(*self._domain_query(_domain(name)))
+
+    async def check_smtp_name(self, text: str) -> DnsblResult:
+        """`check_domain` for a HELO name or a sender domain (or address) as the client gave
+        it: what no list can hold (an address literal, a numeric TLD, no domain name at all)
+        is clean without a question, and the bounce's empty sender is clean."""
+        return await self._check(*self._smtp_name_query(text))
 
     async def ptr(self, ip: str | IPAddress) -> PtrResult:
         """The PTR name of an address and whether it resolves back to it (FCrDNS)."""
@@ -292,7 +300,11 @@ class DnsblSource:
 
     def peek_domain(self, name: str) -> Cached[DnsblResult] | None:
         """`check_domain`'s result from the cache alone, else None (see `peek_ip`)."""
-        return self._peek_check(self._domain_lists, _domain(name))
+        return self._peek_check(*self._domain_query(_domain(name)))
+
+    def peek_smtp_name(self, text: str) -> Cached[DnsblResult] | None:
+        """`check_smtp_name`'s result from the cache alone, else None (see `peek_ip`)."""
+        return self._peek_check(*self._smtp_name_query(text))
 
     def peek_ptr(self, ip: str | IPAddress) -> Cached[PtrResult] | None:
         """`ptr`'s result when the PTR answer and every forward answer it leads to are cached,
@@ -326,6 +338,10 @@ class DnsblSource:
     def cached_domain(self, name: str) -> DnsblResult | None:
         """`check_domain`'s result, counted, when the cache holds all of it; else None."""
         return _take(self.peek_domain(name))
+
+    def cached_smtp_name(self, text: str) -> DnsblResult | None:
+        """`check_smtp_name`'s result, counted, when the cache holds all of it; else None."""
+        return _take(self.peek_smtp_name(text))
 
     def cached_ptr(self, ip: str | IPAddress) -> PtrResult | None:
         """`ptr`'s result, counted, when the cache holds all of it; else None."""
@@ -387,6 +403,24 @@ class DnsblSource:
         # Never sent to the Internet's lists: only internal ones (query_special) hear of it.
         asked = self._special_ip_lists[family]
         return asked, reverse_ip(address), special if len(asked) < len(lists) else ""
+
+    def _domain_query(self, name: str) -> tuple[list[_ListState], str, str]:
+        """The lists to ask about a normalized domain name, its label, and why other domain
+        lists are not asked ("" when none is left out)."""
+        lists = self._domain_lists
+        if numeric_tld(name):
+            return [], name, NUMERIC_TLD if lists else ""
+        special = special_name(name)
+        if not special:
+            return lists, name, ""
+        asked = self._special_domain_lists
+        return asked, name, special if len(asked) < len(lists) else ""
+
+    def _smtp_name_query(self, text: str) -> tuple[list[_ListState], str, str]:
+        name, why = smtp_name(text)
+        if not name:
+            return [], "", why if self._domain_lists else ""
+        return self._domain_query(name)
 
     async def _check(self, lists: Sequence[_ListState], label: str,
                      skipped: str = "") -> DnsblResult:
