@@ -390,6 +390,9 @@ class ConnectConfig:
     # Deny when the firewall counted more incidents than this; 0 turns the rule off.
     incidents_threshold: int = field(default=10, metadata=_checked(_non_negative))
     deny_on_dnsbl: bool = True
+    # Deny when the domain lists list the HELO name (given only by a `connect IP PORT HELO`
+    # from a HELO or later ACL; at connect time there is none).
+    deny_on_helo_dbl: bool = True
     # Deny clients without a PTR record; off by default: it blocks real senders.
     deny_no_ptr: bool = False
     # Ports where only known clients may connect (submission).
@@ -406,8 +409,9 @@ class ConnectConfig:
     # All sources of one connect query answer within this, or count as unknown.
     deadline: float = field(default=2.0, metadata=_parsed(parse_duration, _positive))
     # Rules that only say what they would do (action=accept would=deny|defer), to try them
-    # out first: "incidents", "dnsbl", "country", "no_ptr", "submission".
-    log_only: tuple[Literal["incidents", "dnsbl", "country", "no_ptr", "submission"], ...] = ()
+    # out first: "incidents", "dnsbl", "helo_dbl", "country", "no_ptr", "submission".
+    log_only: tuple[Literal["incidents", "dnsbl", "helo_dbl", "country", "no_ptr",
+                            "submission"], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,10 @@ of this module's own in rbldnsd, reverse DNS in knot, both behind dnsmasq (tests
   them (`query_special`); their reverse DNS is still asked of the local resolver.
 - Allow lists: postscreen's filters with ranges in every octet, and a list's own error
   answers (DNSWL's 127.0.0.255, built in; `error_codes`), never taken as an allow-list hit.
-- Domain lists for names a client gives: `dbl`, and `sender` for the MAIL ACL (a bounce, an
-  address literal, a numeric TLD: clean, never asked); special-use names are not asked either.
+- Domain lists for names a client gives: `dbl`, `sender` for the MAIL ACL (a bounce, an
+  address literal, a numeric TLD: clean, never asked), and the HELO name of `connect`
+  (`helo_dbl=`, the `helo_dbl` rule); special-use names are not asked either. The README's
+  HELO and MAIL ACLs, run by a real Exim (-bh) against a real lookupd.
 
 The public addresses here (81.2.69.160-169, from the MaxMind test data's network) are only
 ever asked of the local rbldnsd: dnsmasq forwards nothing off loopback.
@@ -15,8 +17,9 @@ ever asked of the local rbldnsd: dnsmasq forwards nothing off loopback.
 
 from __future__ import annotations
 
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from ipaddress import ip_address
@@ -24,9 +27,14 @@ from pathlib import Path
 
 import pytest
 from conftest import StartLookupd
-from dnsservers import RBLDNSD, Dnsmasq, Knot, Rbldnsd
+from dnsservers import RBLDNSD, Dnsmasq, Knot, Rbldnsd, SilentServer
+from support import EXIM, EXIM_BASE, REPO, Exim
 
+from lookupd.config import load_config
+from lookupd.dispatch import Dispatcher
 from lookupd.dnsbl.names import reverse_ip
+from lookupd.protocol import Peer, Request
+from lookupd.sources import Sources
 
 pytestmark = pytest.mark.skipif(not Path(RBLDNSD).exists(), reason="rbldnsd is not installed")
 
@@ -144,6 +152,9 @@ mail A 192.168.1.5
 
 @dataclass
 class ListsLab:
+    """`resolver_port` is dnsmasq: the zones above to rbldnsd, KNOT_ZONES to knot, and
+    silent.lists.test to a server that never answers."""
+
     rbldnsd: Rbldnsd
     knot: Knot
     dnsmasq: Dnsmasq
@@ -174,8 +185,11 @@ def lists_lab(workdir: Path) -> Iterator[ListsLab]:
         knot = Knot(workdir / "knot", zones=dict(KNOT_ZONES), broken=())
         stack.callback(knot.stop)
         knot.start()
+        silent = SilentServer()
+        stack.callback(silent.stop)
         routes = {zone: rbl.port for zone, _, _ in ZONES.values()}
         routes |= {zone: knot.port for zone in knot.zones}
+        routes["silent.lists.test"] = silent.port
         forwarder = Dnsmasq(workdir / "dnsmasq", routes)
         stack.callback(forwarder.stop)
         forwarder.start()
@@ -419,3 +433,166 @@ def test_an_internal_domain_list_is_asked_about_special_names(start_lookupd: Sta
     assert set(lab.asked("dbl.lists.test")[seen:]) - {"test", "invalid"} == {"spam-helo.net"}
     assert "laptop.local" in lab.asked("corpdbl.lists.test")
     assert "host.123" not in lab.asked("corpdbl.lists.test")
+
+
+# --- the HELO name in connect ---------------------------------------------------------------------
+
+SILENT_DBL = """
+[[dnsbl.list]]
+zone = "silent.lists.test"
+kind = "domain"
+"""
+
+
+def test_connect_checks_the_helo_name(start_lookupd: StartLookupd, lab: ListsLab) -> None:
+    daemon = start_lookupd(config(lab, BLOCK + DBL))
+    seen = len(lab.asked("dbl.lists.test"))
+    listed = daemon.query("connect 81.2.69.170 25 Spam-HELO.net")
+    assert listed.startswith('action=deny rule=helo_dbl would=none reason="Rejected - HELO '
+                             'name Spam-HELO.net is listed at dbl.lists.test" '), listed
+    got = fields(listed)
+    assert (got["dnsbl"], got["dnsbl_lists"], got["helo_dbl"]) == ("clean", '""', "listed")
+    assert "connect deny: [81.2.69.170] port 25 helo Spam-HELO.net rule=helo_dbl " in \
+        daemon.log()
+    for helo in ("mail.clean-helo.net", "[81.2.69.170]", "[IPv6:2001:218::25]", "81.2.69.170",
+                 "laptop.local", "localhost", "two words.net", ""):
+        got = fields(daemon.query(f"connect 81.2.69.170 25 {helo}"))
+        assert (got["action"], got["rule"], got["helo_dbl"]) == ("accept", "none", "clean"), helo
+    # The address's lists decide first; dnsbl= keeps its meaning, helo_dbl= says the rest.
+    both = fields(daemon.query("connect 81.2.69.165 25 spam-helo.net"))
+    assert (both["action"], both["rule"], both["dnsbl"], both["helo_dbl"]) == \
+        ("deny", "dnsbl", "listed", "listed")
+    assert set(lab.asked("dbl.lists.test")[seen:]) - {"test", "invalid"} == \
+        {"spam-helo.net", "mail.clean-helo.net"}
+
+
+def test_helo_rule_settings_and_an_unknown_helo(start_lookupd: StartLookupd,
+                                                lab: ListsLab) -> None:
+    logged = start_lookupd(config(lab, BLOCK + DBL) + '[connect]\nlog_only = ["helo_dbl"]\n')
+    got = fields(logged.query("connect 81.2.69.170 25 spam-helo.net"))
+    assert (got["action"], got["rule"], got["would"], got["helo_dbl"]) == \
+        ("accept", "helo_dbl", "deny", "listed")
+    off = start_lookupd(config(lab, BLOCK + DBL) + "[connect]\ndeny_on_helo_dbl = false\n")
+    got = fields(off.query("connect 81.2.69.170 25 spam-helo.net"))
+    assert (got["action"], got["rule"], got["helo_dbl"]) == ("accept", "none", "listed")
+    # A domain list that never answers: the HELO is unknown, and refuses nobody...
+    silent = start_lookupd(config(lab, BLOCK + SILENT_DBL).replace(
+        'deadline = "1s"', 'deadline = "300ms"'))
+    got = fields(silent.query("connect 81.2.69.170 25 spam-helo.net"))
+    assert (got["action"], got["rule"], got["helo_dbl"]) == ("accept", "none", "unknown")
+    # ...while a list that answers still decides.
+    both = start_lookupd(config(lab, BLOCK + DBL + SILENT_DBL).replace(
+        'deadline = "1s"', 'deadline = "300ms"'))
+    got = fields(both.query("connect 81.2.69.170 25 spam-helo.net"))
+    assert (got["action"], got["rule"], got["helo_dbl"]) == ("deny", "helo_dbl", "listed")
+
+
+@pytest.fixture
+async def dispatcher(lab: ListsLab, tmp_path: Path) -> AsyncIterator[Dispatcher]:
+    """The daemon's own dispatch on the lab's lists, in this process."""
+    path = tmp_path / "lookupd.toml"
+    path.write_text(config(lab, BLOCK + DBL))
+    sources = Sources.from_config(load_config(
+        path, overrides={"server.state_dir": str(tmp_path / "state")}))
+    await sources.open()
+    try:
+        yield Dispatcher(sources)
+    finally:
+        await sources.close()
+
+
+async def test_cached_helo_and_sender_answers_are_the_answers_through_dns(
+        dispatcher: Dispatcher) -> None:
+    """Asked again, the same HELO and sender are answered inline from the cache (a plain str,
+    no task), with the same reply; what needs no list is answered at once even cold."""
+    peer = Peer("unix")
+    asked = [Request("connect", ("81.2.69.171", "25", "spam-helo.net")),
+             Request("connect", ("81.2.69.171", "25", "ok-helo.net")),
+             Request("sender", ("alice@spam-sender.net",)),
+             Request("sender", ("bob@ok-sender.net",))]
+    cold = []
+    for request in asked:
+        pending = dispatcher.handle(request, peer)
+        assert not isinstance(pending, str), request
+        cold.append(await pending)
+    assert [fields(r).get("helo_dbl", fields(r).get("verdict")) for r in cold] == \
+        ["listed", "clean", "listed", "clean"]
+    assert [dispatcher.handle(request, peer) for request in asked] == cold
+    for request in (Request("connect", ("81.2.69.171", "25", "[81.2.69.171]")),
+                    Request("sender", ("bob@[192.0.2.1]",)), Request("sender", ())):
+        assert isinstance(dispatcher.handle(request, peer), str), request
+
+
+# --- the README's HELO and MAIL ACLs, in a real Exim ----------------------------------------------
+
+
+def readme_exim_block(first_line: str) -> str:
+    """The README's fenced Exim block that starts with `first_line`, as it is printed."""
+    blocks = re.findall(r"^```\n(.*?)^```$", (REPO / "README.md").read_text(), re.S | re.M)
+    found = [block for block in blocks if block.startswith(first_line)]
+    assert len(found) == 1, f"one README block starting {first_line!r}"
+    return found[0]
+
+
+def smtp_replies(out: str) -> list[str]:
+    """Exim's replies to the session's commands, one per command: "CODE text", the lines of
+    a multi-line reply joined (Exim wraps long messages)."""
+    replies: list[str] = []
+    texts: list[str] = []
+    for line in out.splitlines():
+        if m := re.match(r"(\d{3})([- ])(.*)", line):
+            texts.append(m.group(3))
+            if m.group(2) == " ":
+                replies.append(f"{m.group(1)} {' '.join(texts)}")
+                texts = []
+    return replies
+
+
+@pytest.mark.skipif(not Path(EXIM).exists(), reason="exim4 is not installed")
+def test_the_readme_helo_and_mail_acls_in_exim(start_lookupd: StartLookupd, lab: ListsLab,
+                                               sockdir: Path) -> None:
+    acls = readme_exim_block("acl_smtp_helo = acl_check_helo")
+    # At MAIL, -bh checks its spool as Debian-exim: a directory it can reach (tmp_path is 0700).
+    # allow_domain_literals: so that Exim takes a sender at an address literal at all.
+    workdir = sockdir / "exim"
+    exim = Exim(workdir, EXIM_BASE.format(workdir=workdir) + "allow_domain_literals = true\n"
+                + acls)
+
+    def session(socket: Path, smtp: str) -> tuple[list[str], str]:
+        """An SMTP session of client 81.2.69.170, the ACLs asking lookupd on `socket`."""
+        exim.write(exim.config_text.replace("/run/lookupd/lookupd.sock", str(socket)))
+        out, err = exim.bh("81.2.69.170", smtp)
+        return smtp_replies(out), err
+
+    daemon = start_lookupd(config(lab, BLOCK + DBL))
+    seen = len(lab.asked("dbl.lists.test"))
+
+    replies, _ = session(daemon.socket, "EHLO spam-helo.net\nQUIT\n")
+    assert replies[1] == "550 Rejected - HELO name spam-helo.net is listed at dbl.lists.test"
+
+    replies, _ = session(daemon.socket, "\n".join((
+        "EHLO mail.clean-helo.net", "MAIL FROM:<alice@spam-sender.net>", "MAIL FROM:<>",
+        "RSET", "MAIL FROM:<bob@[192.0.2.1]>", "RSET", "MAIL FROM:<carol@clean-sender.net>",
+        "QUIT", "")))
+    assert [r[:3] for r in replies] == ["220", "250", "550", "250", "250", "250", "250",
+                                        "250", "221"], replies
+    assert replies[2] == ("550 spam-sender.net is listed (dbl.lists.test:127.0.1.2): "
+                          "dbl.lists.test: Spam domain spam-sender.net")
+
+    for helo in ("[81.2.69.170]", "laptop.local"):
+        replies, err = session(daemon.socket, f"EHLO {helo}\nQUIT\n")
+        assert replies[1].startswith("250 ") and "domain lists" not in err, (helo, replies)
+    # Only the names the lists could hold were asked.
+    assert set(lab.asked("dbl.lists.test")[seen:]) - {"test", "invalid"} == \
+        {"spam-helo.net", "mail.clean-helo.net", "spam-sender.net", "clean-sender.net"}
+
+    # The domain lists cannot tell: accepted, and logged.
+    unknown = start_lookupd(config(lab, BLOCK + SILENT_DBL).replace(
+        'deadline = "1s"', 'deadline = "300ms"'))
+    replies, err = session(unknown.socket, "EHLO spam-helo.net\nQUIT\n")
+    assert replies[1].startswith("250 ")
+    assert "HELO spam-helo.net of 81.2.69.170: domain lists unknown, accepted" in err
+    # lookupd down: the fail string reads as unknown; accepted, and logged.
+    replies, err = session(sockdir / "absent.sock", "EHLO spam-helo.net\nQUIT\n")
+    assert replies[1].startswith("250 ")
+    assert "domain lists unknown, accepted" in err
