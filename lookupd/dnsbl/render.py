@@ -1,4 +1,4 @@
-"""Reply lines for `dnsbl`, `dbl`, `ptr` and the DNSBL part of `stats` (pure).
+"""Reply lines for `dnsbl`, `dbl`, `sender`, `ptr` and the DNSBL part of `stats` (pure).
 
 Every reply is one line of `key=value` pairs for Exim's `${extract{key}{...}}`. Exim reads
 a value up to the next white space, or, when it starts with a double quote, up to the
@@ -14,7 +14,10 @@ next pair (`name= fcrdns=no` reads name as "fcrdns=no").
       A list that answered several codes appears once per code. Scores are whole numbers
       when the weights are. `text` is printable ASCII, at most TEXT_MAX characters.
       `skipped` is "" when every list serving the query was asked, else why some (or all)
-      were not: the kind of special-use address ("private", "documentation", ...).
+      were not: the kind of special-use address ("private", "documentation", ...), or for
+      names "special-use-name", "numeric-tld", "address-literal", "not-a-domain".
+    sender [DOMAIN|ADDRESS]
+        the same as dbl, for a sender domain as the client gave it
     ptr IP
         name=<PTR name or ""> fcrdns=yes|no|unknown
     stats (the DNSBL part, one line)

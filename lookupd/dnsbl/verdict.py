@@ -104,8 +104,8 @@ def with_text(spec: ListSpec, listed: ListAnswer, txt: DnsAnswer | None) -> List
 class DnsblResult:
     """The verdict on one IP or domain. FOUND: listed, NOT_FOUND: clean, UNKNOWN: could not
     tell. `answers` holds every asked list's say, in configuration order. `skipped` says why
-    some lists were not asked at all ("private", "documentation", ... see special.py), or
-    is ""."""
+    some lists were not asked at all ("private", "documentation", "numeric-tld", ... see
+    special.py), or is ""."""
 
     status: Status
     score: float = 0.0
