@@ -255,13 +255,15 @@ class DnsblLookup(Protocol):
 
     async def ptr(self, ip: str | IPAddress) -> PtrResult: ...
 
-    async def check_smtp_name(self, text: str) -> DnsblResult: ...
+    async def check_smtp_name(self, text: str,
+                              client: IPAddress | None = None) -> DnsblResult: ...
 
     def peek_ip(self, ip: str | IPAddress) -> Cached[DnsblResult] | None: ...
 
     def peek_ptr(self, ip: str | IPAddress) -> Cached[PtrResult] | None: ...
 
-    def peek_smtp_name(self, text: str) -> Cached[DnsblResult] | None: ...
+    def peek_smtp_name(self, text: str,
+                       client: IPAddress | None = None) -> Cached[DnsblResult] | None: ...
 
 
 T = TypeVar("T")
@@ -292,7 +294,7 @@ class ConnectChecker:
         try:
             dnsbl = self.dnsbl.peek_ip(ip)
             ptr = self.dnsbl.peek_ptr(ip) if dnsbl is not None else None
-            helo = (self._peek_helo(request.helo) if dnsbl is not None and ptr is not None
+            helo = (self._peek_helo(request.helo, ip) if dnsbl is not None and ptr is not None
                     else None)
         except Exception:
             return None  # `answer` looks again, and says what went wrong
@@ -301,11 +303,12 @@ class ConnectChecker:
         return self._conclude(self._with_memory(request, ip, dnsbl.take(), ptr.take(),
                                                 helo.take()))
 
-    def _peek_helo(self, helo: str) -> Cached[DnsblResult] | None:
-        """The domain lists' verdict on the HELO from the cache; no HELO: clean at once."""
+    def _peek_helo(self, helo: str, ip: IPAddress) -> Cached[DnsblResult] | None:
+        """The domain lists' verdict on the HELO from the cache; no HELO: clean at once. A
+        LAN client's HELO is internal: asked only of internal lists, as its address is."""
         if not helo:
             return Cached(NO_HELO, _nothing)
-        return self.dnsbl.peek_smtp_name(helo)
+        return self.dnsbl.peek_smtp_name(helo, ip)
 
     async def answer(self, request: ConnectRequest) -> str:
         return self._conclude(await self.facts(request))
@@ -329,11 +332,11 @@ class ConnectChecker:
         deadline = loop.time() + self.config.deadline
         dnsbl_now = _taken(lambda: self.dnsbl.peek_ip(ip), "DNSBL")
         ptr_now = _taken(lambda: self.dnsbl.peek_ptr(ip), "PTR")
-        helo_now = _taken(lambda: self._peek_helo(request.helo), "HELO")
+        helo_now = _taken(lambda: self._peek_helo(request.helo, ip), "HELO")
         dnsbl_task = (asyncio.create_task(self.dnsbl.check_ip(ip)) if dnsbl_now is None
                       else None)
         ptr_task = asyncio.create_task(self.dnsbl.ptr(ip)) if ptr_now is None else None
-        helo_task = (asyncio.create_task(self.dnsbl.check_smtp_name(request.helo))
+        helo_task = (asyncio.create_task(self.dnsbl.check_smtp_name(request.helo, ip))
                      if helo_now is None else None)
         pending = [task for task in (dnsbl_task, ptr_task, helo_task) if task is not None]
         try:

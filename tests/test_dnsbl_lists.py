@@ -466,6 +466,24 @@ def test_connect_checks_the_helo_name(start_lookupd: StartLookupd, lab: ListsLab
         {"spam-helo.net", "mail.clean-helo.net"}
 
 
+def test_a_lan_clients_helo_is_asked_only_of_internal_lists(start_lookupd: StartLookupd,
+                                                            lab: ListsLab) -> None:
+    """A client on a special-use address is inside the network: its HELO name is as
+    internal as its address, and goes only where its address may go."""
+    daemon = start_lookupd(config(lab, DBL + CORPDBL))
+    seen = len(lab.asked("dbl.lists.test")), len(lab.asked("corpdbl.lists.test"))
+    got = fields(daemon.query("connect 192.168.1.5 25 spam-helo.net"))
+    assert (got["action"], got["helo_dbl"]) == ("accept", "clean")
+    got = fields(daemon.query("connect ::ffff:10.1.2.3 25 laptop.local"))
+    assert (got["action"], got["rule"], got["helo_dbl"]) == ("deny", "helo_dbl", "listed")
+    assert set(lab.asked("dbl.lists.test")[seen[0]:]) - {"test", "invalid"} == set()
+    assert {"spam-helo.net", "laptop.local"} <= set(lab.asked("corpdbl.lists.test")[seen[1]:])
+    # From the Internet, the same name goes to every list.
+    got = fields(daemon.query("connect 81.2.69.170 25 spam-helo.net"))
+    assert (got["action"], got["helo_dbl"]) == ("deny", "listed")
+    assert "spam-helo.net" in lab.asked("dbl.lists.test")[seen[0]:]
+
+
 def test_helo_rule_settings_and_an_unknown_helo(start_lookupd: StartLookupd,
                                                 lab: ListsLab) -> None:
     logged = start_lookupd(config(lab, BLOCK + DBL) + '[connect]\nlog_only = ["helo_dbl"]\n')

@@ -263,11 +263,13 @@ class DnsblSource:
         BadRequest when `name` is no domain name (an IP address, say)."""
         return await self._check(*self._domain_query(_domain(name)))
 
-    async def check_smtp_name(self, text: str) -> DnsblResult:
+    async def check_smtp_name(self, text: str, client: IPAddress | None = None) -> DnsblResult:
         """`check_domain` for a HELO name or a sender domain (or address) as the client gave
         it: what no list can hold (an address literal, a numeric TLD, no domain name at all)
-        is clean without a question, and the bounce's empty sender is clean."""
-        return await self._check(*self._smtp_name_query(text))
+        is clean without a question, and the bounce's empty sender is clean. The names a
+        `client` on a special-use address (the LAN) gives are internal: they are asked only
+        of internal lists (query_special), as its address is."""
+        return await self._check(*self._smtp_name_query(text, client))
 
     async def ptr(self, ip: str | IPAddress) -> PtrResult:
         """The PTR name of an address and whether it resolves back to it (FCrDNS)."""
@@ -302,9 +304,10 @@ class DnsblSource:
         """`check_domain`'s result from the cache alone, else None (see `peek_ip`)."""
         return self._peek_check(*self._domain_query(_domain(name)))
 
-    def peek_smtp_name(self, text: str) -> Cached[DnsblResult] | None:
+    def peek_smtp_name(self, text: str,
+                       client: IPAddress | None = None) -> Cached[DnsblResult] | None:
         """`check_smtp_name`'s result from the cache alone, else None (see `peek_ip`)."""
-        return self._peek_check(*self._smtp_name_query(text))
+        return self._peek_check(*self._smtp_name_query(text, client))
 
     def peek_ptr(self, ip: str | IPAddress) -> Cached[PtrResult] | None:
         """`ptr`'s result when the PTR answer and every forward answer it leads to are cached,
@@ -416,11 +419,17 @@ class DnsblSource:
         asked = self._special_domain_lists
         return asked, name, special if len(asked) < len(lists) else ""
 
-    def _smtp_name_query(self, text: str) -> tuple[list[_ListState], str, str]:
+    def _smtp_name_query(self, text: str,
+                         client: IPAddress | None) -> tuple[list[_ListState], str, str]:
         name, why = smtp_name(text)
         if not name:
             return [], "", why if self._domain_lists else ""
-        return self._domain_query(name)
+        lists, label, skipped = self._domain_query(name)
+        special = special_address(client) if client is not None else ""
+        if not special or not lists:
+            return lists, label, skipped
+        asked = [s for s in lists if s.spec.query_special]
+        return asked, label, special if len(asked) < len(lists) else skipped
 
     async def _check(self, lists: Sequence[_ListState], label: str,
                      skipped: str = "") -> DnsblResult:
