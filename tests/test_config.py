@@ -44,6 +44,12 @@ zone = "list.dnswl.org"
 weight = -1
 codes = ["127.0.[0..255].[1..3]", "127.0.3.0/24"]
 error_codes = ["127.0.0.254", "127.255.0.0/16"]
+[[dnsbl.list]]
+zone = "lan.test"
+query_special = true
+[connect]
+deny_on_helo_dbl = false
+log_only = ["helo_dbl"]
 """))
     assert config.server.socket == tmp_path / "run/l.sock"  # relative to the config file
     assert config.server.socket_mode == 0o640
@@ -51,10 +57,12 @@ error_codes = ["127.0.0.254", "127.255.0.0/16"]
     assert config.server.read_timeout == 0.5
     assert config.incidents.sympl_window == 7 * 86400
     assert config.dnsbl.nameservers == (HostPort("127.0.0.1", 5353), HostPort("::1", 53))
-    assert [lst.zone for lst in config.dnsbl.lists] == ["rbl.test", "list.dnswl.org"]
+    assert [lst.zone for lst in config.dnsbl.lists] == ["rbl.test", "list.dnswl.org", "lan.test"]
     # postscreen's filter for DNSWL, ranges in every octet, and the list's own errors.
     assert config.dnsbl.lists[1].codes == ("127.0.[0..255].[1..3]", "127.0.3.0/24")
     assert config.dnsbl.lists[1].error_codes == ("127.0.0.254", "127.255.0.0/16")
+    assert [lst.query_special for lst in config.dnsbl.lists] == [False, False, True]
+    assert (config.connect.deny_on_helo_dbl, config.connect.log_only) == (False, ("helo_dbl",))
     assert config.dnsbl.lists[0].families == ("ipv4",)
     assert config.source == tmp_path / "lookupd.toml"
 
@@ -82,6 +90,10 @@ error_codes = ["127.0.0.254", "127.255.0.0/16"]
          "network"),
         ("[[dnsbl.list]]\nzone = 'wl.test'\nerror_codes = ['10.0.0.1']",
          "outside 127.0.0.0/8"),
+        ("[[dnsbl.list]]\nzone = 'lan.test'\nquery_special = 'yes'",
+         "dnsbl.list[0].query_special must be true or false"),
+        ("[connect]\ndeny_on_helo_dbl = 1", "connect.deny_on_helo_dbl must be true or false"),
+        ("[connect]\nlog_only = ['helo']", "connect.log_only[0] = 'helo' is not one of"),
         ("[connect]\ndeny_countries = ['gb']", "not ISO 3166-1 alpha-2 codes"),
         ("[connect]\nsubmission_ports = [0]", "ports out of range"),
         ("server = 3", "server must be a table"),
