@@ -270,19 +270,24 @@ def _list_name(value: str) -> str | None:
 
 
 def _dnsbl_codes(value: tuple[str, ...]) -> str | None:
-    octet = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+    # The grammar has one home, the DNSBL code parser; imported here, when a file is checked,
+    # because lookupd.dnsbl imports this module.
+    from lookupd.dnsbl.codes import parse_code
+
     for code in value:
-        if re.fullmatch(rf"({octet}\.){{3}}{octet}", code):
-            continue
-        m = re.fullmatch(rf"({octet}\.){{3}}\[(?P<low>\d+)\.\.(?P<high>\d+)\]", code)
-        if m and int(m["low"]) <= int(m["high"]) <= 255:
-            continue
-        m = re.fullmatch(r"&(0[xX][0-9a-fA-F]{1,2}|\d{1,3})", code)
-        if m and 0 < int(m.group(1), 0) <= 255:
-            continue
-        return (f'has "{code}": write answer codes as "127.0.0.2", a range '
-                '"127.0.0.[2..11]" (low..high) or a bitmask "&0x04" (1-255)')
+        try:
+            parse_code(code)
+        except ValueError as exc:
+            return f'has "{code}": {exc}'
     return None
+
+
+def _dnsbl_error_codes(value: tuple[str, ...]) -> str | None:
+    masks = [code for code in value if code.strip().startswith("&")]
+    if masks:
+        return (f'has "{masks[0]}": an error answer is an address, a range or a network '
+                '(e.g. "127.0.0.255", "127.255.255.0/24"), not a bitmask')
+    return _dnsbl_codes(value)
 
 
 def _dqs_key(value: str) -> str | None:
@@ -307,15 +312,24 @@ class DnsblListConfig:
     name: str = field(default="", metadata=_checked(_list_name))
     # Added to the score on a hit; negative for allow lists (e.g. a DNSWL).
     weight: float = 1.0
-    # Which answers count: "127.0.0.2", ranges "127.0.0.[2..11]", or bitmasks "&0x04".
-    # Empty: any 127.0.0.0/8 answer except the reserved error codes.
+    # Which answers count, as postscreen writes them: "127.0.0.2", ranges in any octet
+    # "127.0.[0..255].[1..3]" ("[2;4;9..11]" for several), networks "127.0.0.0/24", or
+    # bitmasks of the last octet "&0x04". Empty: any 127.0.0.0/8 answer except errors.
     codes: tuple[str, ...] = field(default=(), metadata=_checked(_dnsbl_codes))
+    # The list's own error answers ("you may not ask"), never a listing; added to the ones
+    # every list shares (127.0.0.1, 127.255.255.0/24, 127.0.1.255) and to those built in for
+    # well-known lists (list.dnswl.org: 127.0.0.255).
+    error_codes: tuple[str, ...] = field(default=(), metadata=_checked(_dnsbl_error_codes))
     # Address families the list answers for (SpamCop and Barracuda: IPv4 only).
     families: tuple[Literal["ipv4", "ipv6"], ...] = ("ipv4", "ipv6")
     # "ip": asked with reversed addresses (`dnsbl`); "domain": with names (`dbl`).
     kind: Literal["ip", "domain"] = "ip"
     # Spamhaus: with [dnsbl] dqs_key set, ZONE becomes KEY.<zone minus spamhaus.org>.dq.spamhaus.net
     spamhaus: bool = False
+    # An internal list that lists special-use addresses (private, loopback, link-local,
+    # documentation, ...) or, for a domain list, special-use names (.local, .test, ...): ask
+    # it about them too. Other lists are never asked about them.
+    query_special: bool = False
 
 
 def _default_lists() -> tuple[DnsblListConfig, ...]:
@@ -392,6 +406,9 @@ class ConnectConfig:
     # Deny when the firewall counted more incidents than this; 0 turns the rule off.
     incidents_threshold: int = field(default=10, metadata=_checked(_non_negative))
     deny_on_dnsbl: bool = True
+    # Deny when the domain lists list the HELO name (given only by a `connect IP PORT HELO`
+    # from a HELO or later ACL; at connect time there is none).
+    deny_on_helo_dbl: bool = True
     # Deny clients without a PTR record; off by default: it blocks real senders.
     deny_no_ptr: bool = False
     # Ports where only known clients may connect (submission).
@@ -408,8 +425,9 @@ class ConnectConfig:
     # All sources of one connect query answer within this, or count as unknown.
     deadline: float = field(default=2.0, metadata=_parsed(parse_duration, _positive))
     # Rules that only say what they would do (action=accept would=deny|defer), to try them
-    # out first: "incidents", "dnsbl", "country", "no_ptr", "submission".
-    log_only: tuple[Literal["incidents", "dnsbl", "country", "no_ptr", "submission"], ...] = ()
+    # out first: "incidents", "dnsbl", "helo_dbl", "country", "no_ptr", "submission".
+    log_only: tuple[Literal["incidents", "dnsbl", "helo_dbl", "country", "no_ptr",
+                            "submission"], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,15 @@
     connect IP [PORT] [HELO]
     -> action=accept|deny|defer rule=RULE would=none|deny|defer reason="..." country=GB
        asn=AS64496 incidents=3 dnsbl=listed|clean|unknown dnsbl_lists=LIST:CODE,...
-       ptr=NAME fcrdns=yes|no|unknown allowlisted=yes|no
+       ptr=NAME fcrdns=yes|no|unknown allowlisted=yes|no helo_dbl=listed|clean|unknown
 
-The sources are asked together under [connect] deadline; one that cannot answer leaves its
-field unknown (`??`, `unknown`) and never makes a deny or a defer by itself. `decide()` is the
-policy: a pure function of the facts and ConnectConfig. `ConnectChecker` only fetches: at
-once (`answer_now`) when the DNSBL and PTR answers are all in the DNS cache, as they are for a
-client seen lately, else through DNS (`answer`).
+`dnsbl` is the IP lists' verdict on the address; `helo_dbl` the domain lists' verdict on the
+HELO name (clean when there is none, as at connect time, or when no list could hold it: an
+address literal, a numeric TLD). The sources are asked together under [connect] deadline;
+one that cannot answer leaves its field unknown (`??`, `unknown`) and never makes a deny or a
+defer by itself. `decide()` is the policy: a pure function of the facts and ConnectConfig.
+`ConnectChecker` only fetches: at once (`answer_now`) when the DNSBL, PTR and HELO answers are
+all in the DNS cache, as they are for a client seen lately, else through DNS (`answer`).
 """
 
 from __future__ import annotations
@@ -36,13 +38,16 @@ from lookupd.replies import UNKNOWN, render_asn, render_country, render_incident
 log = logging.getLogger(__name__)
 
 Action = Literal["accept", "deny", "defer"]
-Rule = Literal["none", "allowlist", "incidents", "dnsbl", "country", "no_ptr", "submission"]
+Rule = Literal["none", "allowlist", "incidents", "dnsbl", "helo_dbl", "country", "no_ptr",
+               "submission"]
 
 # The classic message of the nftfw / Sympl connect ACLs; fail2ban and nftfw setups match it.
 INCIDENTS_MESSAGE = "Blacklisted: Denied access - history of unwanted activity"
 # Longest reason: Exim puts it into an SMTP reply line (RFC 5321: 512 octets a line).
 REASON_MAX = 200
 _HELO_SHOWN = 64
+# The HELO verdict when there is no HELO to check (connect time): nothing is listed.
+NO_HELO = DnsblResult(Status.NOT_FOUND)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +62,7 @@ class ConnectRequest:
 
 def parse_args(args: tuple[str, ...]) -> ConnectRequest:
     """The request's arguments; BadRequest when IP is not an address. Anything after PORT is
-    the HELO name (shown in logs only)."""
+    the HELO name, as the client gave it (checked against the domain lists)."""
     if not args or not args[0]:
         return ConnectRequest(None)
     try:
@@ -83,6 +88,8 @@ class Facts:
     allowlist: Match
     # None: no submission_access_file configured.
     submission_access: Match | None = None
+    # The domain lists on the HELO name; clean when there is none.
+    helo_dbl: DnsblResult = NO_HELO
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +141,10 @@ def _matching_rules(facts: Facts, config: ConnectConfig,
     if config.deny_on_dnsbl and facts.dnsbl.status is Status.FOUND:
         names = ", ".join(dict.fromkeys(a.name for a in facts.dnsbl.listed))
         found.append(("dnsbl", "deny", f"Rejected - {ip} is listed at {names}"))
+    if config.deny_on_helo_dbl and facts.helo_dbl.status is Status.FOUND:
+        names = ", ".join(dict.fromkeys(a.name for a in facts.helo_dbl.listed))
+        helo = shown(facts.request.helo[:_HELO_SHOWN])
+        found.append(("helo_dbl", "deny", f"Rejected - HELO name {helo} is listed at {names}"))
     country = facts.country
     code = country.code if country.status is Status.FOUND else ""
     if code and (code in config.deny_countries
@@ -198,6 +209,7 @@ def fields(verdict: Verdict, facts: Facts) -> list[tuple[str, str]]:
         ("ptr", _ptr(facts.ptr)),
         ("fcrdns", facts.ptr.fcrdns),
         ("allowlisted", "yes" if facts.allowlist.status is Status.FOUND else "no"),
+        ("helo_dbl", VERDICTS[facts.helo_dbl.status]),
     ]
 
 
@@ -243,9 +255,15 @@ class DnsblLookup(Protocol):
 
     async def ptr(self, ip: str | IPAddress) -> PtrResult: ...
 
+    async def check_smtp_name(self, text: str,
+                              client: IPAddress | None = None) -> DnsblResult: ...
+
     def peek_ip(self, ip: str | IPAddress) -> Cached[DnsblResult] | None: ...
 
     def peek_ptr(self, ip: str | IPAddress) -> Cached[PtrResult] | None: ...
+
+    def peek_smtp_name(self, text: str,
+                       client: IPAddress | None = None) -> Cached[DnsblResult] | None: ...
 
 
 T = TypeVar("T")
@@ -269,20 +287,30 @@ class ConnectChecker:
             if config.submission_access_file is not None else None)
 
     def answer_now(self, request: ConnectRequest) -> str | None:
-        """The reply without waiting when the DNS cache holds the whole DNSBL and PTR answers
-        (GeoIP, incidents and the list files answer from memory anyway); None: use `answer`.
-        Replies, log lines and DNSBL stats are the same as `answer` gives."""
+        """The reply without waiting when the DNS cache holds the whole DNSBL, PTR and HELO
+        answers (GeoIP, incidents and the list files answer from memory anyway); None: use
+        `answer`. Replies, log lines and DNSBL stats are the same as `answer` gives."""
         ip = request.ip
         if ip is None:
             return self._conclude(_no_address(request))
         try:
             dnsbl = self.dnsbl.peek_ip(ip)
             ptr = self.dnsbl.peek_ptr(ip) if dnsbl is not None else None
+            helo = (self._peek_helo(request.helo, ip) if dnsbl is not None and ptr is not None
+                    else None)
         except Exception:
             return None  # `answer` looks again, and says what went wrong
-        if dnsbl is None or ptr is None:
+        if dnsbl is None or ptr is None or helo is None:
             return None  # nothing taken, nothing counted: `answer` counts it
-        return self._conclude(self._with_memory(request, ip, dnsbl.take(), ptr.take()))
+        return self._conclude(self._with_memory(request, ip, dnsbl.take(), ptr.take(),
+                                                helo.take()))
+
+    def _peek_helo(self, helo: str, ip: IPAddress) -> Cached[DnsblResult] | None:
+        """The domain lists' verdict on the HELO from the cache; no HELO: clean at once. A
+        LAN client's HELO is internal: asked only of internal lists, as its address is."""
+        if not helo:
+            return Cached(NO_HELO, _nothing)
+        return self.dnsbl.peek_smtp_name(helo, ip)
 
     async def answer(self, request: ConnectRequest) -> str:
         return self._conclude(await self.facts(request))
@@ -308,10 +336,13 @@ class ConnectChecker:
         deadline = loop.time() + self.config.deadline
         dnsbl_now = _taken(lambda: self.dnsbl.peek_ip(ip), "DNSBL")
         ptr_now = _taken(lambda: self.dnsbl.peek_ptr(ip), "PTR")
+        helo_now = _taken(lambda: self._peek_helo(request.helo, ip), "HELO")
         dnsbl_task = (asyncio.create_task(self.dnsbl.check_ip(ip)) if dnsbl_now is None
                       else None)
         ptr_task = asyncio.create_task(self.dnsbl.ptr(ip)) if ptr_now is None else None
-        pending = [task for task in (dnsbl_task, ptr_task) if task is not None]
+        helo_task = (asyncio.create_task(self.dnsbl.check_smtp_name(request.helo, ip))
+                     if helo_now is None else None)
+        pending = [task for task in (dnsbl_task, ptr_task, helo_task) if task is not None]
         try:
             if pending:
                 await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
@@ -323,11 +354,13 @@ class ConnectChecker:
             dnsbl_task, DnsblResult(Status.UNKNOWN), "DNSBL")
         ptr = ptr_now if ptr_task is None else await _settled(
             ptr_task, PtrResult(Status.UNKNOWN, fcrdns="unknown", reason="timeout"), "PTR")
-        assert dnsbl is not None and ptr is not None  # a task for each one not taken
-        return self._with_memory(request, ip, dnsbl, ptr)
+        helo = helo_now if helo_task is None else await _settled(
+            helo_task, DnsblResult(Status.UNKNOWN), "HELO")
+        assert dnsbl is not None and ptr is not None and helo is not None  # tasks for the rest
+        return self._with_memory(request, ip, dnsbl, ptr, helo)
 
     def _with_memory(self, request: ConnectRequest, ip: IPAddress, dnsbl: DnsblResult,
-                     ptr: PtrResult) -> Facts:
+                     ptr: PtrResult, helo: DnsblResult) -> Facts:
         """The facts: the DNS ones given, the rest looked up in memory (GeoIP, incidents,
         the list files: each a bounded, in-memory or indexed read)."""
         country = _guarded(lambda: self.geoip.country(ip), CountryResult(Status.UNKNOWN),
@@ -341,7 +374,11 @@ class ConnectChecker:
         access = (None if access_files is None else
                   _guarded(lambda: access_files.match(ip), Match(Status.UNKNOWN),
                            "submission access file"))
-        return Facts(request, country, asn, incidents, dnsbl, ptr, allowlist, access)
+        return Facts(request, country, asn, incidents, dnsbl, ptr, allowlist, access, helo)
+
+
+def _nothing() -> None:
+    """What taking a result that needed no lookup counts: nothing."""
 
 
 def _no_address(request: ConnectRequest) -> Facts:
@@ -357,7 +394,8 @@ def unknown_facts(request: ConnectRequest) -> Facts:
         return _no_address(request)
     return Facts(request, CountryResult(Status.UNKNOWN), AsnResult(Status.UNKNOWN),
                  IncidentsResult(Status.UNKNOWN), DnsblResult(Status.UNKNOWN),
-                 PtrResult(Status.UNKNOWN, fcrdns="unknown"), Match(Status.UNKNOWN))
+                 PtrResult(Status.UNKNOWN, fcrdns="unknown"), Match(Status.UNKNOWN),
+                 helo_dbl=DnsblResult(Status.UNKNOWN) if request.helo else NO_HELO)
 
 
 def _taken(peek: Callable[[], Cached[T] | None], what: str) -> T | None:

@@ -87,6 +87,9 @@ class Dispatcher:
             # No address (local submission) or no domain (bounce sender): nothing to list.
             "dnsbl": Handler(self.dnsbl, 0, 1),
             "dbl": Handler(self.dbl, 0, 1),
+            # The MAIL ACL's sender domain ($sender_address_domain, or the whole address):
+            # lenient, as a client gave it; a bounce (empty) or an address literal is clean.
+            "sender": Handler(self.sender, 0, 64),
             "ptr": Handler(self.ptr, 0, 1),
             "stats": Handler(self.stats, 0, 0),
             # One verdict per SMTP connection from every source at once. HELO is optional
@@ -197,6 +200,18 @@ class Dispatcher:
 
     async def _dbl(self, domain: str) -> str:
         return render_dnsbl(await self.live.dnsbl.check_domain(domain))
+
+    def sender(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        # The rest of the line: a quoted local part may hold spaces; the domain is what
+        # follows the last "@".
+        text = " ".join(args)
+        cached = self.live.dnsbl.cached_smtp_name(text)
+        if cached is not None:
+            return render_dnsbl(cached)
+        return self._sender(text)
+
+    async def _sender(self, text: str) -> str:
+        return render_dnsbl(await self.live.dnsbl.check_smtp_name(text))
 
     def ptr(self, args: tuple[str, ...], peer: Peer) -> Reply:
         ip = _optional_ip(args)
@@ -342,6 +357,7 @@ _FAIL_OPEN: dict[str, HandlerFn] = {
     "incidents": _fail_open_ip(render_incidents(IncidentsResult(Status.UNKNOWN))),
     "dnsbl": lambda a, p: render_dnsbl(DnsblResult(Status.UNKNOWN)),
     "dbl": lambda a, p: render_dnsbl(DnsblResult(Status.UNKNOWN)),
+    "sender": lambda a, p: render_dnsbl(DnsblResult(Status.UNKNOWN)),
     "ptr": _fail_open_ip(render_ptr(PtrResult(Status.UNKNOWN, fcrdns="unknown"))),
     "stats": _fail_open_refused,
     "connect": _fail_open_connect,

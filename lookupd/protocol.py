@@ -38,6 +38,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "incidents": ("incidents IP", "the firewall database's incident count"),
     "dnsbl": ("dnsbl IP", "the DNS block lists' verdict (key=value pairs)"),
     "dbl": ("dbl DOMAIN", "the domain lists' verdict (key=value pairs)"),
+    "sender": ("sender [DOMAIN|ADDRESS]", "the domain lists' verdict on a MAIL FROM domain"),
     "ptr": ("ptr IP", "reverse name and whether it resolves back"),
     "stats": ("stats", "the DNS lists' figures"),
     "connect": ("connect IP [PORT] [HELO]", "every fact and lookupd's verdict on a client"),

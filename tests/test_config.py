@@ -39,6 +39,17 @@ nameservers = ["127.0.0.1:5353", "::1"]
 zone = "rbl.test"
 codes = ["127.0.0.[2..11]"]
 families = ["ipv4"]
+[[dnsbl.list]]
+zone = "list.dnswl.org"
+weight = -1
+codes = ["127.0.[0..255].[1..3]", "127.0.3.0/24"]
+error_codes = ["127.0.0.254", "127.255.0.0/16"]
+[[dnsbl.list]]
+zone = "lan.test"
+query_special = true
+[connect]
+deny_on_helo_dbl = false
+log_only = ["helo_dbl"]
 """))
     assert config.server.socket == tmp_path / "run/l.sock"  # relative to the config file
     assert config.server.socket_mode == 0o640
@@ -46,7 +57,12 @@ families = ["ipv4"]
     assert config.server.read_timeout == 0.5
     assert config.incidents.sympl_window == 7 * 86400
     assert config.dnsbl.nameservers == (HostPort("127.0.0.1", 5353), HostPort("::1", 53))
-    assert [lst.zone for lst in config.dnsbl.lists] == ["rbl.test"]
+    assert [lst.zone for lst in config.dnsbl.lists] == ["rbl.test", "list.dnswl.org", "lan.test"]
+    # postscreen's filter for DNSWL, ranges in every octet, and the list's own errors.
+    assert config.dnsbl.lists[1].codes == ("127.0.[0..255].[1..3]", "127.0.3.0/24")
+    assert config.dnsbl.lists[1].error_codes == ("127.0.0.254", "127.255.0.0/16")
+    assert [lst.query_special for lst in config.dnsbl.lists] == [False, False, True]
+    assert (config.connect.deny_on_helo_dbl, config.connect.log_only) == (False, ("helo_dbl",))
     assert config.dnsbl.lists[0].families == ("ipv4",)
     assert config.source == tmp_path / "lookupd.toml"
 
@@ -64,6 +80,20 @@ families = ["ipv4"]
         ("[users]\nlimit = 0", "users.limit must be greater than 0"),
         ("[geoip]\ncountry_field = 'continent'", 'geoip.country_field = \'continent\' is not'),
         ("[[dnsbl.list]]\nweight = 2", "dnsbl.list[0].zone is required"),
+        ("[[dnsbl.list]]\nzone = 'wl.test'\ncodes = ['127.0.[0..255]']",
+         'dnsbl.list[0].codes has "127.0.[0..255]": \'127.0.[0..255]\' is not an answer code: '
+         'write "127.0.0.2", a range in any octet "127.0.[0..255].[2..11]"'),
+        ("[[dnsbl.list]]\nzone = 'wl.test'\ncodes = ['127.0.[9..1].2']",
+         "must go from low to high within 0..255"),
+        ("[[dnsbl.list]]\nzone = 'wl.test'\nerror_codes = ['&0x80']",
+         'dnsbl.list[0].error_codes has "&0x80": an error answer is an address, a range or a '
+         "network"),
+        ("[[dnsbl.list]]\nzone = 'wl.test'\nerror_codes = ['10.0.0.1']",
+         "outside 127.0.0.0/8"),
+        ("[[dnsbl.list]]\nzone = 'lan.test'\nquery_special = 'yes'",
+         "dnsbl.list[0].query_special must be true or false"),
+        ("[connect]\ndeny_on_helo_dbl = 1", "connect.deny_on_helo_dbl must be true or false"),
+        ("[connect]\nlog_only = ['helo']", "connect.log_only[0] = 'helo' is not one of"),
         ("[connect]\ndeny_countries = ['gb']", "not ISO 3166-1 alpha-2 codes"),
         ("[connect]\nsubmission_ports = [0]", "ports out of range"),
         ("server = 3", "server must be a table"),
@@ -135,7 +165,7 @@ def test_check_config_reports_every_problem_at_once(tmp_path: Path,
         "check_interval, country_db, country_field, stale_after",
         f"{path}: dnsbl.list[0].weight must be a number",
         f"{path}: unknown key dnsbl.list[1].zon: check the spelling; dnsbl.list[1] takes "
-        "codes, families, kind, name, spamhaus, weight, zone",
+        "codes, error_codes, families, kind, name, query_special, spamhaus, weight, zone",
         f"{path}: dnsbl.list[1].zone is required",
         f"{path}: connect.deny_countries not ISO 3166-1 alpha-2 codes in upper case (e.g. "
         "\"GB\"): ['gb']",

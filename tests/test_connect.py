@@ -37,10 +37,12 @@ LISTED = DnsblResult(FOUND, 1.0, (ListAnswer("bl.test", 1.0, FOUND, ("127.0.0.2"
 def facts(ip: str = "81.2.69.142", port: int | None = 25, *, country: str | Status = "GB",
           incidents: int | Status = 0, dnsbl: DnsblResult | Status = NOT_FOUND,
           ptr: PtrResult | None = None, allow: Match | None = None,
-          access: Match | None = None) -> Facts:
+          access: Match | None = None, helo: DnsblResult | Status = NOT_FOUND,
+          helo_name: str = "") -> Facts:
     """Facts as the sources would have fetched them; a Status means "no value, this status"."""
     return Facts(
-        ConnectRequest(ip_address(ip), port),
+        ConnectRequest(ip_address(ip), port, helo_name or ("" if helo is NOT_FOUND
+                                                           else "mail.spam-helo.net")),
         CountryResult(FOUND, country) if isinstance(country, str) else CountryResult(country),
         AsnResult(FOUND, 64496, "Example Net"),
         (IncidentsResult(FOUND if incidents else NOT_FOUND, incidents)
@@ -49,6 +51,7 @@ def facts(ip: str = "81.2.69.142", port: int | None = 25, *, country: str | Stat
         ptr or PtrResult(FOUND, "mail.example.net", "yes"),
         allow or Match(NOT_FOUND),
         access,
+        helo if isinstance(helo, DnsblResult) else DnsblResult(helo),
     )
 
 
@@ -96,6 +99,41 @@ def test_decide(case: Facts, config: ConnectConfig, expect: tuple[str, str]) -> 
     verdict = decide(case, config)
     assert (verdict.action, verdict.rule) == expect
     assert verdict.would == "none"
+
+
+HELO_LISTED = DnsblResult(FOUND, 1.0, (ListAnswer("dbl.test", 1.0, FOUND, ("127.0.1.2",)),))
+
+
+@pytest.mark.parametrize(("case", "config", "expect"), [
+    (facts(helo=HELO_LISTED), CONFIG, ("deny", "helo_dbl", "none")),
+    (facts(helo=HELO_LISTED), ConnectConfig(deny_on_helo_dbl=False), ("accept", "none", "none")),
+    (facts(helo=HELO_LISTED), ConnectConfig(log_only=("helo_dbl",)),
+     ("accept", "helo_dbl", "deny")),
+    # The IP's lists come first; the HELO rule does not replace them.
+    (facts(dnsbl=LISTED, helo=HELO_LISTED), CONFIG, ("deny", "dnsbl", "none")),
+    # A HELO the lists cannot judge refuses nobody; the allowlist bypasses it.
+    (facts(helo=UNKNOWN), CONFIG, ("accept", "none", "none")),
+    (facts(helo=HELO_LISTED, allow=Match(FOUND, Path("/x"))), CONFIG,
+     ("accept", "allowlist", "none")),
+])
+def test_helo_rule(case: Facts, config: ConnectConfig, expect: tuple[str, str, str]) -> None:
+    verdict = decide(case, config)
+    assert (verdict.action, verdict.rule, verdict.would) == expect
+
+
+def test_helo_is_its_own_key_and_dnsbl_keeps_its_meaning() -> None:
+    case = facts(helo=HELO_LISTED, helo_name="Mail.Spam-HELO.net")
+    verdict = decide(case, CONFIG)
+    assert verdict.reason == "Rejected - HELO name Mail.Spam-HELO.net is listed at dbl.test"
+    line = render(verdict, case)
+    assert " dnsbl=clean dnsbl_lists=\"\" " in line  # the IP's lists: nothing
+    assert line.endswith(" allowlisted=no helo_dbl=listed")
+    assert log_line(verdict, case) == (
+        "connect deny: [81.2.69.142] port 25 helo Mail.Spam-HELO.net rule=helo_dbl country=GB "
+        "incidents=0 dnsbl=clean: Rejected - HELO name Mail.Spam-HELO.net is listed at "
+        "dbl.test")
+    assert render(decide(facts(helo=UNKNOWN), CONFIG), facts(helo=UNKNOWN)).endswith(
+        " helo_dbl=unknown")
 
 
 def test_incidents_reason_is_the_classic_message() -> None:
@@ -174,7 +212,7 @@ def test_no_address_is_accepted() -> None:
 # --- the reply ---------------------------------------------------------------------------------
 
 KEYS = ["action", "rule", "would", "reason", "country", "asn", "incidents", "dnsbl",
-        "dnsbl_lists", "ptr", "fcrdns", "allowlisted"]
+        "dnsbl_lists", "ptr", "fcrdns", "allowlisted", "helo_dbl"]
 
 
 def test_render_has_every_key_in_order() -> None:
@@ -184,7 +222,7 @@ def test_render_has_every_key_in_order() -> None:
         'action=deny rule=incidents would=none reason="Blacklisted: Denied access - history of '
         'unwanted activity" country=GB asn=AS64496 incidents=42 dnsbl=listed '
         'dnsbl_lists=bl.test:127.0.0.2,cop.test:127.0.0.2,cop.test:127.0.0.4 '
-        'ptr=mail.example.net fcrdns=yes allowlisted=no')
+        'ptr=mail.example.net fcrdns=yes allowlisted=no helo_dbl=clean')
 
 
 def test_render_unknown_and_empty_fields() -> None:
@@ -194,7 +232,7 @@ def test_render_unknown_and_empty_fields() -> None:
     line = render(decide(case, CONFIG), case)
     assert line == ('action=accept rule=none would=none reason="no rule matched" country=?? '
                     'asn=-- incidents=?? dnsbl=unknown dnsbl_lists="" ptr=?? fcrdns=unknown '
-                    'allowlisted=no')
+                    'allowlisted=no helo_dbl=clean')
     no_ptr = facts(country=NOT_FOUND, ptr=PtrResult(NOT_FOUND, fcrdns="no"))
     assert 'country=-- ' in render(decide(no_ptr, CONFIG), no_ptr)
     assert ' ptr="" fcrdns=no ' in render(decide(no_ptr, CONFIG), no_ptr)
@@ -204,7 +242,7 @@ def test_render_unknown_and_empty_fields() -> None:
 def test_render_reads_back_with_exims_extract(tmp_path: Path) -> None:
     """Every field comes back from Exim's own ${extract}, quotes and backslashes included."""
     tricky = Verdict("deny", "dnsbl", 'Listed: "spam" \\ see http://x.test/?a=b c=d')
-    case = facts(ptr=PtrResult(FOUND, 'we"ird name', "no"), dnsbl=LISTED)
+    case = facts(ptr=PtrResult(FOUND, 'we"ird name', "no"), dnsbl=LISTED, helo=UNKNOWN)
     line = render(tricky, case)
     config = tmp_path / "exim.conf"
     config.write_text("")
@@ -216,7 +254,7 @@ def test_render_reads_back_with_exims_extract(tmp_path: Path) -> None:
     assert [v.removeprefix("> ") for v in out.splitlines()][:len(KEYS)] == [
         "deny", "dnsbl", "none", 'Listed: "spam" \\ see http://x.test/?a=b c=d', "GB",
         "AS64496", "0", "listed", "bl.test:127.0.0.2,cop.test:127.0.0.2,cop.test:127.0.0.4",
-        'we"ird name', "no", "no"]
+        'we"ird name', "no", "no", "unknown"]
 
 
 def test_reply_is_printable_ascii_and_bounded() -> None:

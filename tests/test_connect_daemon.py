@@ -109,6 +109,7 @@ deadline = "{dnsbl_deadline}"
 [[dnsbl.list]]
 zone = "bl.test"
 families = ["ipv4"]
+query_special = true   # an internal test list: it lists documentation addresses
 [connect]
 allowlist_files = ["{allow}"]
 submission_countries = ["GB"]
@@ -142,7 +143,7 @@ def test_connect_gathers_every_source(start_lookupd: StartLookupd, lab: ConnectL
     assert got | {"reason": ""} == {
         "action": "accept", "rule": "none", "would": "none", "reason": "", "country": "GB",
         "asn": "--", "incidents": "0", "dnsbl": "clean", "dnsbl_lists": '""',
-        "ptr": "??", "fcrdns": "unknown", "allowlisted": "no"}
+        "ptr": "??", "fcrdns": "unknown", "allowlisted": "no", "helo_dbl": "clean"}
     got = fields(daemon.query(f"connect {PTR_OK} 25"))
     assert (got["ptr"], got["fcrdns"]) == ("mail.example.test", "yes")
     got = fields(daemon.query(f"connect {LISTED} 25"))
@@ -221,6 +222,7 @@ DOMAIN_LIST = """
 zone = "bl.test"
 name = "domains"
 kind = "domain"
+query_special = true   # asked about names under .example too
 """
 PEER = Peer("unix")
 
@@ -258,7 +260,7 @@ async def test_warm_requests_are_answered_inline_with_the_same_reply(
     assert fields(cold[0])["dnsbl"] == "listed" and fields(cold[2])["fcrdns"] == "yes"
     assert cold[5].startswith("verdict=listed score=1 lists=bl.test:127.0.0.2 ")
     assert cold[6] == "name=mail7.example.test fcrdns=yes"
-    assert cold[7] == 'verdict=clean score=0 lists="" unknown="" text=""'
+    assert cold[7] == 'verdict=clean score=0 lists="" unknown="" text="" skipped=""'
     warm = [dispatcher.handle(request, PEER) for request in requests]
     assert warm == cold
     denies = [r.getMessage() for r in caplog.records if r.getMessage().startswith("connect ")]

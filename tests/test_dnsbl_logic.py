@@ -23,6 +23,7 @@ from lookupd.dnsbl.names import (
 )
 from lookupd.dnsbl.render import exim_value, printable, render_dnsbl, render_ptr, render_stats
 from lookupd.dnsbl.snapshot import decode_snapshot, encode_snapshot
+from lookupd.dnsbl.special import numeric_tld, smtp_name, special_address, special_name
 from lookupd.dnsbl.stats import DnsblStats, ListStats, percentile
 from lookupd.dnsbl.verdict import (
     DnsblResult,
@@ -59,6 +60,16 @@ def hit(*records: str) -> DnsAnswer:
     ("127.0.1.[2..99]", ["127.0.1.2", "127.0.1.99"], ["127.0.1.102", "127.0.0.2"]),
     ("&0x04", ["127.0.0.4", "127.0.0.6", "127.0.0.254"], ["127.0.0.2", "127.0.0.10"]),
     ("&8", ["127.0.0.8", "127.0.0.10"], ["127.0.0.4"]),
+    # postscreen's syntax: a range (or a list of numbers and ranges) in any octet.
+    ("127.0.[0..255].[1..3]", ["127.0.0.2", "127.0.10.3", "127.0.255.1"],
+     ["127.0.10.0", "127.0.0.255", "127.1.10.2"]),
+    ("127.0.[2..20].[0..3]", ["127.0.2.0", "127.0.20.3"], ["127.0.1.0", "127.0.21.1"]),
+    ("127.0.0.[2;4;9..11]", ["127.0.0.2", "127.0.0.4", "127.0.0.9", "127.0.0.11"],
+     ["127.0.0.3", "127.0.0.8", "127.0.0.12"]),
+    ("127.[0..1].[0;2].[5]", ["127.0.0.5", "127.1.2.5"], ["127.0.1.5", "127.2.0.5"]),
+    # A network: what a prefix fixes, per octet.
+    ("127.0.2.0/24", ["127.0.2.0", "127.0.2.252"], ["127.0.1.255", "127.0.3.0"]),
+    ("127.0.16.0/20", ["127.0.16.0", "127.0.31.255"], ["127.0.15.255", "127.0.32.0"]),
 ])
 def test_code_rules_match_what_they_say(code: str, listed: list[str],
                                         not_listed: list[str]) -> None:
@@ -68,7 +79,10 @@ def test_code_rules_match_what_they_say(code: str, listed: list[str],
 
 
 @pytest.mark.parametrize("bad", ["127.0.0.256", "127.0.0.[5..2]", "127.0.0.[2..300]", "&0",
-                                 "&0x100", "zen", "127.0.0.2/24", ""])
+                                 "&0x100", "zen", "127.0.0.2/24", "", "127.0.[0..255]",
+                                 "127.0.[3..1].2", "127.0.0.[2;x]", "127.0.0.[]",
+                                 "127.0.0.[2..3", "127.0.0.[[2]]", "10.0.0.[1..3]",
+                                 "[0..126].0.0.2", "10.0.0.0/8", "127.0.0.0/33"])
 def test_bad_codes_are_refused_with_the_forms_that_work(bad: str) -> None:
     with pytest.raises(ValueError, match=r"127\.0\.0|1\.\.255|low to high|bitmask"):
         parse_code(bad)
@@ -92,6 +106,45 @@ def test_spamhaus_error_advice_says_what_to_do() -> None:
     assert "DQS key" in (error_advice("127.255.255.255") or "")
     assert error_advice("127.0.0.2") is None
     assert error_advice("127.0.1.2") is None
+
+
+def test_a_lists_own_error_answers_are_errors_of_that_list_only() -> None:
+    """DNSWL answers 127.0.0.255 to resolvers it blocks: built in for list.dnswl.org, which
+    a loose filter would otherwise count as an allow-list hit; another list's 127.0.0.255 is
+    a code like any other, unless its error_codes say so."""
+    dnswl = ListSpec.from_config(DnsblListConfig(zone="list.dnswl.org", weight=-1,
+                                                 codes=("127.0.[0..255].[0..255]",)))
+    blocked = interpret(dnswl, hit("127.0.0.255"))
+    assert (blocked.status, blocked.reason) == (UNKNOWN, "error-code-127.0.0.255")
+    assert interpret(dnswl, hit("127.0.10.2")).codes == ("127.0.10.2",)
+    assert "dnswl.org" in (error_advice("127.0.0.255", dnswl.errors) or "")
+    other = spec("wl.test", codes=(), weight=-1)
+    assert interpret(other, hit("127.0.0.255")).status is FOUND
+    assert error_advice("127.0.0.255") is None
+    own = ListSpec.from_config(DnsblListConfig(zone="wl.test", weight=-1,
+                                               error_codes=("127.0.0.255", "127.0.9.0/24")))
+    assert interpret(own, hit("127.0.9.7")).reason == "error-code-127.0.9.7"
+    assert "error_codes" in (error_advice("127.0.9.7", own.errors) or "")
+    # The shared error answers stay errors whatever a list adds.
+    assert interpret(own, hit("127.255.255.254")).reason == "error-code-127.255.255.254"
+    # An error answer beside a hit: the list did not really look.
+    assert interpret(dnswl, hit("127.0.10.2", "127.0.0.255")).status is UNKNOWN
+
+
+def test_a_blocked_allow_list_never_makes_a_listed_client_clean() -> None:
+    """The bug of issue 11: a client on a block list, DNSWL answering "blocked" (127.0.0.255)
+    under a loose filter, came out clean with score -1. The allow list's say is unknown now:
+    it could have pulled the score under the threshold, so the verdict is unknown."""
+    block = spec("bl.test", codes=("127.0.0.2",))
+    dnswl = ListSpec.from_config(DnsblListConfig(zone="list.dnswl.org", weight=-1,
+                                                 codes=("127.0.[0..255].[0..255]",)))
+    result = combine([interpret(block, hit("127.0.0.2")),
+                      interpret(dnswl, hit("127.0.0.255"))], 1)
+    assert (result.status, result.score, result.reason) == \
+        (UNKNOWN, 1, "list.dnswl.org:error-code-127.0.0.255")
+    allowed = combine([interpret(block, hit("127.0.0.2")),
+                       interpret(dnswl, hit("127.0.10.3"))], 1)
+    assert (allowed.status, allowed.score) == (NOT_FOUND, 0)
 
 
 def test_empty_codes_take_any_loopback_answer_but_errors() -> None:
@@ -151,6 +204,73 @@ def test_rfc5782_test_points() -> None:
     assert [p.listed for p in both] == [True, False, True, False]
     assert [(p.label, p.listed) for p in probe_points("domain", ())] == \
         [("test", True), ("invalid", False)]
+
+
+# --- special-use addresses -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("address", "word"), [
+    ("0.0.0.0", "this-network"), ("10.255.255.255", "private"), ("100.127.0.1", "shared"),
+    ("127.1.2.3", "loopback"), ("169.254.0.1", "link-local"), ("172.31.255.1", "private"),
+    ("192.0.0.170", "ietf-protocol"), ("192.0.2.0", "documentation"),
+    ("192.168.0.1", "private"), ("198.19.255.255", "benchmarking"),
+    ("198.51.100.1", "documentation"), ("203.0.113.255", "documentation"),
+    ("239.255.255.250", "multicast"), ("255.255.255.255", "reserved"),
+    ("::", "unspecified"), ("::1", "loopback"), ("fe80::1", "link-local"),
+    ("febf:ffff::1", "link-local"), ("fc00::1", "private"), ("fdff::1", "private"),
+    ("fec0::1", "site-local"), ("ff05::2", "multicast"), ("64:ff9b:1::a00:1", "private"),
+    ("100::1", "discard-only"), ("2001:2::1", "benchmarking"),
+    ("2001:db8:ffff::1", "documentation"), ("3fff:fff::1", "documentation"),
+    ("::ffff:10.1.2.3", "private"), ("::ffff:192.0.2.1", "documentation"),
+    # On the Internet: asked.
+    ("81.2.69.142", ""), ("100.63.255.255", ""), ("100.128.0.0", ""), ("172.32.0.1", ""),
+    ("192.0.1.255", ""), ("192.0.3.0", ""), ("192.88.99.1", ""), ("198.20.0.1", ""),
+    ("223.255.255.255", ""), ("1.1.1.1", ""), ("2001:218::1", ""), ("2a00:1450::1", ""),
+    ("64:ff9b::81.2.69.142", ""), ("2002:c000:201::1", ""), ("2001:db9::1", ""),
+    ("::ffff:81.2.69.142", ""), ("fbff::1", ""), ("2001::1", ""),
+])
+def test_special_use_addresses(address: str, word: str) -> None:
+    assert special_address(ipaddress.ip_address(address)) == word
+
+
+@pytest.mark.parametrize(("name", "special"), [
+    ("test", True), ("spam.example", True), ("a.b.localhost", True), ("laptop.local", True),
+    ("x.home.arpa", True), ("www.example.com", True), ("example.org", True),
+    ("svc.internal", True), ("foo.onion", True), ("foo.alt", True), ("bad.invalid", True),
+    ("example.co.uk", False), ("notexample.com", False), ("localdomain", False),
+    ("test.example.net.au", False), ("mail.example.test.net", False), ("arpa", False),
+    ("spam-helo.net", False), ("latest", False),
+])
+def test_special_use_names(name: str, special: bool) -> None:
+    assert special_name(name) == ("special-use-name" if special else "")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # A HELO name, a sender domain or a whole sender address: the domain to ask.
+    ("Mail.Example.NET.", ("mail.example.net", "")),
+    ("alice@Spam-Sender.net", ("spam-sender.net", "")),
+    ("<alice@spam-sender.net>", ("spam-sender.net", "")),
+    ('"a b"@spam-sender.net', ("spam-sender.net", "")),
+    ("bücher.example", ("xn--bcher-kva.example", "")),
+    # Special-use names are asked (of the lists that take them): the source decides.
+    ("laptop.local", ("laptop.local", "")),
+    # Nothing to ask: the bounce's empty sender.
+    ("", ("", "")), ("<>", ("", "")), ("  ", ("", "")),
+    # Never asked: address literals, numeric TLDs (bare IPs too), no domain name at all.
+    ("[192.0.2.1]", ("", "address-literal")), ("[IPv6:2001:db8::1]", ("", "address-literal")),
+    ("alice@[192.0.2.1]", ("", "address-literal")),
+    ("192.0.2.1", ("", "numeric-tld")), ("host.123", ("", "numeric-tld")),
+    ("alice@host.123.", ("", "numeric-tld")), ("localhost", ("", "not-a-domain")),
+    ("2001:db8::1", ("", "not-a-domain")), ("two words.example", ("", "not-a-domain")),
+    ("a..example", ("", "not-a-domain")), ("-bad.example", ("", "not-a-domain")),
+])
+def test_smtp_names(text: str, expected: tuple[str, str]) -> None:
+    assert smtp_name(text) == expected
+
+
+def test_numeric_tld() -> None:
+    assert numeric_tld("192.0.2.1") and numeric_tld("host.123") and numeric_tld("1.2.3.")
+    assert not numeric_tld("host.123a") and not numeric_tld("123.example")
 
 
 # --- one list's verdict ---------------------------------------------------------------------
@@ -467,12 +587,12 @@ def test_dnsbl_reply() -> None:
     assert render_dnsbl(result) == (
         "verdict=listed score=2 lists=zen.spamhaus.org:127.0.0.4,zen.spamhaus.org:127.0.0.10,"
         "bl.spamcop.net:127.0.0.2 unknown=b.barracudacentral.org:timeout "
-        'text="zen.spamhaus.org: Exploited \\"host\\" \\\\ see https://x/?"')
+        'text="zen.spamhaus.org: Exploited \\"host\\" \\\\ see https://x/?" skipped=""')
 
 
 def test_empty_values_are_quoted_so_exim_does_not_read_the_next_pair() -> None:
     assert render_dnsbl(DnsblResult(NOT_FOUND)) == \
-        'verdict=clean score=0 lists="" unknown="" text=""'
+        'verdict=clean score=0 lists="" unknown="" text="" skipped=""'
     assert render_ptr(PtrResult(NOT_FOUND, fcrdns="no")) == 'name="" fcrdns=no'
     assert render_ptr(PtrResult(FOUND, "mail.example", "yes")) == "name=mail.example fcrdns=yes"
 

@@ -49,14 +49,20 @@ RBL_ZONES = (("all.test", "ip4trie", "all.zone"), ("dball.test", "dnset", "dball
              ("good.test", "ip4set", "good.zone"), ("other.test", "ip4set", "other.zone"),
              ("moved.test", "ip4set", "moved.zone"), ("dblgood.test", "dnset", "dblgood.zone"))
 
-ALL = DnsblListConfig(zone="all.test", families=("ipv4",))
-DBALL = DnsblListConfig(zone="dball.test", kind="domain")
-GOOD = DnsblListConfig(zone="good.test", codes=("127.0.0.2",), families=("ipv4",))
-OTHER = DnsblListConfig(zone="other.test", families=("ipv4",))
-DBLGOOD = DnsblListConfig(zone="dblgood.test", kind="domain", codes=("127.0.1.[2..99]",))
+# Internal test lists of documentation addresses and .example names: they ask to be asked
+# (query_special).
+ALL = DnsblListConfig(zone="all.test", families=("ipv4",), query_special=True)
+DBALL = DnsblListConfig(zone="dball.test", kind="domain", query_special=True)
+GOOD = DnsblListConfig(zone="good.test", codes=("127.0.0.2",), families=("ipv4",),
+                       query_special=True)
+OTHER = DnsblListConfig(zone="other.test", families=("ipv4",), query_special=True)
+DBLGOOD = DnsblListConfig(zone="dblgood.test", kind="domain", codes=("127.0.1.[2..99]",),
+                          query_special=True)
 
-QUARANTINED_ALL = 'verdict=unknown score=0 lists="" unknown=all.test:quarantined text=""'
-QUARANTINED_DBALL = 'verdict=unknown score=0 lists="" unknown=dball.test:quarantined text=""'
+QUARANTINED_ALL = ('verdict=unknown score=0 lists="" unknown=all.test:quarantined text="" '
+                   'skipped=""')
+QUARANTINED_DBALL = ('verdict=unknown score=0 lists="" unknown=dball.test:quarantined '
+                     'text="" skipped=""')
 
 
 class ProbeDelay(DelayProxy):
@@ -212,7 +218,7 @@ async def test_a_probe_that_outlasts_the_deadline_leaves_the_list_unprobed(
         await asyncio.sleep(0.1)
         await source.open()
         assert render_dnsbl(await first) == \
-            'verdict=unknown score=0 lists="" unknown=all.test:unprobed text=""'
+            'verdict=unknown score=0 lists="" unknown=all.test:unprobed text="" skipped=""'
         for _ in range(100):
             if states(source) != ["quarantined-unprobed"]:
                 break
@@ -236,7 +242,7 @@ async def test_a_healthy_list_is_listed_once_its_probe_has_passed(
         result, elapsed = await timed(source.check_ip("192.0.2.4"))
         assert render_dnsbl(result) == (
             'verdict=listed score=1 lists=good.test:127.0.0.2 unknown="" '
-            'text="good.test: Listed in good.test: 192.0.2.4"')
+            'text="good.test: Listed in good.test: 192.0.2.4" skipped=""')
         assert elapsed >= 0.35  # it waited for the probe (0.4 s), then asked
         assert states(source)[0] == "ok"  # (the domain list's probe runs on its own)
         # The list was asked about the client only after its test points had answered.
@@ -247,7 +253,7 @@ async def test_a_healthy_list_is_listed_once_its_probe_has_passed(
         domain = await source.check_domain("spam.example")
         assert render_dnsbl(domain) == (
             'verdict=listed score=1 lists=dblgood.test:127.0.1.2 unknown="" '
-            'text="dblgood.test: Spam domain spam.example"')
+            'text="dblgood.test: Spam domain spam.example" skipped=""')
         assert states(source) == ["ok", "ok"]
         connect = connect_fields(await connect_checker(source).answer(
             ConnectRequest(ip_address("192.0.2.5"), 25)))
@@ -275,7 +281,7 @@ async def test_take_over_keeps_unchanged_lists_trusted_and_the_cache(
         assert listed == ('verdict=listed score=2 lists=good.test:127.0.0.2,'
                           'other.test:127.0.0.3 unknown=all.test:quarantined '
                           'text="good.test: Listed in good.test: 192.0.2.4; other.test: '
-                          'Listed in other.test"')
+                          'Listed in other.test" skipped=""')
         asked = [len(rbl.queries(n, t)) for n, t in names]
         assert [a - b for a, b in zip(asked, before, strict=True)] == [1, 1, 1, 1]
 
@@ -293,7 +299,7 @@ async def test_take_over_keeps_unchanged_lists_trusted_and_the_cache(
         fresh, elapsed = await timed(new.check_ip("192.0.2.5"))
         assert render_dnsbl(fresh) == (
             'verdict=listed score=1 lists=good.test:127.0.0.2 unknown=all.test:quarantined '
-            'text="good.test: Listed in good.test: 192.0.2.5"')
+            'text="good.test: Listed in good.test: 192.0.2.5" skipped=""')
         assert elapsed < 0.3
         with pytest.raises(RuntimeError, match="before open"):
             new.take_over(old)
@@ -329,9 +335,9 @@ async def test_take_over_starts_changed_lists_unprobed(
         await old.check_ip("192.0.2.4")
         lists = {
             "zone": (GOOD, DnsblListConfig(zone="moved.test", name="other.test",
-                                           families=("ipv4",))),
+                                           families=("ipv4",), query_special=True)),
             "codes": (DnsblListConfig(zone="good.test", name="good", weight=2.0,
-                                      families=("ipv4",)), OTHER),
+                                      families=("ipv4",), query_special=True), OTHER),
         }.get(change, (GOOD, OTHER))
         new = make_source(*lists, state="new",
                           port=other_proxy.port if change == "nameservers" else proxy.port,

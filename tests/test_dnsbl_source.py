@@ -31,16 +31,25 @@ from lookupd.outcome import Status
 
 FOUND, NOT_FOUND, UNKNOWN = Status.FOUND, Status.NOT_FOUND, Status.UNKNOWN
 
-BL = DnsblListConfig(zone="bl.test", codes=("127.0.0.[2..11]",))
-COP = DnsblListConfig(zone="cop.test", codes=("127.0.0.2",), families=("ipv4",))
-MASK = DnsblListConfig(zone="mask.test", codes=("&0x04",), families=("ipv4",))
-EVERYTHING = DnsblListConfig(zone="everything.test")
-DBL = DnsblListConfig(zone="dbl.test", kind="domain", codes=("127.0.1.[2..99]",))
-SLOW = DnsblListConfig(zone="slow.test")
-BROKEN = DnsblListConfig(zone="broken.test")
-ZEN_DQS = DnsblListConfig(zone="zen.spamhaus.org", codes=("127.0.0.[2..11]",), spamhaus=True)
+# The test zones list documentation addresses (192.0.2.0/24, 2001:db8::/32) and names under
+# .example: internal lists, which lookupd asks about special-use addresses and names only
+# when they say so (query_special).
+BL = DnsblListConfig(zone="bl.test", codes=("127.0.0.[2..11]",), query_special=True)
+COP = DnsblListConfig(zone="cop.test", codes=("127.0.0.2",), families=("ipv4",),
+                      query_special=True)
+MASK = DnsblListConfig(zone="mask.test", codes=("&0x04",), families=("ipv4",),
+                       query_special=True)
+EVERYTHING = DnsblListConfig(zone="everything.test", query_special=True)
+DBL = DnsblListConfig(zone="dbl.test", kind="domain", codes=("127.0.1.[2..99]",),
+                      query_special=True)
+SLOW = DnsblListConfig(zone="slow.test", query_special=True)
+BROKEN = DnsblListConfig(zone="broken.test", query_special=True)
+ZEN_DQS = DnsblListConfig(zone="zen.spamhaus.org", codes=("127.0.0.[2..11]",), spamhaus=True,
+                          query_special=True)
 DBL_DQS = DnsblListConfig(zone="dbl.spamhaus.org", kind="domain", codes=("127.0.1.[2..99]",),
-                          spamhaus=True)
+                          spamhaus=True, query_special=True)
+# Any 127/8 answer counts, but the error codes.
+ANY_CODE = DnsblListConfig(zone="bl.test", query_special=True)
 
 OpenSource = Callable[..., Awaitable[DnsblSource]]
 
@@ -113,7 +122,7 @@ async def test_listed_with_several_codes_and_the_lists_txt(open_source: OpenSour
         [("bl.test", ("127.0.0.2", "127.0.0.10"))]
     assert render_dnsbl(result) == (
         'verdict=listed score=1 lists=bl.test:127.0.0.2,bl.test:127.0.0.10 unknown="" '
-        'text="bl.test: Spam source 192.0.2.20 Dynamic range 192.0.2.20"')
+        'text="bl.test: Spam source 192.0.2.20 Dynamic range 192.0.2.20" skipped=""')
 
     both = await source.check_ip("192.0.2.4")
     assert both.score == 2
@@ -127,7 +136,8 @@ async def test_listed_with_several_codes_and_the_lists_txt(open_source: OpenSour
 async def test_clean_and_ipv6(open_source: OpenSource) -> None:
     source = await open_source(BL, COP)
     clean = await source.check_ip("192.0.2.99")
-    assert render_dnsbl(clean) == 'verdict=clean score=0 lists="" unknown="" text=""'
+    assert render_dnsbl(clean) == \
+        'verdict=clean score=0 lists="" unknown="" text="" skipped=""'
     v6 = await source.check_ip("2001:db8::4")
     assert v6.status is FOUND
     # cop.test serves IPv4 only: it is not asked about an IPv6 client.
@@ -151,7 +161,7 @@ async def test_bitmask_codes(open_source: OpenSource) -> None:
 async def test_error_answers_are_never_listed(open_source: OpenSource, ip: str, code: str,
                                               caplog: pytest.LogCaptureFixture) -> None:
     # No codes configured: any 127/8 answer would count, except the error codes.
-    source = await open_source(DnsblListConfig(zone="bl.test"))
+    source = await open_source(ANY_CODE)
     caplog.set_level(logging.WARNING, logger="lookupd")
     first = await source.check_ip(ip)
     assert first.status is UNKNOWN
@@ -196,7 +206,7 @@ async def test_failures_are_unknown_never_clean(open_source: OpenSource, ip: str
     result = await source.check_ip(ip)
     elapsed = time.monotonic() - started
     assert render_dnsbl(result) == \
-        f'verdict=unknown score=0 lists="" unknown=bl.test:{reason} text=""'
+        f'verdict=unknown score=0 lists="" unknown=bl.test:{reason} text="" skipped=""'
     if reason == "timeout":
         assert 0.25 <= elapsed < 0.6
     else:
@@ -277,8 +287,8 @@ async def test_quarantine_ends_when_the_probes_pass_again(
                      source_dir=zones).start()
     try:
         caplog.set_level(logging.WARNING, logger="lookupd")
-        source = await open_source(DnsblListConfig(zone="flaky.test"), port=server.port,
-                                   probe_interval=0.2)
+        source = await open_source(DnsblListConfig(zone="flaky.test", query_special=True),
+                                   port=server.port, probe_interval=0.2)
         assert (await source.check_ip("192.0.2.99")).reason == "flaky.test:quarantined"
         server.zone_file("flaky.zone").write_text(
             "$SOA 60 ns.flaky.test. h.flaky.test. 2 600 60 3600 45\n127.0.0.2/32 :127.0.0.2:\n")
@@ -558,7 +568,7 @@ def change(after: Figures, before: Figures) -> Figures:
     pytest.param((BL, COP), "ip", "192.0.2.4", id="listed-by-two"),
     pytest.param((BL, COP), "ip", "192.0.2.99", id="clean"),
     pytest.param((BL, COP), "ip", "2001:db8::4", id="ipv6-one-list"),
-    pytest.param((DnsblListConfig(zone="bl.test"),), "ip", "192.0.2.254", id="error-code"),
+    pytest.param((ANY_CODE,), "ip", "192.0.2.254", id="error-code"),
     pytest.param((BL, COP), "ip", "192.0.2.202", id="servfail"),
     pytest.param((BL, COP), "ip", "192.0.2.201", id="timeout"),
     pytest.param((EVERYTHING, COP), "ip", "192.0.2.4", id="quarantined-list"),
@@ -657,7 +667,7 @@ async def test_a_cached_error_code_warns_once(open_source: OpenSource, tmp_path:
         (("bl.test", "A", "254.2.0.192"),
          DnsAnswer(FOUND, ("127.255.255.254",), expires=time.time() + 100)),
     ]))
-    source = await open_source(DnsblListConfig(zone="bl.test"), state_dir=state)
+    source = await open_source(ANY_CODE, state_dir=state)
     caplog.set_level(logging.WARNING, logger="lookupd")
     first = source.cached_ip("192.0.2.254")
     assert first is not None and first.reason == "bl.test:error-code-127.255.255.254"

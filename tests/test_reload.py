@@ -80,6 +80,7 @@ deadline = "1s"
 [[dnsbl.list]]
 zone = "bl.test"
 families = ["ipv4"]
+query_special = true
 [connect]
 incidents_threshold = 10
 deadline = "2s"
@@ -108,6 +109,7 @@ deadline = "1s"
 zone = "bl.test"
 families = ["ipv4"]
 codes = ["127.0.0.3"]
+query_special = true
 [connect]
 incidents_threshold = 10
 deny_countries = ["US"]
@@ -246,7 +248,10 @@ def assert_fail_open(query: Callable[[str], str]) -> None:
     assert fields(connect) | {"reason": ""} == {
         "action": "accept", "rule": "none", "would": "none", "reason": "", "country": "??",
         "asn": "??", "incidents": "??", "dnsbl": "unknown", "dnsbl_lists": '""',
-        "ptr": "??", "fcrdns": "unknown", "allowlisted": "no"}, connect
+        "ptr": "??", "fcrdns": "unknown", "allowlisted": "no", "helo_dbl": "clean"}, connect
+    # A HELO cannot be checked either: unknown, never a reason to refuse.
+    helo = fields(query(f"connect {INCIDENTS} 25 mail.example.net"))
+    assert (helo["action"], helo["helo_dbl"]) == ("accept", "unknown")
     assert 'reason="lookupd runs without its configuration: nothing checked"' in connect
     assert query(f"country {CLEAN}") == "??"
     assert query(f"incidents {INCIDENTS}") == "??"

@@ -285,6 +285,7 @@ nameservers = ["127.0.0.1:{port}"]
 deadline = "1s"
 [[dnsbl.list]]
 zone = "bl.test"
+query_special = true  # 192.0.2.1 is a documentation address: asked only so
 """)
         result: list[str] = []
         thread = threading.Thread(target=lambda: result.append(daemon.query("dnsbl 192.0.2.1")))

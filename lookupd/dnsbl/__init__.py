@@ -1,5 +1,6 @@
 """DNSBL, DBL and reverse-DNS verdicts: parallel, cached for every client, never fooled by a
-list's error codes. `DnsblSource` does the fetching; the sibling modules decide and render."""
+list's error codes, never telling a list about special-use addresses or names. `DnsblSource`
+does the fetching; the sibling modules decide and render."""
 
 from __future__ import annotations
 

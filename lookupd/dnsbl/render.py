@@ -1,4 +1,4 @@
-"""Reply lines for `dnsbl`, `dbl`, `ptr` and the DNSBL part of `stats` (pure).
+"""Reply lines for `dnsbl`, `dbl`, `sender`, `ptr` and the DNSBL part of `stats` (pure).
 
 Every reply is one line of `key=value` pairs for Exim's `${extract{key}{...}}`. Exim reads
 a value up to the next white space, or, when it starts with a double quote, up to the
@@ -8,11 +8,16 @@ next pair (`name= fcrdns=no` reads name as "fcrdns=no").
 
     dnsbl IP / dbl DOMAIN
         verdict=listed|clean|unknown score=N lists=LIST:CODE,... unknown=LIST:REASON,...
-        text="..."
+        text="..." skipped=WHY
       e.g. verdict=listed score=2 lists=zen.spamhaus.org:127.0.0.4,bl.spamcop.net:127.0.0.2
-           unknown=b.barracudacentral.org:timeout text="zen.spamhaus.org: ..."
+           unknown=b.barracudacentral.org:timeout text="zen.spamhaus.org: ..." skipped=""
       A list that answered several codes appears once per code. Scores are whole numbers
       when the weights are. `text` is printable ASCII, at most TEXT_MAX characters.
+      `skipped` is "" when every list serving the query was asked, else why some (or all)
+      were not: the kind of special-use address ("private", "documentation", ...), or for
+      names "special-use-name", "numeric-tld", "address-literal", "not-a-domain".
+    sender [DOMAIN|ADDRESS]
+        the same as dbl, for a sender domain as the client gave it
     ptr IP
         name=<PTR name or ""> fcrdns=yes|no|unknown
     stats (the DNSBL part, one line)
@@ -63,7 +68,8 @@ def render_dnsbl(result: DnsblResult) -> str:
     unknown = ",".join(f"{a.name}:{a.reason}" for a in result.unknown)
     return (f"verdict={VERDICTS[result.status]} score={score_text(result.score)} "
             f"lists={exim_value(lists)} unknown={exim_value(unknown)} "
-            f"text={exim_value(printable(result.text, TEXT_MAX))}")
+            f"text={exim_value(printable(result.text, TEXT_MAX))} "
+            f"skipped={exim_value(result.skipped)}")
 
 
 def render_ptr(result: PtrResult) -> str:

@@ -43,6 +43,7 @@ from lookupd.dnsbl.snapshot import (
     size_limit,
     write_atomically,
 )
+from lookupd.dnsbl.special import NUMERIC_TLD, numeric_tld, smtp_name, special_address, special_name
 from lookupd.dnsbl.stats import DnsblStats, ListCounters, list_stats
 from lookupd.dnsbl.verdict import (
     DnsblResult,
@@ -149,7 +150,11 @@ class DnsblSource:
         self._ip_lists = {
             family: [s for s in self._lists if s.spec.kind == "ip" and family in s.spec.families]
             for family in ("ipv4", "ipv6")}
+        # Of those, the ones also asked about special-use addresses (internal lists).
+        self._special_ip_lists = {family: [s for s in lists if s.spec.query_special]
+                                  for family, lists in self._ip_lists.items()}
         self._domain_lists = [s for s in self._lists if s.spec.kind == "domain"]
+        self._special_domain_lists = [s for s in self._domain_lists if s.spec.query_special]
         self._ptr_counters = ListCounters()
         self._cache = AnswerCache(config.cache_size, clock)
         self._once = OncePer()
@@ -277,8 +282,17 @@ class DnsblSource:
         return await self._check(*self._ip_query(ip))
 
     async def check_domain(self, name: str) -> DnsblResult:
-        """Every domain list (Spamhaus DBL and the like), in parallel, within the deadline."""
-        return await self._check(self._domain_lists, _domain(name))
+        """Every domain list (Spamhaus DBL and the like), in parallel, within the deadline.
+        BadRequest when `name` is no domain name (an IP address, say)."""
+        return await self._check(*self._domain_query(_domain(name)))
+
+    async def check_smtp_name(self, text: str, client: IPAddress | None = None) -> DnsblResult:
+        """`check_domain` for a HELO name or a sender domain (or address) as the client gave
+        it: what no list can hold (an address literal, a numeric TLD, no domain name at all)
+        is clean without a question, and the bounce's empty sender is clean. The names a
+        `client` on a special-use address (the LAN) gives are internal: they are asked only
+        of internal lists (query_special), as its address is."""
+        return await self._check(*self._smtp_name_query(text, client))
 
     async def ptr(self, ip: str | IPAddress) -> PtrResult:
         """The PTR name of an address and whether it resolves back to it (FCrDNS)."""
@@ -311,7 +325,12 @@ class DnsblSource:
 
     def peek_domain(self, name: str) -> Cached[DnsblResult] | None:
         """`check_domain`'s result from the cache alone, else None (see `peek_ip`)."""
-        return self._peek_check(self._domain_lists, _domain(name))
+        return self._peek_check(*self._domain_query(_domain(name)))
+
+    def peek_smtp_name(self, text: str,
+                       client: IPAddress | None = None) -> Cached[DnsblResult] | None:
+        """`check_smtp_name`'s result from the cache alone, else None (see `peek_ip`)."""
+        return self._peek_check(*self._smtp_name_query(text, client))
 
     def peek_ptr(self, ip: str | IPAddress) -> Cached[PtrResult] | None:
         """`ptr`'s result when the PTR answer and every forward answer it leads to are cached,
@@ -346,12 +365,16 @@ class DnsblSource:
         """`check_domain`'s result, counted, when the cache holds all of it; else None."""
         return _take(self.peek_domain(name))
 
+    def cached_smtp_name(self, text: str) -> DnsblResult | None:
+        """`check_smtp_name`'s result, counted, when the cache holds all of it; else None."""
+        return _take(self.peek_smtp_name(text))
+
     def cached_ptr(self, ip: str | IPAddress) -> PtrResult | None:
         """`ptr`'s result, counted, when the cache holds all of it; else None."""
         return _take(self.peek_ptr(ip))
 
-    def _peek_check(self, lists: Sequence[_ListState],
-                    label: str) -> Cached[DnsblResult] | None:
+    def _peek_check(self, lists: Sequence[_ListState], label: str,
+                    skipped: str = "") -> Cached[DnsblResult] | None:
         answers: list[ListAnswer] = []
         asked: list[_ListState] = []
         for state in lists:
@@ -384,7 +407,7 @@ class DnsblSource:
                 state.counters.cache_hits += 1
             self._account_all(lists, answers)
 
-        return Cached(combine(answers, self._config.threshold), count)
+        return Cached(combine(answers, self._config.threshold, skipped), count)
 
     def _cached(self, zone: str, rdtype: str, label: str) -> DnsAnswer | None:
         # Before open() and after close() nothing is "cached": the DNS path then raises.
@@ -394,12 +417,45 @@ class DnsblSource:
 
     # -- lookups through DNS -----------------------------------------------------------------
 
-    def _ip_query(self, ip: str | IPAddress) -> tuple[list[_ListState], str]:
+    def _ip_query(self, ip: str | IPAddress) -> tuple[list[_ListState], str, str]:
+        """The lists to ask about an address, its label, and why other lists serving its
+        family are not asked ("" when none is left out)."""
         address = _address(ip)
         family = "ipv4" if isinstance(address, ipaddress.IPv4Address) else "ipv6"
-        return self._ip_lists[family], reverse_ip(address)
+        lists = self._ip_lists[family]
+        special = special_address(address)
+        if not special:
+            return lists, reverse_ip(address), ""
+        # Never sent to the Internet's lists: only internal ones (query_special) hear of it.
+        asked = self._special_ip_lists[family]
+        return asked, reverse_ip(address), special if len(asked) < len(lists) else ""
 
-    async def _check(self, lists: Sequence[_ListState], label: str) -> DnsblResult:
+    def _domain_query(self, name: str) -> tuple[list[_ListState], str, str]:
+        """The lists to ask about a normalized domain name, its label, and why other domain
+        lists are not asked ("" when none is left out)."""
+        lists = self._domain_lists
+        if numeric_tld(name):
+            return [], name, NUMERIC_TLD if lists else ""
+        special = special_name(name)
+        if not special:
+            return lists, name, ""
+        asked = self._special_domain_lists
+        return asked, name, special if len(asked) < len(lists) else ""
+
+    def _smtp_name_query(self, text: str,
+                         client: IPAddress | None) -> tuple[list[_ListState], str, str]:
+        name, why = smtp_name(text)
+        if not name:
+            return [], "", why if self._domain_lists else ""
+        lists, label, skipped = self._domain_query(name)
+        special = special_address(client) if client is not None else ""
+        if not special or not lists:
+            return lists, label, skipped
+        asked = [s for s in lists if s.spec.query_special]
+        return asked, label, special if len(asked) < len(lists) else skipped
+
+    async def _check(self, lists: Sequence[_ListState], label: str,
+                     skipped: str = "") -> DnsblResult:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.deadline
         answers: dict[int, ListAnswer] = {}
@@ -445,7 +501,7 @@ class DnsblSource:
         ordered = [answers.get(i) or _unusable(state, standing(state.health) or "timeout")
                    for i, state in enumerate(lists)]
         self._account_all(lists, ordered)
-        return combine(ordered, self._config.threshold)
+        return combine(ordered, self._config.threshold, skipped)
 
     async def _list_answer(self, state: _ListState, label: str) -> ListAnswer:
         if state.health is None:
@@ -519,7 +575,7 @@ class DnsblSource:
             code = answer.reason.removeprefix("error-code-")
             logger.warning("DNSBL %s answered %s, which is not a listing: %s; its answers "
                            "count as unknown meanwhile", state.spec.name, code,
-                           error_advice(code))
+                           error_advice(code, state.spec.errors))
         else:
             advice = _FAILURE_ADVICE.get(answer.reason, _FAILURE_ADVICE["error"]).format(
                 deadline=self._config.deadline, resolver=self._resolver_name)

@@ -16,7 +16,13 @@ from typing import Literal
 
 from lookupd.config import DnsblListConfig
 from lookupd.dnsbl.answers import DnsAnswer
-from lookupd.dnsbl.codes import SPAMHAUS_MEANINGS, CodeRule, classify, parse_codes
+from lookupd.dnsbl.codes import (
+    SPAMHAUS_MEANINGS,
+    CodeRule,
+    classify,
+    known_error_codes,
+    parse_codes,
+)
 from lookupd.outcome import Status
 
 # Reverse DNS: at most this many PTR names are checked for a forward match (Exim checks all;
@@ -26,22 +32,28 @@ MAX_PTR_NAMES = 4
 
 @dataclass(frozen=True)
 class ListSpec:
-    """One configured list, ready to use: codes parsed, name settled."""
+    """One configured list, ready to use: codes parsed (its own error answers too: the
+    built-in ones of a well-known list and its error_codes), name settled."""
 
     name: str
     zone: str
     weight: float
     rules: tuple[CodeRule, ...]
+    errors: tuple[CodeRule, ...]
     families: tuple[Literal["ipv4", "ipv6"], ...]
     kind: Literal["ip", "domain"]
     spamhaus: bool
+    # Asked about special-use addresses too (an internal list); see special.py.
+    query_special: bool = False
 
     @classmethod
     def from_config(cls, cfg: DnsblListConfig) -> ListSpec:
         zone = cfg.zone.rstrip(".").lower()
         return cls(name=cfg.name or zone, zone=zone, weight=cfg.weight,
-                   rules=parse_codes(cfg.codes), families=cfg.families, kind=cfg.kind,
-                   spamhaus=cfg.spamhaus)
+                   rules=parse_codes(cfg.codes),
+                   errors=parse_codes(known_error_codes(zone) + cfg.error_codes),
+                   families=cfg.families, kind=cfg.kind, spamhaus=cfg.spamhaus,
+                   query_special=cfg.query_special)
 
 
 @dataclass(frozen=True)
@@ -64,7 +76,7 @@ def interpret(spec: ListSpec, answer: DnsAnswer) -> ListAnswer:
         return ListAnswer(spec.name, spec.weight, Status.UNKNOWN, reason=answer.reason)
     if answer.status is Status.NOT_FOUND:
         return ListAnswer(spec.name, spec.weight, Status.NOT_FOUND)
-    sorted_out = classify(answer.records, spec.rules)
+    sorted_out = classify(answer.records, spec.rules, spec.errors)
     if sorted_out.errors:
         # An error code means "I did not really look": even with other codes beside it the
         # answer cannot be trusted either way.
@@ -91,12 +103,15 @@ def with_text(spec: ListSpec, listed: ListAnswer, txt: DnsAnswer | None) -> List
 @dataclass(frozen=True)
 class DnsblResult:
     """The verdict on one IP or domain. FOUND: listed, NOT_FOUND: clean, UNKNOWN: could not
-    tell. `answers` holds every asked list's say, in configuration order."""
+    tell. `answers` holds every asked list's say, in configuration order. `skipped` says why
+    some lists were not asked at all ("private", "documentation", "numeric-tld", ... see
+    special.py), or is ""."""
 
     status: Status
     score: float = 0.0
     answers: tuple[ListAnswer, ...] = ()
     text: str = ""
+    skipped: str = ""
 
     @property
     def listed(self) -> tuple[ListAnswer, ...]:
@@ -112,8 +127,9 @@ class DnsblResult:
         return ",".join(f"{a.name}:{a.reason}" for a in self.unknown)
 
 
-def combine(answers: Iterable[ListAnswer], threshold: float) -> DnsblResult:
-    """Sum the weights of the hits and decide, counting unknown lists as "could be either"."""
+def combine(answers: Iterable[ListAnswer], threshold: float, skipped: str = "") -> DnsblResult:
+    """Sum the weights of the hits and decide, counting unknown lists as "could be either".
+    Lists not asked (`skipped` says why) have no say: only the `answers` count."""
     answers = tuple(answers)
     score = sum(a.weight for a in answers if a.status is Status.FOUND)
     unknown = [a.weight for a in answers if a.status is Status.UNKNOWN]
@@ -127,7 +143,7 @@ def combine(answers: Iterable[ListAnswer], threshold: float) -> DnsblResult:
         status = Status.UNKNOWN
     text = "; ".join(f"{a.name}: {a.text}" for a in answers
                      if a.status is Status.FOUND and a.text)
-    return DnsblResult(status, score, answers, text)
+    return DnsblResult(status, score, answers, text, skipped)
 
 
 @dataclass(frozen=True)
