@@ -398,10 +398,12 @@ def test_lookupd_answers_from_a_normal_snapshot_without_asking(
     daemon, elapsed = start_with_snapshot(
         start_lookupd, state, f'[dnsbl]\nnameservers = ["127.0.0.1:{rbl.port}"]\n'
                               'deadline = "2s"\n[[dnsbl.list]]\nzone = "bl.test"\n'
-                              'codes = ["127.0.0.[2..11]"]\n')
+                              'codes = ["127.0.0.[2..11]"]\n'
+                              # a test list: asked about documentation addresses too
+                              'query_special = true\n')
     assert elapsed < READY_WITHIN
     assert daemon.query("dnsbl 192.0.2.200") == (
         'verdict=listed score=1 lists=bl.test:127.0.0.3 unknown="" '
-        'text="bl.test: From the snapshot"')
+        'text="bl.test: From the snapshot" skipped=""')
     assert rbl.queries("200.2.0.192.bl.test") == []
     assert rbl.queries("2.0.0.127.bl.test")  # the list was probed through rbldnsd
