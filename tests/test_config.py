@@ -35,6 +35,7 @@ read_timeout = "500ms"
 sympl_window = "7d"
 [dnsbl]
 nameservers = ["127.0.0.1:5353", "::1"]
+min_ttl = "1m"
 [[dnsbl.list]]
 zone = "rbl.test"
 codes = ["127.0.0.[2..11]"]
@@ -46,6 +47,7 @@ families = ["ipv4"]
     assert config.server.read_timeout == 0.5
     assert config.incidents.sympl_window == 7 * 86400
     assert config.dnsbl.nameservers == (HostPort("127.0.0.1", 5353), HostPort("::1", 53))
+    assert config.dnsbl.min_ttl == 60.0
     assert [lst.zone for lst in config.dnsbl.lists] == ["rbl.test"]
     assert config.dnsbl.lists[0].families == ("ipv4",)
     assert config.source == tmp_path / "lookupd.toml"
@@ -64,6 +66,7 @@ families = ["ipv4"]
         ("[users]\nlimit = 0", "users.limit must be greater than 0"),
         ("[geoip]\ncountry_field = 'continent'", 'geoip.country_field = \'continent\' is not'),
         ("[[dnsbl.list]]\nweight = 2", "dnsbl.list[0].zone is required"),
+        ("[dnsbl]\nmin_ttl = '2h'", 'dnsbl.min_ttl must be at most "1h"'),
         ("[connect]\ndeny_countries = ['gb']", "not ISO 3166-1 alpha-2 codes"),
         ("[connect]\nsubmission_ports = [0]", "ports out of range"),
         ("server = 3", "server must be a table"),

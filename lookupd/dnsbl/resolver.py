@@ -62,12 +62,14 @@ class DnsClient:
     """Turns one (name, type) question into a DnsAnswer with its cache expiry."""
 
     def __init__(self, resolver: dns.asyncresolver.Resolver, *, negative_ttl_max: float,
-                 error_ttl: float, clock: Callable[[], float] = time.time) -> None:
+                 error_ttl: float, min_ttl: float = 0.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self._resolver = resolver
         # Who is asked, comparable across a reload (the system resolver's may have changed).
         self.servers = (str(resolver.port), *(str(n) for n in resolver.nameservers))
         self._negative_ttl_max = negative_ttl_max
         self._error_ttl = error_ttl
+        self._min_ttl = min_ttl
         self._clock = clock
 
     async def ask(self, qname: str, rdtype: str, lifetime: float) -> DnsAnswer:
@@ -90,7 +92,7 @@ class DnsClient:
             return self._negative(answer.response)
         records = tuple(_record_text(rdata) for rdata in answer.rrset)
         return DnsAnswer(Status.FOUND, records,
-                         expires=self._clock() + positive_ttl(answer.rrset.ttl))
+                         expires=self._clock() + positive_ttl(answer.rrset.ttl, self._min_ttl))
 
     def _negative(self, response: dns.message.Message | None) -> DnsAnswer:
         soa_ttl: float | None = None
@@ -99,7 +101,7 @@ class DnsClient:
             if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
                 soa_ttl, minimum = rrset.ttl, rrset[0].minimum
                 break
-        ttl = negative_ttl(soa_ttl, minimum, self._negative_ttl_max)
+        ttl = negative_ttl(soa_ttl, minimum, self._negative_ttl_max, self._min_ttl)
         return DnsAnswer(Status.NOT_FOUND, expires=self._clock() + ttl)
 
     def _failed(self, reason: str) -> DnsAnswer:

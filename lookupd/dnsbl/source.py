@@ -197,7 +197,8 @@ class DnsblSource:
         """
         resolver = make_resolver(self._config.nameservers, self._config.deadline)
         client = DnsClient(resolver, negative_ttl_max=self._config.negative_ttl_max,
-                           error_ttl=self._config.error_ttl, clock=self._clock)
+                           error_ttl=self._config.error_ttl, min_ttl=self._config.min_ttl,
+                           clock=self._clock)
         self._client = client
         handover, self._handover = self._handover, None
         if handover is not None:
