@@ -1,22 +1,80 @@
-"""DNSBL health against real servers (issue 11): answers with TTL 0 are kept dnsbl.min_ttl.
+"""DNSBL health against real servers (issue 11): a dead nameserver among several costs a
+share of the deadline, not all of it; answers with TTL 0 are kept dnsbl.min_ttl.
 
-Every zone and address here is this module's own: knot serves a reverse zone of
-203.0.113.0/24 (TEST-NET-3) whose records have TTL 0, behind a cache-less dnsmasq that logs
-every question it forwards.
+Every zone and address here is this module's own: rbldnsd serves one.test and two.test,
+which list 198.51.100.20 (TEST-NET-2); knot serves a reverse zone of 203.0.113.0/24
+(TEST-NET-3) whose records have TTL 0, behind a cache-less dnsmasq that logs every question
+it forwards; a bound UDP socket that never reads (SilentServer) is a dead nameserver.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
-from dnsservers import KNOTD, Dnsmasq, Knot
+from dnsservers import KNOTD, RBLDNSD, Dnsmasq, Knot, Rbldnsd, SilentServer
 
 from lookupd.config import DnsblConfig, DnsblListConfig, HostPort
-from lookupd.dnsbl import DnsblSource, render_ptr
+from lookupd.dnsbl import DnsblSource, render_dnsbl, render_ptr, render_stats
 from lookupd.dnsbl.answers import negative_ttl, positive_ttl
+
+T = TypeVar("T")
+
+# --- rbldnsd: this module's lists -------------------------------------------------------------
+
+SOA = "$SOA 60 ns.{0}. hostmaster.{0}. 1 600 60 3600 45\n$TTL 300\n"
+ZONES = {
+    "one.zone": SOA.format("one.test") + ":127.0.0.2:Listed in one.test\n"
+                "127.0.0.2\n198.51.100.20\n",
+    "two.zone": SOA.format("two.test") + ":127.0.0.3:Listed in two.test\n"
+                "127.0.0.2\n198.51.100.20\n198.51.100.21\n",
+}
+RBL_ZONES = (("one.test", "ip4set", "one.zone"), ("two.test", "ip4set", "two.zone"))
+ONE = DnsblListConfig(zone="one.test", families=("ipv4",))
+TWO = DnsblListConfig(zone="two.test", families=("ipv4",))
+LISTED_BY_BOTH = ('verdict=listed score=2 lists=one.test:127.0.0.2,two.test:127.0.0.3 '
+                  'unknown="" text="one.test: Listed in one.test; two.test: Listed in two.test"')
+
+
+@pytest.fixture(scope="module")
+def zones(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("healthzones")
+    for name, text in ZONES.items():
+        (path / name).write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rbl(tmp_path_factory: pytest.TempPathFactory, zones: Path) -> Iterator[Rbldnsd]:
+    if not Path(RBLDNSD).exists():
+        pytest.skip("rbldnsd is not installed")
+    server = Rbldnsd(tmp_path_factory.mktemp("healthrbl"), zones=RBL_ZONES,
+                     source_dir=zones).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def silent() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
+    server.stop()
+
+
+def states(source: DnsblSource) -> list[str]:
+    """Each list's `state:` in the stats reply (reverse-dns left out)."""
+    pairs = [p for p in render_stats(source.stats()).split() if ",state:" in p]
+    return [p.split(",state:")[1].split(",")[0] for p in pairs
+            if not p.startswith("reverse-dns=")]
+
+
+async def timed(lookup: Awaitable[T]) -> tuple[T, float]:
+    started = time.monotonic()
+    result = await lookup
+    return result, time.monotonic() - started
 
 # --- knot: records with TTL 0 -------------------------------------------------------------
 
@@ -75,6 +133,31 @@ async def open_on(opened: list[DnsblSource], tmp_path: Path, port: int | list[in
     await source.open()
     opened.append(source)
     return source
+
+
+# --- item 1: a dead first nameserver --------------------------------------------------------
+
+
+async def test_a_dead_first_nameserver_costs_a_share_of_the_deadline(
+        rbl: Rbldnsd, silent: SilentServer, sources: list[DnsblSource],
+        tmp_path: Path) -> None:
+    """nameservers = [dead, rbldnsd]: the probes and the first query reach rbldnsd within the
+    deadline (the dead one had its half, 0.5 s), no list is quarantined and a listed client is
+    listed; once the dead one has left a few questions unanswered it is asked last, and a new
+    client costs one round trip to rbldnsd."""
+    source = await open_on(sources, tmp_path, [silent.port, rbl.port], ONE, TWO, deadline=1.0)
+    (result, elapsed) = await timed(source.check_ip("198.51.100.20"))
+    assert render_dnsbl(result) == LISTED_BY_BOTH
+    assert 0.4 < elapsed < 1.0  # the probe (and then the query) waited for the first share
+    assert states(source) == ["ok", "ok"]
+    for i in range(30, 36):  # new clients, not listed
+        (clean, elapsed) = await timed(source.check_ip(f"198.51.100.{i}"))
+        assert render_dnsbl(clean) == 'verdict=clean score=0 lists="" unknown="" text=""'
+    assert elapsed < 0.2
+    (listed, elapsed) = await timed(source.check_ip("198.51.100.21"))
+    assert listed.status.name == "FOUND" and elapsed < 0.2
+    await source.probe()
+    assert states(source) == ["ok", "ok"]
 
 
 # --- item 7: a floor under TTLs ---------------------------------------------------------------

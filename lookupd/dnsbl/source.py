@@ -40,7 +40,7 @@ from lookupd.dnsbl.names import (
     redact,
     reverse_ip,
 )
-from lookupd.dnsbl.resolver import DnsClient, make_resolver
+from lookupd.dnsbl.resolver import DnsClient, make_nameservers
 from lookupd.dnsbl.stats import DnsblStats, ListCounters, list_stats
 from lookupd.dnsbl.verdict import (
     DnsblResult,
@@ -97,6 +97,7 @@ class _Handover:
     asks the same servers (the system resolver's may have changed with the reload)."""
 
     servers: tuple[str, ...]
+    nameservers: tuple[tuple[int, bool], ...]  # DnsClient.standing() of the running source
     health: dict[int, Health]  # index into _lists -> the running source's verdict
     answers: list[tuple[CacheKey, DnsAnswer]]
 
@@ -181,7 +182,7 @@ class DnsblSource:
             answers = carry_over(previous._cache.items(), self._clock(), zones={"", *zones},
                                  negative_ttl_max=self._config.negative_ttl_max,
                                  error_ttl=self._config.error_ttl)
-        self._handover = _Handover(client.servers, health, answers)
+        self._handover = _Handover(client.servers, client.standing(), health, answers)
 
     def _probe_identity(self, state: _ListState) -> tuple[object, ...]:
         """Everything that changes what a probe of the list says (qzone: zone and DQS key)."""
@@ -195,14 +196,15 @@ class DnsblSource:
         must not wait on a list that times out. Until a list's first probe has come back a
         query waits for it, within dnsbl.deadline, and then counts the list as unprobed.
         """
-        resolver = make_resolver(self._config.nameservers, self._config.deadline)
-        client = DnsClient(resolver, negative_ttl_max=self._config.negative_ttl_max,
+        client = DnsClient(make_nameservers(self._config.nameservers, self._config.deadline),
+                           negative_ttl_max=self._config.negative_ttl_max,
                            error_ttl=self._config.error_ttl, min_ttl=self._config.min_ttl,
                            clock=self._clock)
         self._client = client
         handover, self._handover = self._handover, None
         if handover is not None:
             if handover.servers == client.servers:
+                client.resume(handover.nameservers)
                 for i, health in handover.health.items():
                     self._lists[i].set_health(health)
                 self._cache.load(handover.answers)
