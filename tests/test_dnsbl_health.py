@@ -9,6 +9,8 @@ it forwards; a bound UDP socket that never reads (SilentServer) is a dead namese
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from dnsservers import KNOTD, RBLDNSD, Dnsmasq, Knot, Rbldnsd, SilentServer
 from lookupd.config import DnsblConfig, DnsblListConfig, HostPort
 from lookupd.dnsbl import DnsblSource, render_dnsbl, render_ptr, render_stats
 from lookupd.dnsbl.answers import negative_ttl, positive_ttl
+from lookupd.dnsbl.health import NOT_ANSWERING, Health, resolver_fault
 
 T = TypeVar("T")
 
@@ -62,6 +65,47 @@ def silent() -> Iterator[SilentServer]:
     server = SilentServer()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def forwarders(tmp_path: Path) -> Iterator[Callable[[dict[str, int]], Dnsmasq]]:
+    """Start dnsmasq forwarders (no cache) with the given routes; stopped afterwards."""
+    started: list[Dnsmasq] = []
+
+    def start(routes: dict[str, int]) -> Dnsmasq:
+        forwarder = Dnsmasq(tmp_path / f"dnsmasq{len(started)}", routes)
+        started.append(forwarder)
+        return forwarder.start()
+
+    yield start
+    for forwarder in started:
+        forwarder.stop()
+
+
+def warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and text in r.getMessage()]
+
+
+def resolver_state(source: DnsblSource) -> tuple[str, str]:
+    """dnsbl_resolver= and dnsbl_silent= of the stats reply."""
+    pairs = dict(p.split("=", 1) for p in render_stats(source.stats()).split()
+                 if p.startswith(("dnsbl_resolver=", "dnsbl_silent=")))
+    return pairs["dnsbl_resolver"], pairs["dnsbl_silent"]
+
+
+async def first_round(source: DnsblSource) -> None:
+    """Until the probe round that open() started has come back (or blamed the resolver)."""
+    for _ in range(200):
+        if source.stats().resolver or "unprobed" not in standing(source):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the first probe round did not come back")
+
+
+def standing(source: DnsblSource) -> list[str]:
+    """Each list's ListStats.quarantine (reverse-dns left out)."""
+    return [s.quarantine for s in source.stats().lists[:-1]]
 
 
 def states(source: DnsblSource) -> list[str]:
@@ -160,6 +204,91 @@ async def test_a_dead_first_nameserver_costs_a_share_of_the_deadline(
     assert states(source) == ["ok", "ok"]
 
 
+async def test_no_nameserver_answers_the_resolver_is_down_not_the_lists(
+        rbl: Rbldnsd, silent: SilentServer, sources: list[DnsblSource], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Both nameservers drop every packet: one log line says so, no list is quarantined for
+    it, every list is unknown at once (no client waits for a nameserver) and so is reverse
+    DNS. When a nameserver answers again (a real rbldnsd on the dead one's address), the next
+    probe round probes the lists and they answer."""
+    caplog.set_level(logging.WARNING, logger="lookupd")
+    other = SilentServer()
+    try:
+        source = await open_on(sources, tmp_path, [silent.port, other.port], ONE, TWO,
+                               deadline=0.5)
+        await first_round(source)
+        labels = f"127.0.0.1:{silent.port},127.0.0.1:{other.port}"
+        assert resolver_state(source) == ("no-nameserver", labels)
+        assert standing(source) == ["unprobed", "unprobed"]
+        (result, elapsed) = await timed(source.check_ip("198.51.100.20"))
+        assert render_dnsbl(result) == ('verdict=unknown score=0 lists="" '
+                                        'unknown=one.test:resolver-down,two.test:resolver-down '
+                                        'text=""')
+        assert elapsed < 0.1
+        (ptr, elapsed) = await timed(source.ptr("198.51.100.20"))
+        assert render_ptr(ptr) == 'name="" fcrdns=unknown' and elapsed < 0.1
+        await source.probe()  # still down: nothing more is said
+        assert standing(source) == ["unprobed", "unprobed"]
+        said = warnings(caplog, "DNSBL")
+        assert len(said) == 1 and said[0].startswith(
+            f"DNSBL: no nameserver of the resolver 127.0.0.1:{silent.port}, "
+            f"127.0.0.1:{other.port} answers at all: every list is unknown")
+        assert "none is quarantined for it" in said[0]
+        assert source.stats().lists[0].timeouts == source.stats().lists[0].errors == 0
+
+        other.stop()
+        back = Rbldnsd(tmp_path / "back", zones=RBL_ZONES, source_dir=rbl.source_dir,
+                       port=other.port).start()
+        try:
+            await source.probe()
+            assert resolver_state(source) == ("ok", f"127.0.0.1:{silent.port}")
+            assert states(source) == ["ok", "ok"]
+            assert render_dnsbl(await source.check_ip("198.51.100.20")) == LISTED_BY_BOTH
+            assert warnings(caplog, "answers again") == [
+                f"DNSBL: the resolver 127.0.0.1:{silent.port}, 127.0.0.1:{other.port} answers "
+                "again: the lists are asked again"]
+            assert warnings(caplog, "does not answer") == [
+                f"DNSBL nameserver 127.0.0.1:{silent.port} does not answer: the other "
+                "nameservers are asked first until it does"]
+            assert warnings(caplog, "quarantined:") == []
+        finally:
+            back.stop()
+    finally:
+        other.stop()
+
+
+@pytest.mark.parametrize("reachable", [(), ("one.test",)])
+async def test_a_resolver_that_reaches_no_list_quarantines_none(
+        rbl: Rbldnsd, silent: SilentServer, sources: list[DnsblSource], tmp_path: Path,
+        forwarders: Callable[[dict[str, int]], Dnsmasq], caplog: pytest.LogCaptureFixture,
+        reachable: tuple[str, ...]) -> None:
+    """dnsmasq answers (REFUSED for the root: it is there) but forwards the lists' zones to a
+    server that never answers (its upstream is cut off): with no list answering, the resolver
+    is to blame and none is quarantined. With one.test reachable, two.test alone fails: that
+    is two.test's own doing, and it is quarantined."""
+    caplog.set_level(logging.WARNING, logger="lookupd")
+    forwarder = forwarders({zone: rbl.port if zone in reachable else silent.port
+                            for zone in ("one.test", "two.test")})
+    source = await open_on(sources, tmp_path, forwarder.port, ONE, TWO, deadline=0.5)
+    await first_round(source)
+    (result, elapsed) = await timed(source.check_ip("198.51.100.21"))
+    if not reachable:
+        assert resolver_state(source) == ("no-list-answers", '""')
+        assert standing(source) == ["unprobed", "unprobed"]
+        assert render_dnsbl(result) == ('verdict=unknown score=0 lists="" '
+                                        'unknown=one.test:resolver-down,'
+                                        'two.test:resolver-down text=""')
+        assert elapsed < 0.1
+        said = warnings(caplog, "DNSBL")
+        assert len(said) == 1 and "none of the 2 lists answered its test points" in said[0]
+    else:
+        assert resolver_state(source) == ("ok", '""')
+        assert states(source) == ["ok", "quarantined-not-answering"]
+        said = warnings(caplog, "quarantined")
+        assert len(said) == 1 and said[0].startswith(
+            "DNSBL two.test quarantined: no test-point query got an answer (timeout); ")
+
+
 # --- item 7: a floor under TTLs ---------------------------------------------------------------
 
 
@@ -209,3 +338,14 @@ def test_the_floor_stays_under_the_caps() -> None:
     assert negative_ttl(3600, 45, 900, 30) == 45
     assert negative_ttl(0, 0, 10, 30) == 10  # negative_ttl_max is the admin's word
     assert negative_ttl(None, None, 900, 30) == 0  # RFC 2308: no SOA, not cached at all
+
+
+def test_whose_fault() -> None:
+    bad, good = Health(NOT_ANSWERING, "no test-point query got an answer"), Health()
+    assert resolver_fault(False, [bad, bad]) == "no-nameserver"
+    assert resolver_fault(False, []) == "no-nameserver"
+    assert resolver_fault(True, [bad, bad]) == "no-list-answers"
+    assert resolver_fault(True, [bad, good]) == ""  # the resolver reaches good: bad's doing
+    assert resolver_fault(True, [bad]) == ""  # one list alone cannot tell: its own
+    everything = Health("lists-everything", "...")
+    assert resolver_fault(True, [bad, everything]) == ""

@@ -77,6 +77,24 @@ class ProbeDelay(DelayProxy):
                 return
 
 
+class ListDelay(DelayProxy):
+    """A relay that holds back the questions about the lists' zones (*.test) by `delay` and
+    passes the others (the liveness question about the root) at once: slow lists behind a
+    resolver that is there."""
+
+    def _relay(self, data: bytes, client: tuple[str, int]) -> None:
+        qname = dns.message.from_wire(data).question[0].name.to_text().lower()
+        if qname.endswith(".test."):
+            time.sleep(self.delay)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
+            up.settimeout(2.0)
+            try:
+                up.sendto(data, ("127.0.0.1", self.upstream))
+                self.sock.sendto(up.recv(4096), client)
+            except OSError:
+                return
+
+
 @pytest.fixture(scope="module")
 def rbl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rbldnsd]:
     zones = tmp_path_factory.mktemp("probezones")
@@ -112,8 +130,9 @@ async def make_source(tmp_path: Path) -> AsyncIterator[MakeSource]:
 
 def states(source: DnsblSource) -> list[str]:
     """Each list's `state:` in the stats reply (reverse-dns left out)."""
-    line = render_stats(source.stats())
-    return [pair.split(",state:")[1].split(",")[0] for pair in line.split()[2:-1]]
+    pairs = [p for p in render_stats(source.stats()).split() if ",state:" in p]
+    return [p.split(",state:")[1].split(",")[0] for p in pairs
+            if not p.startswith("reverse-dns=")]
 
 
 async def timed(lookup: Awaitable[T]) -> tuple[T, float]:
@@ -203,8 +222,9 @@ async def test_a_list_that_lists_everything_is_never_listed_while_its_probe_is_s
 async def test_a_probe_that_outlasts_the_deadline_leaves_the_list_unprobed(
         rbl: Rbldnsd, make_source: MakeSource) -> None:
     """The probe of a list that answers in 1 s gives up at the deadline (0.3 s); a query
-    whose deadline passes before that calls the list unprobed, never listed."""
-    proxy = DelayProxy(rbl.port, 1.0)
+    whose deadline passes before that calls the list unprobed, never listed. (The resolver
+    itself answers at once: a resolver that answers nothing in time is not the list's fault.)"""
+    proxy = ListDelay(rbl.port, 1.0)
     try:
         source = make_source(ALL, port=proxy.port, deadline=0.3)
         # Asked just before open(): its deadline passes before the probe gives up.

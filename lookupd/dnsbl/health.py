@@ -1,5 +1,5 @@
-"""List health from RFC 5782 test points (pure), whether a list's answers count, and "say it
-once per period" for logs."""
+"""List health from RFC 5782 test points (pure), whether a list's answers count, whose fault
+a failure is (the list's or the resolver's), and "say it once per period" for logs."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ LOG_PERIOD = 600.0
 # Why a list's answers count as unknown whatever it says (the `unknown=` reason word).
 UNPROBED = "unprobed"
 QUARANTINED = "quarantined"
+# Every list is unknown for this reason while the resolver itself is at fault.
+RESOLVER_DOWN = "resolver-down"
+# Health.quarantine of a list whose test points (or real questions) got no answer.
+NOT_ANSWERING = "not-answering"
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ def judge(outcomes: Sequence[tuple[Probe, DnsAnswer]]) -> Health:
                           f"({_show(probe)}), so it would list every client")
     if all(answer.status is Status.UNKNOWN for _, answer in outcomes):
         reason = outcomes[0][1].reason
-        return Health("not-answering", f"no test-point query got an answer ({reason})")
+        return Health(NOT_ANSWERING, f"no test-point query got an answer ({reason})")
     for _, answer in outcomes:
         for record in answer.records if answer.status is Status.FOUND else ():
             advice = error_advice(record)
@@ -64,6 +68,18 @@ def judge(outcomes: Sequence[tuple[Probe, DnsAnswer]]) -> Health:
             return Health(note=f"it does not list its RFC 5782 test point {_show(probe)}: "
                                "check the zone name in [[dnsbl.list]]")
     return Health()
+
+
+def resolver_fault(replied: bool, verdicts: Sequence[Health]) -> str:
+    """Whose fault a probe round's failures are: "" (each list's own), "no-nameserver" (no
+    nameserver sent any reply during the round, the liveness question included), or
+    "no-list-answers" (two or more lists and none answered its test points: the resolver
+    answers but reaches no list, so its network or forwarders are down, not every list)."""
+    if not replied:
+        return "no-nameserver"
+    if len(verdicts) >= 2 and all(h.quarantine == NOT_ANSWERING for h in verdicts):
+        return "no-list-answers"
+    return ""
 
 
 def _show(probe: Probe) -> str:

@@ -18,8 +18,11 @@ next pair (`name= fcrdns=no` reads name as "fcrdns=no").
     stats (the DNSBL part, one line)
         dnsbl_cache=ENTRIES/SIZE dnsbl_inflight=N LIST=queries:N,hits:N,errors:N,
         timeouts:N,cache_hit_rate:R,state:ok|quarantined-REASON,p50_ms:X,p99_ms:Y ...
+        dnsbl_resolver=ok|no-nameserver|no-list-answers dnsbl_silent=NAMESERVER,...
       one LIST= pair per configured list, plus reverse-dns= for `ptr`, so
-      ${extract{zen.spamhaus.org}{...}} gives one list's figures.
+      ${extract{zen.spamhaus.org}{...}} gives one list's figures; dnsbl_resolver says
+      whether the resolver is to blame for every list's failures, dnsbl_silent which
+      nameservers did not answer the last liveness question.
 """
 
 from __future__ import annotations
@@ -81,4 +84,6 @@ def render_stats(stats: DnsblStats) -> str:
     pairs = [f"dnsbl_cache={stats.cache_entries}/{stats.cache_size}",
              f"dnsbl_inflight={stats.inflight}"]
     pairs += [f"{exim_value(s.name)}={_list_figures(s)}" for s in stats.lists]
+    pairs += [f"dnsbl_resolver={stats.resolver or 'ok'}",
+              f"dnsbl_silent={exim_value(','.join(stats.silent))}"]
     return " ".join(pairs)

@@ -11,6 +11,7 @@ answers from its read callback, without a task and a timed wait per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
@@ -30,7 +31,17 @@ from lookupd.dnsbl.cache import (
     write_atomically,
 )
 from lookupd.dnsbl.codes import error_advice
-from lookupd.dnsbl.health import QUARANTINED, UNPROBED, Health, OncePer, judge, standing
+from lookupd.dnsbl.health import (
+    NOT_ANSWERING,
+    QUARANTINED,
+    RESOLVER_DOWN,
+    UNPROBED,
+    Health,
+    OncePer,
+    judge,
+    resolver_fault,
+    standing,
+)
 from lookupd.dnsbl.names import (
     IPAddress,
     normalize_domain,
@@ -61,6 +72,8 @@ logger = logging.getLogger(__name__)
 SNAPSHOT_NAME = "dnsbl-cache.msgpack"
 # Quarantined lists are probed again after this long (or probe_interval, if shorter).
 QUARANTINE_RECHECK = 30.0
+# While the resolver is at fault it is asked again this often (one probe round).
+RESOLVER_RECHECK = 5.0
 
 # What to tell the admin, once per list and period, when a list cannot answer.
 _FAILURE_ADVICE = {
@@ -84,11 +97,12 @@ class _ListState:
     # None until a probe round of this list has come back in this process (or was handed
     # over by `take_over`): until then its answers do not count.
     health: Health | None = None
-    judged: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when a probe round came back for it: with a verdict, or blaming the resolver.
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
 
     def set_health(self, health: Health) -> None:
         self.health = health
-        self.judged.set()
+        self.settled.set()
 
 
 @dataclass
@@ -98,6 +112,8 @@ class _Handover:
 
     servers: tuple[str, ...]
     nameservers: tuple[tuple[int, bool], ...]  # DnsClient.standing() of the running source
+    fault: str  # the running source's resolver fault and silent nameservers
+    silent: tuple[str, ...]
     health: dict[int, Health]  # index into _lists -> the running source's verdict
     answers: list[tuple[CacheKey, DnsAnswer]]
 
@@ -151,6 +167,13 @@ class DnsblSource:
         self._client: DnsClient | None = None
         self._handover: _Handover | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Why the resolver, not any list, is to blame for the failures ("" while it is not):
+        # the lists are then unknown without a question, and none is quarantined for it.
+        self._fault = ""
+        # The nameservers that did not reply to the last probe round's liveness question.
+        self._silent: tuple[str, ...] = ()
+        # Set to run a probe round now.
+        self._wake = asyncio.Event()
         if config.nameservers:
             self._resolver_name = "the resolver " + ", ".join(str(n) for n in
                                                               config.nameservers)
@@ -182,7 +205,8 @@ class DnsblSource:
             answers = carry_over(previous._cache.items(), self._clock(), zones={"", *zones},
                                  negative_ttl_max=self._config.negative_ttl_max,
                                  error_ttl=self._config.error_ttl)
-        self._handover = _Handover(client.servers, client.standing(), health, answers)
+        self._handover = _Handover(client.servers, client.standing(), previous._fault,
+                                   previous._silent, health, answers)
 
     def _probe_identity(self, state: _ListState) -> tuple[object, ...]:
         """Everything that changes what a probe of the list says (qzone: zone and DQS key)."""
@@ -205,6 +229,7 @@ class DnsblSource:
         if handover is not None:
             if handover.servers == client.servers:
                 client.resume(handover.nameservers)
+                self._fault, self._silent = handover.fault, handover.silent
                 for i, health in handover.health.items():
                     self._lists[i].set_health(health)
                 self._cache.load(handover.answers)
@@ -230,16 +255,25 @@ class DnsblSource:
             self._client = None
 
     async def _probe_loop(self) -> None:
-        interval = self._config.probe_interval
         while True:
+            self._wake.clear()
             try:
                 await self.probe()
             except Exception:
-                logger.exception("DNSBL probe round failed; it runs again in %gs", interval)
-            # A quarantined (or still unprobed) list is asked again sooner: a resolver that
-            # was down for a moment must not leave every list out of service for an interval.
-            unsettled = any(standing(s.health) for s in self._lists)
-            await asyncio.sleep(min(interval, QUARANTINE_RECHECK) if unsettled else interval)
+                logger.exception("DNSBL probe round failed; it runs again in %gs",
+                                 self._next_probe())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._next_probe())
+
+    def _next_probe(self) -> float:
+        """Seconds to the next probe round: sooner while something is wrong, so that a
+        resolver or list that was down for a moment is back in service soon."""
+        interval = self._config.probe_interval
+        if self._fault:
+            return min(interval, RESOLVER_RECHECK)
+        if self._silent or any(standing(s.health) for s in self._lists):
+            return min(interval, QUARANTINE_RECHECK)
+        return interval
 
     async def _snapshot_loop(self) -> None:
         while True:
@@ -422,16 +456,25 @@ class DnsblSource:
             else:
                 answers[i] = with_text(lists[i].spec, answers[i], None)
         # Missing at the deadline: a list still unprobed says so, else it timed out.
-        ordered = [answers.get(i) or _unusable(state, standing(state.health) or "timeout")
+        ordered = [answers.get(i) or _unusable(state, self._missing(state))
                    for i, state in enumerate(lists)]
         self._account_all(lists, ordered)
         return combine(ordered, self._config.threshold)
+
+    def _missing(self, state: _ListState) -> str:
+        """Why a list asked about a client has not answered by the deadline."""
+        if state.health is None:
+            return RESOLVER_DOWN if self._fault else UNPROBED
+        return standing(state.health) or "timeout"
 
     async def _list_answer(self, state: _ListState, label: str) -> ListAnswer:
         if state.health is None:
             # Not asked before its first probe is back: a list that lists everything must
             # neither answer a client nor fill the cache with listings meanwhile.
-            await state.judged.wait()
+            if not self._fault:
+                await state.settled.wait()
+            if state.health is None:  # the probe round blamed the resolver
+                return _unusable(state, RESOLVER_DOWN)
             reason = standing(state.health)
             if reason:
                 return _unusable(state, reason)
@@ -449,6 +492,10 @@ class DnsblSource:
         qname = f"{label}.{qzone}." if qzone else f"{label}."
 
         async def ask() -> DnsAnswer:
+            if self._fault:
+                # No nameserver answers (the probe rounds ask again): no client waits for
+                # one, and nothing is cached (expires at once).
+                return DnsAnswer(Status.UNKNOWN, reason=RESOLVER_DOWN)
             started = time.monotonic()
             # Redacted before it is cached: the snapshot on disk must not hold the key either.
             answer = self._redacted(await client.ask(qname, rdtype, self._config.deadline))
@@ -473,10 +520,11 @@ class DnsblSource:
             self._account(state, answer)
 
     def _account_ptr(self, result: PtrResult) -> None:
-        # A hit is "has a PTR"; a failed PTR or forward lookup is a timeout or an error.
+        # A hit is "has a PTR"; a failed PTR or forward lookup is a timeout or an error (not
+        # while the resolver is down: that is said once, for everything).
         if result.status is Status.FOUND:
             self._ptr_counters.hits += 1
-        if result.fcrdns == "unknown":
+        if result.fcrdns == "unknown" and result.reason != RESOLVER_DOWN:
             if result.reason == "timeout":
                 self._ptr_counters.timeouts += 1
             else:
@@ -487,7 +535,8 @@ class DnsblSource:
         if answer.status is Status.FOUND:
             counters.hits += 1
             return
-        if answer.status is not Status.UNKNOWN or answer.reason in (QUARANTINED, UNPROBED):
+        if answer.status is not Status.UNKNOWN or answer.reason in (QUARANTINED, UNPROBED,
+                                                                     RESOLVER_DOWN):
             return
         if answer.reason == "timeout":
             counters.timeouts += 1
@@ -509,19 +558,53 @@ class DnsblSource:
     # -- health ----------------------------------------------------------------------------
 
     async def probe(self) -> None:
-        """Ask every list its RFC 5782 test points; quarantine or release it accordingly."""
-        await asyncio.gather(*(self._probe(state) for state in self._lists))
+        """Ask every list its RFC 5782 test points and every nameserver whether it is there;
+        quarantine or release each list accordingly, unless the resolver is to blame.
 
-    async def _probe(self, state: _ListState) -> None:
+        A list whose test points got answers is judged as soon as they are in (a query may be
+        waiting for it); one that got none waits for the whole round, which tells whether
+        it is the list or the resolver that does not answer."""
         client = self._client
         if client is None:
             return
+        started = time.monotonic()
+        ping = asyncio.create_task(client.ping(self._config.deadline))
+        try:
+            verdicts = await asyncio.gather(*(self._probe_list(client, state)
+                                              for state in self._lists))
+            silent = await ping
+        finally:
+            if not ping.done():  # cancelled (close)
+                await self._cancel({ping})
+        fault = resolver_fault(client.last_reply >= started, verdicts)
+        self._note_nameservers(silent, fault)
+        self._note_fault(fault)
+        for state, health in zip(self._lists, verdicts, strict=True):
+            if health.quarantine != NOT_ANSWERING:
+                continue  # judged already
+            if fault:
+                # Not the list's doing: it keeps its standing (unprobed stays unprobed), and
+                # a query waiting for its first probe stops waiting.
+                state.settled.set()
+            else:
+                self._judged(state, health)
+
+    async def _probe_list(self, client: DnsClient, state: _ListState) -> Health:
+        """One list's probe verdict; applied at once unless no test point got an answer."""
         points = probe_points(state.spec.kind, state.spec.families)
         # Probes bypass the cache: they are about the list now, not about a client.
         answers = await asyncio.gather(*(
             client.ask(f"{p.label}.{state.qzone}.", "A", self._config.deadline)
             for p in points))
         health = judge(list(zip(points, answers, strict=True)))
+        if health.quarantine != NOT_ANSWERING:
+            # It answered: the resolver reaches the lists, whatever it did before.
+            self._note_fault("")
+            self._judged(state, health)
+        return health
+
+    def _judged(self, state: _ListState, health: Health) -> None:
+        """Give a list its new health and say so when that changes."""
         name = state.spec.name
         before = state.health or Health()  # a first probe: as if it had been in service
         if health.quarantined and not before.quarantined:
@@ -536,6 +619,43 @@ class DnsblSource:
             # its positive test point would otherwise nag forever.
             logger.warning("DNSBL %s: %s", name, health.note)
         state.set_health(health)
+
+    def _note_fault(self, fault: str) -> None:
+        """One line when the resolver becomes (or stops being) the one to blame."""
+        before, self._fault = self._fault, fault
+        if fault == before:
+            return
+        if before == "no-nameserver":
+            self._silent = ()  # none was named alone; this round's liveness question tells
+        if fault == "no-nameserver":
+            logger.warning("DNSBL: no nameserver of %s answers at all: every list is unknown "
+                           "(unknown=LIST:%s) until one does, and none is quarantined for it; "
+                           "asked again every %gs", self._resolver_name, RESOLVER_DOWN,
+                           min(self._config.probe_interval, RESOLVER_RECHECK))
+        elif fault == "no-list-answers":
+            logger.warning("DNSBL: %s answers, but none of the %d lists answered its test "
+                           "points through it: it cannot reach them (its network or "
+                           "forwarders); every list is unknown (unknown=LIST:%s) meanwhile, and "
+                           "none is quarantined for it; asked again every %gs",
+                           self._resolver_name, len(self._lists), RESOLVER_DOWN,
+                           min(self._config.probe_interval, RESOLVER_RECHECK))
+        else:
+            logger.warning("DNSBL: %s answers again: the lists are asked again",
+                           self._resolver_name)
+
+    def _note_nameservers(self, silent: tuple[str, ...], fault: str) -> None:
+        """One line when one of several nameservers stops (or starts again) answering; while
+        none answers, the line about the resolver says it for all."""
+        before, self._silent = self._silent, silent
+        if fault == "no-nameserver":
+            return
+        for label in silent:
+            if label not in before:
+                logger.warning("DNSBL nameserver %s does not answer: the other nameservers "
+                               "are asked first until it does", label)
+        for label in before:
+            if label not in silent:
+                logger.warning("DNSBL nameserver %s answers again", label)
 
     # -- snapshot --------------------------------------------------------------------------
 
@@ -578,7 +698,7 @@ class DnsblSource:
                  for s in self._lists]
         lists.append(list_stats("reverse-dns", "ptr", self._ptr_counters, ""))
         return DnsblStats(tuple(lists), len(self._cache), self._cache.maxsize,
-                          self._cache.inflight)
+                          self._cache.inflight, self._fault, self._silent)
 
     # -- helpers ---------------------------------------------------------------------------
 
