@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from dnsservers import KNOTD, RBLDNSD, Dnsmasq, Knot, Rbldnsd, SilentServer
 from lookupd.config import DnsblConfig, DnsblListConfig, HostPort
 from lookupd.dnsbl import DnsblSource, render_dnsbl, render_ptr, render_stats
 from lookupd.dnsbl.answers import negative_ttl, positive_ttl
-from lookupd.dnsbl.health import NOT_ANSWERING, Health, resolver_fault
+from lookupd.dnsbl.health import NOT_ANSWERING, Health, own_failure, resolver_fault
 
 T = TypeVar("T")
 
@@ -289,6 +290,134 @@ async def test_a_resolver_that_reaches_no_list_quarantines_none(
             "DNSBL two.test quarantined: no test-point query got an answer (timeout); ")
 
 
+# --- item 4: an outage seen by real queries -----------------------------------------------------
+
+FLAKY_ZONE = (("flaky.test", "ip4set", "flaky.zone"),)
+FLAKY = DnsblListConfig(zone="flaky.test", families=("ipv4",))
+
+
+@pytest.fixture
+def flaky(tmp_path: Path) -> Iterator[Rbldnsd]:
+    """rbldnsd serving flaky.test (127.0.0.2, 198.51.100.20 and .22), which tests take down."""
+    zones = tmp_path / "flakyzones"
+    zones.mkdir()
+    (zones / "flaky.zone").write_text(SOA.format("flaky.test") + ":127.0.0.4:Listed in flaky\n"
+                                      "127.0.0.2\n198.51.100.20\n198.51.100.22\n")
+    server = Rbldnsd(tmp_path / "flaky", zones=FLAKY_ZONE, source_dir=zones).start()
+    yield server
+    server.stop()
+
+
+def silence(port: int) -> socket.socket:
+    """A socket bound on `port` that never reads: whatever served there is dead now, its
+    packets dropped (not refused)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for _ in range(100):
+        try:
+            sock.bind(("127.0.0.1", port))
+            return sock
+        except OSError:  # the server is still going away
+            time.sleep(0.02)
+    sock.close()
+    raise RuntimeError(f"port {port} stays busy")
+
+
+async def until(check: Callable[[], bool], seconds: float) -> float:
+    """Seconds it took `check` to become true (AssertionError after `seconds`)."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > seconds:
+            raise AssertionError(f"not within {seconds}s")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("lists", [(ONE, FLAKY), (FLAKY,)], ids=["beside-one.test", "alone"])
+async def test_a_list_that_stops_answering_is_quarantined_by_real_queries(
+        rbl: Rbldnsd, flaky: Rbldnsd, sources: list[DnsblSource], tmp_path: Path,
+        forwarders: Callable[[dict[str, int]], Dnsmasq], caplog: pytest.LogCaptureFixture,
+        lists: tuple[DnsblListConfig, ...]) -> None:
+    """flaky.test's server dies between two probe rounds (every 5 min): after 3 clients in a
+    row waited the deadline for it, it is quarantined at once; the next client waits for
+    nothing. Beside one.test, which answers meanwhile, that is plainly flaky.test's doing;
+    alone, a probe round run at once tells (the resolver answers its liveness question).
+    When flaky.test is back, a probe round puts it back in service (shown beside one.test)."""
+    caplog.set_level(logging.WARNING, logger="lookupd")
+    forwarder = forwarders({"one.test": rbl.port, "flaky.test": flaky.port})
+    source = await open_on(sources, tmp_path, forwarder.port, *lists, deadline=0.5,
+                           probe_interval=300.0)
+    await first_round(source)
+    assert states(source) == ["ok"] * len(lists)
+    assert (await source.check_ip("198.51.100.20")).status.name == "FOUND"
+    flaky.stop()
+    dead = silence(flaky.port)
+    try:
+        waits = []
+        for i in (40, 41, 42):
+            (result, elapsed) = await timed(source.check_ip(f"198.51.100.{i}"))
+            assert "flaky.test:timeout" in render_dnsbl(result)
+            waits.append(elapsed)
+        assert min(waits) > 0.45  # each waited the whole deadline
+        took = await until(lambda: states(source)[-1] == "quarantined-not-answering", 1.0)
+        if len(lists) == 2:
+            assert took < 0.2  # at the third timeout: no probe round (0.5 s) was needed
+        (result, elapsed) = await timed(source.check_ip("198.51.100.43"))
+        assert elapsed < 0.1 and "flaky.test:quarantined" in render_dnsbl(result)
+        said = warnings(caplog, "quarantined")
+        assert len(said) == 1
+        if len(lists) == 2:
+            assert said[0].startswith(
+                "DNSBL flaky.test quarantined: 3 questions in a row got no answer (timeout) "
+                f"while the resolver 127.0.0.1:{forwarder.port} answers others; ")
+        else:
+            assert said[0].startswith("DNSBL flaky.test quarantined: no test-point query got "
+                                      "an answer (timeout); ")
+        assert resolver_state(source) == ("ok", '""')
+        assert states(source)[:-1] == ["ok"] * (len(lists) - 1)
+    finally:
+        dead.close()
+    if len(lists) == 1:
+        # The probe round asked the test points during the outage, and dnsmasq holds such
+        # questions for 10 s, answering nothing to new ones meanwhile: no quick comeback.
+        return
+    flaky.start()  # back, on its own address
+    await source.probe()
+    assert states(source) == ["ok"] * len(lists)
+    listed = await source.check_ip("198.51.100.22")
+    assert [a.name for a in listed.listed] == ["flaky.test"]
+    assert len(warnings(caplog, "back in service")) == 1
+
+
+async def test_a_dead_resolver_quarantines_no_list_by_real_queries(
+        rbl: Rbldnsd, flaky: Rbldnsd, sources: list[DnsblSource], tmp_path: Path,
+        forwarders: Callable[[dict[str, int]], Dnsmasq],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The resolver itself dies: both lists time out for 3 clients in a row, and neither
+    has anything to show it is its own doing; the probe round run at once finds no
+    nameserver answering, and the lists stay in service, unknown without a wait."""
+    caplog.set_level(logging.WARNING, logger="lookupd")
+    forwarder = forwarders({"one.test": rbl.port, "flaky.test": flaky.port})
+    source = await open_on(sources, tmp_path, forwarder.port, ONE, FLAKY, deadline=0.5,
+                           probe_interval=300.0)
+    await first_round(source)
+    assert states(source) == ["ok", "ok"]
+    forwarder.stop()
+    dead = silence(forwarder.port)
+    try:
+        for i in (50, 51, 52):
+            result = render_dnsbl(await source.check_ip(f"198.51.100.{i}"))
+            assert "one.test:timeout" in result and "flaky.test:timeout" in result
+        await until(lambda: resolver_state(source)[0] == "no-nameserver", 1.0)
+        (result, elapsed) = await timed(source.check_ip("198.51.100.53"))
+        assert render_dnsbl(result) == ('verdict=unknown score=0 lists="" unknown=one.test:'
+                                        'resolver-down,flaky.test:resolver-down text=""')
+        assert elapsed < 0.1
+        assert states(source) == ["ok", "ok"]
+        assert warnings(caplog, "quarantined:") == []
+    finally:
+        dead.close()
+
+
 # --- item 7: a floor under TTLs ---------------------------------------------------------------
 
 
@@ -349,3 +478,14 @@ def test_whose_fault() -> None:
     assert resolver_fault(True, [bad]) == ""  # one list alone cannot tell: its own
     everything = Health("lists-everything", "...")
     assert resolver_fault(True, [bad, everything]) == ""
+
+
+def test_whose_failures() -> None:
+    # A run of failures since t=10: another list answered at 12, so the run is the list's own.
+    assert own_failure(10.0, [5.0, 12.0], last_reply=12.0)
+    # Other lists, none answered since: nothing tells (a probe round will).
+    assert not own_failure(10.0, [5.0, 9.0], last_reply=11.0)
+    # No other list in service: the resolver replying to anything since (a SERVFAIL of this
+    # very list, a PTR) shows it is there.
+    assert own_failure(10.0, [], last_reply=11.0)
+    assert not own_failure(10.0, [], last_reply=9.0)

@@ -21,6 +21,10 @@ QUARANTINED = "quarantined"
 RESOLVER_DOWN = "resolver-down"
 # Health.quarantine of a list whose test points (or real questions) got no answer.
 NOT_ANSWERING = "not-answering"
+# Failures of a list that end in quarantine when this many of its questions in a row failed
+# (DNS failures, not its error codes): an outage is noticed before the next probe.
+FAILURES = frozenset({"timeout", "servfail", "refused", "unreachable", "error"})
+FAIL_STREAK = 3
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,16 @@ def resolver_fault(replied: bool, verdicts: Sequence[Health]) -> str:
     if len(verdicts) >= 2 and all(h.quarantine == NOT_ANSWERING for h in verdicts):
         return "no-list-answers"
     return ""
+
+
+def own_failure(since: float, peers_answered: Sequence[float], last_reply: float) -> bool:
+    """Whether a list's run of failed questions (begun at `since`) is its own doing: another
+    list in service got an answer since then or, when no other list is in service, the
+    resolver replied to anything since then. Otherwise nothing tells, and a probe round
+    (with its liveness question) decides."""
+    if peers_answered:
+        return max(peers_answered) > since
+    return last_reply > since
 
 
 def _show(probe: Probe) -> str:

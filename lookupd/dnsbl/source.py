@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from lookupd.dnsbl.cache import (
 )
 from lookupd.dnsbl.codes import error_advice
 from lookupd.dnsbl.health import (
+    FAIL_STREAK,
+    FAILURES,
     NOT_ANSWERING,
     QUARANTINED,
     RESOLVER_DOWN,
@@ -39,6 +42,7 @@ from lookupd.dnsbl.health import (
     Health,
     OncePer,
     judge,
+    own_failure,
     resolver_fault,
     standing,
 )
@@ -99,8 +103,15 @@ class _ListState:
     health: Health | None = None
     # Set when a probe round came back for it: with a verdict, or blaming the resolver.
     settled: asyncio.Event = field(default_factory=asyncio.Event)
+    # Its questions (to the wire, not the cache) that failed in a row, since when
+    # (time.monotonic), and when it last gave an answer (real question or probe).
+    streak: int = 0
+    streak_since: float = 0.0
+    last_answer: float = -math.inf
 
     def set_health(self, health: Health) -> None:
+        if health.quarantined != (self.health is not None and self.health.quarantined):
+            self.streak = 0
         self.health = health
         self.settled.set()
 
@@ -172,7 +183,7 @@ class DnsblSource:
         self._fault = ""
         # The nameservers that did not reply to the last probe round's liveness question.
         self._silent: tuple[str, ...] = ()
-        # Set to run a probe round now.
+        # Set to run a probe round now (a list failing with nothing to tell whose fault).
         self._wake = asyncio.Event()
         if config.nameservers:
             self._resolver_name = "the resolver " + ", ".join(str(n) for n in
@@ -262,6 +273,7 @@ class DnsblSource:
             except Exception:
                 logger.exception("DNSBL probe round failed; it runs again in %gs",
                                  self._next_probe())
+            # Woken early by a list that keeps failing with nothing to tell whose fault.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._next_probe())
 
@@ -479,12 +491,14 @@ class DnsblSource:
             if reason:
                 return _unusable(state, reason)
         answer = await self._lookup(state.spec.zone, "A", label, state.counters,
-                                    count_hit=True)
+                                    count_hit=True, track=state)
         return interpret(state.spec, answer)
 
     async def _lookup(self, zone: str, rdtype: str, label: str,
-                      counters: ListCounters | None, *, count_hit: bool = False) -> DnsAnswer:
-        """One question through the shared cache; `zone` "" asks `label` as it is."""
+                      counters: ListCounters | None, *, count_hit: bool = False,
+                      track: _ListState | None = None) -> DnsAnswer:
+        """One question through the shared cache; `zone` "" asks `label` as it is. An answer
+        from the wire counts in `track`'s run of failures."""
         client = self._client
         if client is None:
             raise RuntimeError("DnsblSource used before open()")
@@ -501,6 +515,8 @@ class DnsblSource:
             answer = self._redacted(await client.ask(qname, rdtype, self._config.deadline))
             if counters is not None and answer.reason != "timeout":
                 counters.latencies.append(time.monotonic() - started)
+            if track is not None:
+                self._track(track, answer, started)
             return answer
 
         answer, without_packet = await self._cache.fetch((zone, rdtype, label), ask)
@@ -599,6 +615,7 @@ class DnsblSource:
         health = judge(list(zip(points, answers, strict=True)))
         if health.quarantine != NOT_ANSWERING:
             # It answered: the resolver reaches the lists, whatever it did before.
+            state.last_answer = time.monotonic()
             self._note_fault("")
             self._judged(state, health)
         return health
@@ -619,6 +636,31 @@ class DnsblSource:
             # its positive test point would otherwise nag forever.
             logger.warning("DNSBL %s: %s", name, health.note)
         state.set_health(health)
+
+    def _track(self, state: _ListState, answer: DnsAnswer, started: float) -> None:
+        """Count a list's answer from the wire: after FAIL_STREAK failures in a row that are
+        its own doing it is quarantined at once, not at the next probe round."""
+        if answer.status is not Status.UNKNOWN:
+            state.streak = 0
+            state.last_answer = time.monotonic()
+            return
+        if answer.reason not in FAILURES or standing(state.health):
+            return
+        if state.streak == 0:
+            state.streak_since = started
+        state.streak += 1
+        if state.streak < FAIL_STREAK:
+            return
+        peers = [s.last_answer for s in self._lists
+                 if s is not state and s.health is not None and not s.health.quarantined]
+        client = self._client
+        last_reply = client.last_reply if client is not None else -math.inf
+        if own_failure(state.streak_since, peers, last_reply):
+            self._judged(state, Health(NOT_ANSWERING, (
+                f"{state.streak} questions in a row got no answer ({answer.reason}) while "
+                f"{self._resolver_name} answers others")))
+        else:
+            self._wake.set()  # a probe round tells whose fault it is
 
     def _note_fault(self, fault: str) -> None:
         """One line when the resolver becomes (or stops being) the one to blame."""
