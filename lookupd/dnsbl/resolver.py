@@ -155,6 +155,7 @@ class DnsClient:
         plan = order if len(order) > 1 else order * 2
         share = lifetime / len(plan)
         running: dict[asyncio.Task[_Outcome], tuple[Nameserver, float]] = {}
+        charged: set[asyncio.Task[_Outcome]] = set()  # a miss counted against its server
         replied: set[str] = set()  # an error reply is not asked for again
         reasons: list[str] = []
         sent = 0
@@ -166,6 +167,11 @@ class DnsClient:
                 while sent < len(plan) and plan[sent].label in replied:
                     sent += 1
                 if sent < len(plan) and (not running or now >= start + sent * share):
+                    # Those that let their share pass count against their servers now, so
+                    # that the questions asked meanwhile go to the next one first.
+                    for waited in running.keys() - charged:
+                        charged.add(waited)
+                        self._missed(running[waited][0])
                     server = plan[sent]
                     sent += 1
                     task = asyncio.create_task(self._try(server, name, rdtype, end - now))
@@ -183,7 +189,7 @@ class DnsClient:
                     if outcome.responded:
                         self._heard(server)
                         replied.add(server.label)
-                    else:
+                    elif task not in charged:
                         self._missed(server)
                     if outcome.answer is not None:
                         answer = answer or outcome.answer
@@ -192,7 +198,7 @@ class DnsClient:
                 if answer is not None:
                     return answer
         finally:
-            await self._give_up(running, loop.time(), share)
+            await self._give_up(running, charged, loop.time(), share)
         if running:
             reasons.append("timeout")
         return self._failed(next((r for r in _REASON_ORDER if r in reasons), "timeout"))
@@ -211,11 +217,12 @@ class DnsClient:
                      if not o.responded)
 
     async def _give_up(self, running: dict[asyncio.Task[_Outcome], tuple[Nameserver, float]],
-                       now: float, share: float) -> None:
-        # A try that had half its share or more without a reply counts against its server.
+                       charged: set[asyncio.Task[_Outcome]], now: float, share: float) -> None:
+        """Cancel the tries still out; one that had half its share or more without a reply
+        counts against its server (unless it was counted when its share ran out)."""
         for task, (server, asked) in running.items():
             task.cancel()
-            if now - asked >= share / 2:
+            if task not in charged and now - asked >= share / 2:
                 self._missed(server)
         if running:
             await asyncio.wait(running)
