@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from conftest import StartLookupd
 from dnsservers import KNOTD, RBLDNSD, Dnsmasq, Knot, Rbldnsd, SilentServer
+from support import EXIM, EXIM_BASE, Exim
+from test_dnsbl_exim import CONNECT_ACL
 
 from lookupd.config import DnsblConfig, DnsblListConfig, HostPort
 from lookupd.dnsbl import DnsblSource, render_dnsbl, render_ptr, render_stats
@@ -35,10 +38,15 @@ ZONES = {
                 "127.0.0.2\n198.51.100.20\n",
     "two.zone": SOA.format("two.test") + ":127.0.0.3:Listed in two.test\n"
                 "127.0.0.2\n198.51.100.20\n198.51.100.21\n",
+    # Gone bad: it lists every address, its 127.0.0.1 test point included.
+    "all.zone": SOA.format("all.test") + "0.0.0.0/0 :127.0.0.2:Everything is listed\n",
 }
-RBL_ZONES = (("one.test", "ip4set", "one.zone"), ("two.test", "ip4set", "two.zone"))
+RBL_ZONES = (("one.test", "ip4set", "one.zone"), ("two.test", "ip4set", "two.zone"),
+             ("all.test", "ip4trie", "all.zone"))
 ONE = DnsblListConfig(zone="one.test", families=("ipv4",))
 TWO = DnsblListConfig(zone="two.test", families=("ipv4",))
+ALL = DnsblListConfig(zone="all.test", families=("ipv4",))
+CLEAN = 'verdict=clean score=0 lists="" unknown="" text=""'
 LISTED_BY_BOTH = ('verdict=listed score=2 lists=one.test:127.0.0.2,two.test:127.0.0.3 '
                   'unknown="" text="one.test: Listed in one.test; two.test: Listed in two.test"')
 
@@ -170,11 +178,12 @@ async def sources(tmp_path: Path) -> AsyncIterator[list[DnsblSource]]:
 
 async def open_on(opened: list[DnsblSource], tmp_path: Path, port: int | list[int],
                   *lists: DnsblListConfig, clock: Callable[[], float] = time.time,
-                  **settings: object) -> DnsblSource:
+                  log_period: float = 600.0, **settings: object) -> DnsblSource:
     ports = port if isinstance(port, list) else [port]
     config = DnsblConfig(lists=lists, nameservers=tuple(HostPort("127.0.0.1", p) for p in ports),
                          **settings)  # type: ignore[arg-type]
-    source = DnsblSource(config, tmp_path / f"state{len(opened)}", clock=clock)
+    source = DnsblSource(config, tmp_path / f"state{len(opened)}", clock=clock,
+                         log_period=log_period)
     await source.open()
     opened.append(source)
     return source
@@ -362,7 +371,9 @@ async def test_a_list_that_stops_answering_is_quarantined_by_real_queries(
         if len(lists) == 2:
             assert took < 0.2  # at the third timeout: no probe round (0.5 s) was needed
         (result, elapsed) = await timed(source.check_ip("198.51.100.43"))
-        assert elapsed < 0.1 and "flaky.test:quarantined" in render_dnsbl(result)
+        assert elapsed < 0.1  # out of service: left out of the verdict, not waited for
+        assert render_dnsbl(result) == 'verdict=clean score=0 lists="" unknown="" text=""'
+        assert [a.name for a in result.answers] == [c.zone for c in lists[:-1]]
         said = warnings(caplog, "quarantined")
         assert len(said) == 1
         if len(lists) == 2:
@@ -416,6 +427,82 @@ async def test_a_dead_resolver_quarantines_no_list_by_real_queries(
         assert warnings(caplog, "quarantined:") == []
     finally:
         dead.close()
+
+
+# --- item 5: a list out of service leaves the decision ----------------------------------------
+
+
+async def test_a_list_out_of_service_leaves_the_decision_and_is_reported(
+        rbl: Rbldnsd, sources: list[DnsblSource], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """all.test lists everything, for good: it is out of service, and one.test alone
+    decides: clean stays clean (not unknown), listed stays listed, and all.test is never
+    asked about a client. stats says so, and one line a period (0.5 s here, 10 min by
+    default) names it, besides the one warning when it went out."""
+    caplog.set_level(logging.WARNING, logger="lookupd")
+    source = await open_on(sources, tmp_path, rbl.port, ONE, ALL, deadline=0.5,
+                           probe_interval=0.2, log_period=0.5)
+    before = len(rbl.queries())
+    clean = await source.check_ip("198.51.100.99")  # asked at once: waits for the probes
+    assert render_dnsbl(clean) == CLEAN
+    assert [a.name for a in clean.answers] == ["one.test"]
+    listed = await source.check_ip("198.51.100.20")
+    assert render_dnsbl(listed) == ('verdict=listed score=1 lists=one.test:127.0.0.2 '
+                                    'unknown="" text="one.test: Listed in one.test"')
+    cached = source.cached_ip("198.51.100.99")
+    assert cached is not None and render_dnsbl(cached) == CLEAN
+    assert states(source) == ["ok", "quarantined-lists-everything"]
+    line = render_stats(source.stats())
+    assert "all.test=queries:0,hits:0,errors:0,timeouts:0," in line  # never asked
+    assert not [q for q in rbl.queries()[before:] if ".100.51.198.all.test" in q]
+    await asyncio.sleep(1.3)  # probe rounds every 0.2 s; the reminder every 0.5 s
+    assert states(source) == ["ok", "quarantined-lists-everything"]
+    went = warnings(caplog, "quarantined:")
+    assert len(went) == 1 and went[0].startswith(
+        "DNSBL all.test quarantined: it lists the RFC 5782 test point that must never be "
+        "listed (127.0.0.1), so it would list every client; it is out of service, left out of "
+        "every verdict, until its test points are right again")
+    reminders = warnings(caplog, "DNSBL lists out of service")
+    assert 1 <= len(reminders) <= 3
+    assert reminders[0].startswith("DNSBL lists out of service, left out of every verdict: "
+                                   "all.test (lists-everything for ")
+    assert reminders[0].endswith("s); probed again every 0.2s")
+
+
+def test_the_readme_acl_logs_no_line_for_a_list_out_of_service(
+        rbl: Rbldnsd, start_lookupd: StartLookupd, tmp_path: Path) -> None:
+    """The README's ACL (as in test_dnsbl_exim) through a real lookupd and a real Exim: with
+    a list that lists everything among the lists, a clean client is accepted without the
+    "verdict unknown" line, a listed one is refused naming the list that listed it."""
+    if not Path(EXIM).exists():
+        pytest.skip("exim4 is not installed")
+    daemon = start_lookupd(f"""
+[server]
+socket_group = "Debian-exim"   # exim -bh runs as Debian-exim, as the real daemon does
+[dnsbl]
+nameservers = ["127.0.0.1:{rbl.port}"]
+deadline = "500ms"
+[[dnsbl.list]]
+zone = "one.test"
+families = ["ipv4"]
+[[dnsbl.list]]
+zone = "all.test"
+families = ["ipv4"]
+""")
+    limit = time.monotonic() + 5
+    while "state:quarantined-lists-everything" not in daemon.query("stats"):
+        assert time.monotonic() < limit, daemon.query("stats")
+        time.sleep(0.05)
+    exim = Exim(tmp_path / "exim", EXIM_BASE.format(workdir=tmp_path / "exim") + CONNECT_ACL)
+    defines = [f"LOOKUPD_SOCKET={daemon.socket}"]
+    out, err = exim.bh("198.51.100.99", "QUIT\n", defines)
+    assert "220 " in out and "550" not in out
+    assert "DNSBL verdict unknown" not in err
+    out, err = exim.bh("198.51.100.20", "QUIT\n", defines)
+    assert "550 198.51.100.20 is listed (one.test:127.0.0.2): one.test: Listed in one.test" \
+        in out
+    assert "DNSBL verdict unknown" not in err
+    assert "DNSBL all.test quarantined" in daemon.log()
 
 
 # --- item 7: a floor under TTLs ---------------------------------------------------------------

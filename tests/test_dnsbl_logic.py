@@ -474,5 +474,5 @@ def test_stats_line() -> None:
     assert "dead.example=queries:3,hits:0,errors:0,timeouts:0,cache_hit_rate:0.00," \
         "state:quarantined-not-answering" in line
     assert "new.example=queries:0,hits:0,errors:0,timeouts:0,cache_hit_rate:0.00," \
-        "state:quarantined-unprobed," in line
+        "state:unprobed," in line
     assert "\n" not in line

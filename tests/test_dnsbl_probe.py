@@ -55,8 +55,9 @@ GOOD = DnsblListConfig(zone="good.test", codes=("127.0.0.2",), families=("ipv4",
 OTHER = DnsblListConfig(zone="other.test", families=("ipv4",))
 DBLGOOD = DnsblListConfig(zone="dblgood.test", kind="domain", codes=("127.0.1.[2..99]",))
 
-QUARANTINED_ALL = 'verdict=unknown score=0 lists="" unknown=all.test:quarantined text=""'
-QUARANTINED_DBALL = 'verdict=unknown score=0 lists="" unknown=dball.test:quarantined text=""'
+# A list found out of service (it lists everything) leaves the decision to the others: here
+# there are none, so the verdict is clean (never listed).
+QUARANTINED_ALL = QUARANTINED_DBALL = 'verdict=clean score=0 lists="" unknown="" text=""'
 
 
 class ProbeDelay(DelayProxy):
@@ -192,7 +193,7 @@ async def test_a_list_that_lists_everything_is_never_listed_while_its_probe_is_s
         assert source.cached_ip("192.0.2.4") is None
         assert source.peek_ip("192.0.2.4") is None
         assert source.cached_domain("spam.example") is None
-        assert states(source) == ["quarantined-unprobed", "quarantined-unprobed"]
+        assert states(source) == ["unprobed", "unprobed"]
         checker = connect_checker(source)
         request = ConnectRequest(ip_address("192.0.2.4"), 25)
         assert checker.answer_now(request) is None
@@ -205,7 +206,7 @@ async def test_a_list_that_lists_everything_is_never_listed_while_its_probe_is_s
                            QUARANTINED_DBALL]
         assert 0.2 < elapsed < 1.0  # they waited for the probe, not for the deadline
         assert (connect_fields(connect)["dnsbl"], connect_fields(connect)["action"]) == \
-            ("unknown", "accept")
+            ("clean", "accept")
         assert states(source) == ["quarantined-lists-everything",
                                   "quarantined-lists-everything"]
         # Probed, the inline path answers too, with the same verdict.
@@ -234,7 +235,7 @@ async def test_a_probe_that_outlasts_the_deadline_leaves_the_list_unprobed(
         assert render_dnsbl(await first) == \
             'verdict=unknown score=0 lists="" unknown=all.test:unprobed text=""'
         for _ in range(100):
-            if states(source) != ["quarantined-unprobed"]:
+            if states(source) != ["unprobed"]:
                 break
             await asyncio.sleep(0.02)
         assert states(source) == ["quarantined-not-answering"]
@@ -251,7 +252,7 @@ async def test_a_healthy_list_is_listed_once_its_probe_has_passed(
         source = make_source(GOOD, DBLGOOD, port=proxy.port, deadline=1.5)
         seen = len(rbl.log_path.read_text().splitlines())
         await source.open()
-        assert states(source) == ["quarantined-unprobed", "quarantined-unprobed"]
+        assert states(source) == ["unprobed", "unprobed"]
         assert source.cached_ip("192.0.2.4") is None
         result, elapsed = await timed(source.check_ip("192.0.2.4"))
         assert render_dnsbl(result) == (
@@ -293,7 +294,7 @@ async def test_take_over_keeps_unchanged_lists_trusted_and_the_cache(
         before = [len(rbl.queries(n, t)) for n, t in names]
         listed = render_dnsbl(await old.check_ip("192.0.2.4"))
         assert listed == ('verdict=listed score=2 lists=good.test:127.0.0.2,'
-                          'other.test:127.0.0.3 unknown=all.test:quarantined '
+                          'other.test:127.0.0.3 unknown="" '
                           'text="good.test: Listed in good.test: 192.0.2.4; other.test: '
                           'Listed in other.test"')
         asked = [len(rbl.queries(n, t)) for n, t in names]
@@ -312,7 +313,7 @@ async def test_take_over_keeps_unchanged_lists_trusted_and_the_cache(
         # A new client: the trusted list is asked at once, not after a probe.
         fresh, elapsed = await timed(new.check_ip("192.0.2.5"))
         assert render_dnsbl(fresh) == (
-            'verdict=listed score=1 lists=good.test:127.0.0.2 unknown=all.test:quarantined '
+            'verdict=listed score=1 lists=good.test:127.0.0.2 unknown="" '
             'text="good.test: Listed in good.test: 192.0.2.5"')
         assert elapsed < 0.3
         with pytest.raises(RuntimeError, match="before open"):
@@ -321,7 +322,7 @@ async def test_take_over_keeps_unchanged_lists_trusted_and_the_cache(
         await old.close()
         after = await new.check_ip("192.0.2.6")
         assert render_dnsbl(after).startswith(
-            "verdict=listed score=1 lists=good.test:127.0.0.2 unknown=all.test:quarantined ")
+            'verdict=listed score=1 lists=good.test:127.0.0.2 unknown="" ')
         await new.probe()
         assert states(new) == ["ok", "quarantined-lists-everything", "ok"]
     finally:
@@ -330,12 +331,12 @@ async def test_take_over_keeps_unchanged_lists_trusted_and_the_cache(
 
 @pytest.mark.parametrize(("change", "expect_states", "carried"), [
     # other.test's list now asks another zone under the same name: probed anew.
-    ("zone", ["ok", "quarantined-unprobed"], True),
+    ("zone", ["ok", "unprobed"], True),
     # What a probe looks at is unchanged: codes, weight and name are not part of it.
     ("codes", ["ok", "ok"], True),
-    ("deadline", ["quarantined-unprobed", "quarantined-unprobed"], True),
+    ("deadline", ["unprobed", "unprobed"], True),
     # Another resolver: neither its verdicts nor its answers are the old one's.
-    ("nameservers", ["quarantined-unprobed", "quarantined-unprobed"], False),
+    ("nameservers", ["unprobed", "unprobed"], False),
 ])
 async def test_take_over_starts_changed_lists_unprobed(
         rbl: Rbldnsd, make_source: MakeSource, change: str, expect_states: list[str],
@@ -389,7 +390,7 @@ async def test_a_list_the_old_source_had_not_probed_yet_starts_unprobed(
         new = make_source(ALL, port=proxy.port, deadline=1.5, state="new")
         new.take_over(old)
         await new.open()
-        assert states(new) == ["quarantined-unprobed"]
+        assert states(new) == ["unprobed"]
         assert render_dnsbl(await new.check_ip("192.0.2.4")) == QUARANTINED_ALL
         assert states(new) == ["quarantined-lists-everything"]
     finally:

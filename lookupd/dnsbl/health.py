@@ -14,7 +14,8 @@ from lookupd.outcome import Status
 
 # How often the same problem of the same list is logged again.
 LOG_PERIOD = 600.0
-# Why a list's answers count as unknown whatever it says (the `unknown=` reason word).
+# Why a list's answers do not count whatever it says: unprobed (the `unknown=` reason word)
+# or quarantined (out of service: the list leaves the decision to the others).
 UNPROBED = "unprobed"
 QUARANTINED = "quarantined"
 # Every list is unknown for this reason while the resolver itself is at fault.
@@ -42,8 +43,9 @@ class Health:
 
 
 def standing(health: Health | None) -> str:
-    """"" when a list's answers count; else why they are unknown: "unprobed" while no probe
-    round of it has come back (it may list everything), "quarantined" after a bad one."""
+    """"" when a list's answers count; else why they do not: "unprobed" while no probe round
+    of it has come back (it may list everything: unknown), "quarantined" after a bad one (out
+    of service: left out of the verdict)."""
     if health is None:
         return UNPROBED
     return QUARANTINED if health.quarantined else ""

@@ -17,7 +17,8 @@ next pair (`name= fcrdns=no` reads name as "fcrdns=no").
         name=<PTR name or ""> fcrdns=yes|no|unknown
     stats (the DNSBL part, one line)
         dnsbl_cache=ENTRIES/SIZE dnsbl_inflight=N LIST=queries:N,hits:N,errors:N,
-        timeouts:N,cache_hit_rate:R,state:ok|quarantined-REASON,p50_ms:X,p99_ms:Y ...
+        timeouts:N,cache_hit_rate:R,state:ok|unprobed|quarantined-REASON,p50_ms:X,
+        p99_ms:Y ...
         dnsbl_resolver=ok|no-nameserver|no-list-answers dnsbl_silent=NAMESERVER,...
       one LIST= pair per configured list, plus reverse-dns= for `ptr`, so
       ${extract{zen.spamhaus.org}{...}} gives one list's figures; dnsbl_resolver says
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import re
 
+from lookupd.dnsbl.health import UNPROBED
 from lookupd.dnsbl.stats import DnsblStats, ListStats
 from lookupd.dnsbl.verdict import DnsblResult, PtrResult
 from lookupd.outcome import Status
@@ -74,7 +76,9 @@ def render_ptr(result: PtrResult) -> str:
 
 
 def _list_figures(s: ListStats) -> str:
-    state = f"quarantined-{s.quarantine}" if s.quarantine else "ok"
+    # An unprobed list is not out of service (it is unknown while it is unprobed).
+    state = ("ok" if not s.quarantine else "unprobed" if s.quarantine == UNPROBED
+             else f"quarantined-{s.quarantine}")
     return (f"queries:{s.queries},hits:{s.hits},errors:{s.errors},timeouts:{s.timeouts},"
             f"cache_hit_rate:{s.cache_hit_rate:.2f},state:{state},"
             f"p50_ms:{s.p50_ms:.1f},p99_ms:{s.p99_ms:.1f}")

@@ -35,6 +35,7 @@ from lookupd.dnsbl.codes import error_advice
 from lookupd.dnsbl.health import (
     FAIL_STREAK,
     FAILURES,
+    LOG_PERIOD,
     NOT_ANSWERING,
     QUARANTINED,
     RESOLVER_DOWN,
@@ -79,6 +80,9 @@ QUARANTINE_RECHECK = 30.0
 # While the resolver is at fault it is asked again this often (one probe round).
 RESOLVER_RECHECK = 5.0
 
+# The OncePer key of the periodic line about the lists out of service.
+_OUT_OF_SERVICE = ("out-of-service",)
+
 # What to tell the admin, once per list and period, when a list cannot answer.
 _FAILURE_ADVICE = {
     "timeout": "did not answer within dnsbl.deadline ({deadline:g}s): check that {resolver} "
@@ -108,6 +112,8 @@ class _ListState:
     streak: int = 0
     streak_since: float = 0.0
     last_answer: float = -math.inf
+    # Since when (wall clock) it has been out of service, while it is.
+    out_since: float = 0.0
 
     def set_health(self, health: Health) -> None:
         if health.quarantined != (self.health is not None and self.health.quarantined):
@@ -125,7 +131,8 @@ class _Handover:
     nameservers: tuple[tuple[int, bool], ...]  # DnsClient.standing() of the running source
     fault: str  # the running source's resolver fault and silent nameservers
     silent: tuple[str, ...]
-    health: dict[int, Health]  # index into _lists -> the running source's verdict
+    # index into _lists -> the running source's verdict, and since when it is out of service
+    health: dict[int, tuple[Health, float]]
     answers: list[tuple[CacheKey, DnsAnswer]]
 
 
@@ -157,7 +164,8 @@ class DnsblSource:
     """DNSBL verdicts for IPs (`check_ip`), domains (`check_domain`) and reverse DNS (`ptr`)."""
 
     def __init__(self, config: DnsblConfig, state_dir: Path, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 log_period: float = LOG_PERIOD) -> None:
         self._config = config
         self._snapshot_path = state_dir / SNAPSHOT_NAME
         self._clock = clock
@@ -174,7 +182,8 @@ class DnsblSource:
         self._domain_lists = [s for s in self._lists if s.spec.kind == "domain"]
         self._ptr_counters = ListCounters()
         self._cache = AnswerCache(config.cache_size, clock)
-        self._once = OncePer()
+        # Repeated warnings (a list's failures, the lists out of service) once per period.
+        self._once = OncePer(log_period)
         self._client: DnsClient | None = None
         self._handover: _Handover | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -204,7 +213,7 @@ class DnsblSource:
         client = previous._client
         if client is None:
             return  # not open: what it knew is not current
-        known = {previous._probe_identity(s): s.health for s in previous._lists
+        known = {previous._probe_identity(s): (s.health, s.out_since) for s in previous._lists
                  if s.health is not None}
         health = {i: h for i, s in enumerate(self._lists)
                   if (h := known.get(self._probe_identity(s))) is not None}
@@ -241,8 +250,9 @@ class DnsblSource:
             if handover.servers == client.servers:
                 client.resume(handover.nameservers)
                 self._fault, self._silent = handover.fault, handover.silent
-                for i, health in handover.health.items():
+                for i, (health, out_since) in handover.health.items():
                     self._lists[i].set_health(health)
+                    self._lists[i].out_since = out_since
                 self._cache.load(handover.answers)
             else:
                 logger.info("DNSBL resolver changed (%s): every list is probed again, "
@@ -385,8 +395,7 @@ class DnsblSource:
             if reason == UNPROBED:
                 return None  # `_check` waits for its first probe, within the deadline
             if reason:
-                answers.append(_unusable(state, reason))
-                continue
+                continue  # out of service: it leaves the decision to the others
             asked.append(state)
             zone = state.spec.zone
             found = self._cached(zone, "A", label)
@@ -402,13 +411,12 @@ class DnsblSource:
             answers.append(answer)
 
         def count() -> None:
-            # As `_check` counts answers without a packet: a query per list, a cache hit per
-            # list asked (a quarantined one is not), and each answer's hit or failure.
-            for state in lists:
-                state.counters.queries += 1
+            # As `_check` counts answers without a packet: a query and a cache hit per list
+            # asked (one out of service is not asked), and each answer's hit or failure.
             for state in asked:
+                state.counters.queries += 1
                 state.counters.cache_hits += 1
-            self._account_all(lists, answers)
+            self._account_all(asked, answers)
 
         return Cached(combine(answers, self._config.threshold), count)
 
@@ -425,17 +433,15 @@ class DnsblSource:
         family = "ipv4" if isinstance(address, ipaddress.IPv4Address) else "ipv6"
         return self._ip_lists[family], reverse_ip(address)
 
-    async def _check(self, lists: Sequence[_ListState], label: str) -> DnsblResult:
+    async def _check(self, every: Sequence[_ListState], label: str) -> DnsblResult:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.deadline
-        answers: dict[int, ListAnswer] = {}
+        # A list out of service is not asked: it leaves the decision to the others.
+        lists = [state for state in every if standing(state.health) != QUARANTINED]
+        answers: dict[int, ListAnswer | None] = {}
         a_tasks: dict[asyncio.Task[Any], int] = {}
         for i, state in enumerate(lists):
-            state.counters.queries += 1
-            if standing(state.health) == QUARANTINED:
-                answers[i] = _unusable(state, QUARANTINED)
-            else:
-                a_tasks[asyncio.create_task(self._list_answer(state, label))] = i
+            a_tasks[asyncio.create_task(self._list_answer(state, label))] = i
         # A hit's TXT is asked as soon as its A answer is in, still within the deadline; a
         # TXT that comes too late only costs the text.
         txt_tasks: dict[asyncio.Task[Any], int] = {}
@@ -452,9 +458,9 @@ class DnsblSource:
                     if i < 0:
                         continue
                     answer = task.result()
-                    assert isinstance(answer, ListAnswer)
+                    assert answer is None or isinstance(answer, ListAnswer)
                     answers[i] = answer
-                    if answer.status is Status.FOUND:
+                    if answer is not None and answer.status is Status.FOUND:
                         state = lists[i]
                         txt = asyncio.create_task(
                             self._lookup(state.spec.zone, "TXT", label, None))
@@ -463,23 +469,37 @@ class DnsblSource:
         finally:
             await self._cancel(pending)
         for txt_task, i in txt_tasks.items():
+            listed = answers[i]
+            assert listed is not None
             if txt_task.done() and not txt_task.cancelled():
-                answers[i] = with_text(lists[i].spec, answers[i], txt_task.result())
+                answers[i] = with_text(lists[i].spec, listed, txt_task.result())
             else:
-                answers[i] = with_text(lists[i].spec, answers[i], None)
-        # Missing at the deadline: a list still unprobed says so, else it timed out.
-        ordered = [answers.get(i) or _unusable(state, self._missing(state))
-                   for i, state in enumerate(lists)]
-        self._account_all(lists, ordered)
+                answers[i] = with_text(lists[i].spec, listed, None)
+        asked: list[_ListState] = []
+        ordered: list[ListAnswer] = []
+        for i, state in enumerate(lists):
+            if i in answers:
+                answer = answers[i]
+            elif standing(state.health) == QUARANTINED:
+                answer = None  # its first probe found it out of service, just now
+            else:  # missing at the deadline: unprobed still, else it timed out
+                answer = _unusable(state, self._missing(state))
+            if answer is not None:
+                state.counters.queries += 1
+                asked.append(state)
+                ordered.append(answer)
+        self._account_all(asked, ordered)
         return combine(ordered, self._config.threshold)
 
     def _missing(self, state: _ListState) -> str:
         """Why a list asked about a client has not answered by the deadline."""
         if state.health is None:
             return RESOLVER_DOWN if self._fault else UNPROBED
-        return standing(state.health) or "timeout"
+        return "timeout"
 
-    async def _list_answer(self, state: _ListState, label: str) -> ListAnswer:
+    async def _list_answer(self, state: _ListState, label: str) -> ListAnswer | None:
+        """The list's say, or None when its first probe (waited for here) finds it out of
+        service: then it leaves the decision to the others."""
         if state.health is None:
             # Not asked before its first probe is back: a list that lists everything must
             # neither answer a client nor fill the cache with listings meanwhile.
@@ -487,9 +507,8 @@ class DnsblSource:
                 await state.settled.wait()
             if state.health is None:  # the probe round blamed the resolver
                 return _unusable(state, RESOLVER_DOWN)
-            reason = standing(state.health)
-            if reason:
-                return _unusable(state, reason)
+            if standing(state.health) == QUARANTINED:
+                return None
         answer = await self._lookup(state.spec.zone, "A", label, state.counters,
                                     count_hit=True, track=state)
         return interpret(state.spec, answer)
@@ -604,6 +623,19 @@ class DnsblSource:
                 state.settled.set()
             else:
                 self._judged(state, health)
+        self._remind()
+
+    def _remind(self) -> None:
+        """One line a period (LOG_PERIOD) naming the lists out of service, while any is."""
+        out = [s for s in self._lists if s.health is not None and s.health.quarantined]
+        if not out or not self._once(_OUT_OF_SERVICE):
+            return
+        now = self._clock()
+        named = ", ".join(f"{s.spec.name} ({_quarantine(s)} for "
+                          f"{_duration(now - s.out_since)})" for s in out)
+        logger.warning("DNSBL lists out of service, left out of every verdict: %s; probed "
+                       "again every %gs", named,
+                       min(self._config.probe_interval, QUARANTINE_RECHECK))
 
     async def _probe_list(self, client: DnsClient, state: _ListState) -> Health:
         """One list's probe verdict; applied at once unless no test point got an answer."""
@@ -625,9 +657,11 @@ class DnsblSource:
         name = state.spec.name
         before = state.health or Health()  # a first probe: as if it had been in service
         if health.quarantined and not before.quarantined:
-            logger.warning("DNSBL %s quarantined: %s; its answers count as unknown until "
-                           "its test points are right again (checked every %gs)",
-                           name, health.note, self._config.probe_interval)
+            logger.warning("DNSBL %s quarantined: %s; it is out of service, left out of "
+                           "every verdict, until its test points are right again (checked "
+                           "every %gs)", name, health.note, self._config.probe_interval)
+            state.out_since = self._clock()
+            self._once(_OUT_OF_SERVICE)  # the reminder comes a period after this line
         elif before.quarantined and not health.quarantined:
             logger.warning("DNSBL %s answers its test points correctly again: back in "
                            "service", name)
@@ -794,6 +828,20 @@ def _forward_type(address: IPAddress) -> str:
 
 def _unusable(state: _ListState, reason: str) -> ListAnswer:
     return ListAnswer(state.spec.name, state.spec.weight, Status.UNKNOWN, reason=reason)
+
+
+def _quarantine(state: _ListState) -> str:
+    """Why a list is quarantined ("lists-everything", "not-answering"), else ""."""
+    return state.health.quarantine if state.health is not None else ""
+
+
+def _duration(seconds: float) -> str:
+    """"45s", "12m", "3h" for a log line."""
+    if seconds < 120:
+        return f"{max(0, round(seconds))}s"
+    if seconds < 7200:
+        return f"{round(seconds / 60)}m"
+    return f"{round(seconds / 3600)}h"
 
 
 def _take(cached: Cached[R] | None) -> R | None:
