@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import pytest
 from conftest import StartLookupd
-from dnsservers import KNOTD, RBLDNSD, Dnsmasq, Knot, Rbldnsd, SilentServer
+from dnsservers import DQS_KEY, KNOTD, RBLDNSD, Dnsmasq, Knot, Rbldnsd, SilentServer
 from support import EXIM, EXIM_BASE, Exim
 from test_dnsbl_exim import CONNECT_ACL
 
@@ -40,9 +40,14 @@ ZONES = {
                 "127.0.0.2\n198.51.100.20\n198.51.100.21\n",
     # Gone bad: it lists every address, its 127.0.0.1 test point included.
     "all.zone": SOA.format("all.test") + "0.0.0.0/0 :127.0.0.2:Everything is listed\n",
+    # Spamhaus refusing every query (127.255.255.254), its test points included.
+    "refused.zone": SOA.format("zen.spamhaus.org") + "0.0.0.0/0 :127.255.255.254:Refused\n",
 }
 RBL_ZONES = (("one.test", "ip4set", "one.zone"), ("two.test", "ip4set", "two.zone"),
-             ("all.test", "ip4trie", "all.zone"))
+             ("all.test", "ip4trie", "all.zone"),
+             # What lookupd asks for zen.spamhaus.org without, and with the DQS key.
+             ("zen.spamhaus.org", "ip4trie", "refused.zone"),
+             (f"{DQS_KEY}.zen.dq.spamhaus.net", "ip4trie", "refused.zone"))
 ONE = DnsblListConfig(zone="one.test", families=("ipv4",))
 TWO = DnsblListConfig(zone="two.test", families=("ipv4",))
 ALL = DnsblListConfig(zone="all.test", families=("ipv4",))
@@ -294,9 +299,11 @@ async def test_a_resolver_that_reaches_no_list_quarantines_none(
     else:
         assert resolver_state(source) == ("ok", '""')
         assert states(source) == ["ok", "quarantined-not-answering"]
-        said = warnings(caplog, "quarantined")
-        assert len(said) == 1 and said[0].startswith(
-            "DNSBL two.test quarantined: no test-point query got an answer (timeout); ")
+        # Quarantined lists are probed every 30 s (probe_interval is 300 s, the default).
+        assert warnings(caplog, "quarantined") == [
+            "DNSBL two.test quarantined: no test-point query got an answer (timeout); it is "
+            "out of service, left out of every verdict, until its test points are right "
+            "again (probed every 30s)"]
 
 
 # --- item 4: an outage seen by real queries -----------------------------------------------------
@@ -503,6 +510,42 @@ families = ["ipv4"]
         in out
     assert "DNSBL verdict unknown" not in err
     assert "DNSBL all.test quarantined" in daemon.log()
+
+
+# --- item 8: log lines that say what is true -------------------------------------------------
+
+
+@pytest.mark.parametrize(("spamhaus", "key", "advice"), [
+    (True, DQS_KEY, "Spamhaus does not take these queries although they go through DQS with "
+                    "dnsbl.dqs_key: check in your Spamhaus account that the key is right and "
+                    "still active"),
+    (False, DQS_KEY, "dnsbl.dqs_key is set, but this list is not asked through DQS: for a "
+                     "Spamhaus zone set spamhaus = true in its [[dnsbl.list]], otherwise run a "
+                     "local resolver such as unbound"),
+    (True, "", "Spamhaus refuses queries from public/open resolvers: run a local resolver "
+               "such as unbound, or set dnsbl.dqs_key"),
+], ids=["through-dqs", "key-set-not-used", "no-key"])
+async def test_127_255_255_254_advice_knows_the_dqs_key(
+        rbl: Rbldnsd, sources: list[DnsblSource], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, spamhaus: bool, key: str, advice: str) -> None:
+    """Spamhaus answers 127.255.255.254 to everything (the test points and a client): with a
+    DQS key set, "set dnsbl.dqs_key" is not the cure, and the key is never logged."""
+    caplog.set_level(logging.WARNING, logger="lookupd")
+    zen = DnsblListConfig(zone="zen.spamhaus.org", codes=("127.0.0.[2..11]",),
+                          spamhaus=spamhaus)
+    asked = "20.100.51.198." + (f"{DQS_KEY}.zen.dq.spamhaus.net" if spamhaus and key
+                                else "zen.spamhaus.org")
+    before = len(rbl.queries(asked))
+    source = await open_on(sources, tmp_path, rbl.port, zen, dqs_key=key)
+    result = await source.check_ip("198.51.100.20")
+    assert render_dnsbl(result) == ('verdict=unknown score=0 lists="" '
+                                    'unknown=zen.spamhaus.org:error-code-127.255.255.254 text=""')
+    assert warnings(caplog, "DNSBL") == [
+        f"DNSBL zen.spamhaus.org: it answers 127.255.255.254 to its test points: {advice}",
+        f"DNSBL zen.spamhaus.org answered 127.255.255.254, which is not a listing: {advice}; "
+        "its answers count as unknown meanwhile"]
+    assert len(rbl.queries(asked)) == before + 1
+    assert not [r for r in caplog.records if DQS_KEY in r.getMessage()]
 
 
 # --- item 7: a floor under TTLs ---------------------------------------------------------------

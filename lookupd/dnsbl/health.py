@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from lookupd.dnsbl.answers import DnsAnswer
 from lookupd.dnsbl.codes import error_advice
@@ -51,7 +52,33 @@ def standing(health: Health | None) -> str:
     return QUARANTINED if health.quarantined else ""
 
 
-def judge(outcomes: Sequence[tuple[Probe, DnsAnswer]]) -> Health:
+# Whether a list goes through Spamhaus DQS: "" no dqs_key is set; "used" it is asked with
+# the key (KEY.zen.dq.spamhaus.net); "unused" a key is set but this list is asked as it is.
+Dqs = Literal["", "used", "unused"]
+
+# Spamhaus' "not for you" codes, whose usual cure (a DQS key) is wrong once a key is set.
+_DQS_ADVICE = {
+    ("used", "127.255.255.254"): "Spamhaus does not take these queries although they go "
+                                 "through DQS with dnsbl.dqs_key: check in your Spamhaus "
+                                 "account that the key is right and still active",
+    ("used", "127.255.255.255"): "Spamhaus says too many queries came with dnsbl.dqs_key: "
+                                 "check the key's query allowance in your Spamhaus account",
+}
+_NOT_THROUGH_DQS = ("dnsbl.dqs_key is set, but this list is not asked through DQS: for a "
+                    "Spamhaus zone set spamhaus = true in its [[dnsbl.list]], otherwise run a "
+                    "local resolver such as unbound")
+
+
+def advice(answer: str, dqs: Dqs = "") -> str | None:
+    """`error_advice`, right for a list asked with a Spamhaus DQS key (or not asked with the
+    key that is set): "set dnsbl.dqs_key" is no cure once it is set."""
+    general = error_advice(answer)
+    if general is None or not dqs or answer not in ("127.255.255.254", "127.255.255.255"):
+        return general
+    return _DQS_ADVICE.get((dqs, answer), _NOT_THROUGH_DQS)
+
+
+def judge(outcomes: Sequence[tuple[Probe, DnsAnswer]], dqs: Dqs = "") -> Health:
     """Quarantine a list that lists a must-not-list test point, or that answered no probe."""
     if not outcomes:
         return Health()
@@ -66,9 +93,9 @@ def judge(outcomes: Sequence[tuple[Probe, DnsAnswer]]) -> Health:
         return Health(NOT_ANSWERING, f"no test-point query got an answer ({reason})")
     for _, answer in outcomes:
         for record in answer.records if answer.status is Status.FOUND else ():
-            advice = error_advice(record)
-            if advice is not None:
-                return Health(note=f"it answers {record} to its test points: {advice}")
+            said = advice(record, dqs)
+            if said is not None:
+                return Health(note=f"it answers {record} to its test points: {said}")
     for probe, answer in outcomes:
         if probe.listed and answer.status is Status.NOT_FOUND:
             return Health(note=f"it does not list its RFC 5782 test point {_show(probe)}: "

@@ -31,7 +31,6 @@ from lookupd.dnsbl.cache import (
     encode_snapshot,
     write_atomically,
 )
-from lookupd.dnsbl.codes import error_advice
 from lookupd.dnsbl.health import (
     FAIL_STREAK,
     FAILURES,
@@ -40,8 +39,10 @@ from lookupd.dnsbl.health import (
     QUARANTINED,
     RESOLVER_DOWN,
     UNPROBED,
+    Dqs,
     Health,
     OncePer,
+    advice,
     judge,
     own_failure,
     resolver_fault,
@@ -583,12 +584,12 @@ class DnsblSource:
             code = answer.reason.removeprefix("error-code-")
             logger.warning("DNSBL %s answered %s, which is not a listing: %s; its answers "
                            "count as unknown meanwhile", state.spec.name, code,
-                           error_advice(code))
+                           advice(code, self._dqs(state)))
         else:
-            advice = _FAILURE_ADVICE.get(answer.reason, _FAILURE_ADVICE["error"]).format(
+            failure = _FAILURE_ADVICE.get(answer.reason, _FAILURE_ADVICE["error"]).format(
                 deadline=self._config.deadline, resolver=self._resolver_name)
             logger.warning("DNSBL %s %s; its answers count as unknown meanwhile",
-                           state.spec.name, advice)
+                           state.spec.name, failure)
 
     # -- health ----------------------------------------------------------------------------
 
@@ -644,7 +645,7 @@ class DnsblSource:
         answers = await asyncio.gather(*(
             client.ask(f"{p.label}.{state.qzone}.", "A", self._config.deadline)
             for p in points))
-        health = judge(list(zip(points, answers, strict=True)))
+        health = judge(list(zip(points, answers, strict=True)), self._dqs(state))
         if health.quarantine != NOT_ANSWERING:
             # It answered: the resolver reaches the lists, whatever it did before.
             state.last_answer = time.monotonic()
@@ -652,14 +653,20 @@ class DnsblSource:
             self._judged(state, health)
         return health
 
+    def _dqs(self, state: _ListState) -> Dqs:
+        if not self._config.dqs_key:
+            return ""
+        return "used" if state.qzone != state.spec.zone else "unused"
+
     def _judged(self, state: _ListState, health: Health) -> None:
         """Give a list its new health and say so when that changes."""
         name = state.spec.name
         before = state.health or Health()  # a first probe: as if it had been in service
         if health.quarantined and not before.quarantined:
             logger.warning("DNSBL %s quarantined: %s; it is out of service, left out of "
-                           "every verdict, until its test points are right again (checked "
-                           "every %gs)", name, health.note, self._config.probe_interval)
+                           "every verdict, until its test points are right again (probed "
+                           "every %gs)", name, health.note,
+                           min(self._config.probe_interval, QUARANTINE_RECHECK))
             state.out_since = self._clock()
             self._once(_OUT_OF_SERVICE)  # the reminder comes a period after this line
         elif before.quarantined and not health.quarantined:
