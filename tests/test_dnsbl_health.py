@@ -1,10 +1,15 @@
 """DNSBL health against real servers (issue 11): a dead nameserver among several costs a
-share of the deadline, not all of it; answers with TTL 0 are kept dnsbl.min_ttl.
+share of the deadline, not all of it; a resolver that answers nothing (or reaches no list)
+quarantines no list; a list whose questions keep failing is quarantined before its next
+probe; a list out of service leaves the decision to the others; log lines say what is true;
+answers with TTL 0 are kept dnsbl.min_ttl.
 
 Every zone and address here is this module's own: rbldnsd serves one.test and two.test,
-which list 198.51.100.20 (TEST-NET-2); knot serves a reverse zone of 203.0.113.0/24
-(TEST-NET-3) whose records have TTL 0, behind a cache-less dnsmasq that logs every question
-it forwards; a bound UDP socket that never reads (SilentServer) is a dead nameserver.
+which list 198.51.100.20 (TEST-NET-2), all.test, which lists everything, flaky.test, which
+tests take down, and zen.spamhaus.org (and its DQS zone) refusing everything; knot serves a
+reverse zone of 203.0.113.0/24 (TEST-NET-3) whose records have TTL 0; dnsmasq (no cache,
+every question logged) forwards as a local resolver does; a bound UDP socket that never
+reads (SilentServer) is a dead nameserver.
 """
 
 from __future__ import annotations

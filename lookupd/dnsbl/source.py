@@ -1,6 +1,8 @@
 """The DNSBL / DBL / reverse-DNS source: asks every list of a query in parallel under one
-deadline, through one shared cache, keeps lists that misbehave in quarantine, and trusts no
-list before a probe of it has come back (on reload, `take_over` carries the verdicts over).
+deadline, through one shared cache, keeps lists that misbehave out of service (quarantined:
+they leave the decision to the others), trusts no list before a probe of it has come back
+(on reload, `take_over` carries the verdicts over), and tells the resolver's failures from a
+list's (a dead resolver quarantines no list: every list is unknown until it answers again).
 
 The decisions (codes, verdicts, health, FCrDNS) live in the pure modules beside this one;
 this class only fetches, times, counts and logs. When every answer a query needs is already
