@@ -290,6 +290,12 @@ def _dnsbl_error_codes(value: tuple[str, ...]) -> str | None:
     return _dnsbl_codes(value)
 
 
+def _ttl_floor(value: float) -> str | None:
+    # A floor is for answers with TTL 0 or a few seconds; a long one would keep a delisted
+    # client listed (and a new listing unseen) for that long.
+    return None if value <= 3600 else 'must be at most "1h" (a small floor, e.g. "30s")'
+
+
 def _dqs_key(value: str) -> str | None:
     # The key itself is never repeated in a message.
     ok = re.fullmatch(r"([a-z0-9]{8,64})?", value)
@@ -362,6 +368,9 @@ class DnsblConfig:
     cache_size: int = field(default=50_000, metadata=_checked(_positive))
     # Upper bound for caching NXDOMAIN (the zone's SOA minimum is used when smaller).
     negative_ttl_max: float = field(default=900.0, metadata=_parsed(parse_duration))
+    # Answers (listed, NXDOMAIN, PTR, A) are kept at least this long, even with TTL 0, like
+    # unbound's cache-min-ttl; negative_ttl_max and the one-day cap of listings still bound it.
+    min_ttl: float = field(default=30.0, metadata=_parsed(parse_duration, _ttl_floor))
     # How long a timeout or SERVFAIL is remembered before the list is asked again.
     error_ttl: float = field(default=30.0, metadata=_parsed(parse_duration))
     # RFC 5782 test-point probes of every list.

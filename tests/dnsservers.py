@@ -174,7 +174,9 @@ class Rbldnsd:
             args += ["-u", user, "-r", str(self.workdir), "-w", "/"]
         else:
             args += ["-w", str(self.workdir)]
-        self.port = free_udp_port()
+        # A port set before start (or by an earlier start) is kept: a restart on the same
+        # address, as a list server back from an outage.
+        self.port = self.port or free_udp_port()
         args += ["-b", f"127.0.0.1/{self.port}", "-l", "+queries.log"]
         args += [f"{zone}:{kind}:{name}" for zone, kind, name in self.zones]
         out = self.workdir / "rbldnsd.out"

@@ -15,7 +15,7 @@ from dnsservers import Rbldnsd
 import lookupd.dnsbl.resolver as resolver_module
 from lookupd.cli import _run_loop
 from lookupd.config import HostPort
-from lookupd.dnsbl.resolver import DnsClient, make_resolver
+from lookupd.dnsbl.resolver import DnsClient, make_nameservers
 from lookupd.outcome import Status
 
 NEW_API = pytest.param(True, id="dnspython>=2.4", marks=pytest.mark.skipif(
@@ -41,11 +41,11 @@ def test_run_loop_without_uvloop_run_still_uses_uvloop(monkeypatch: pytest.Monke
 def test_servers_differ_by_port(monkeypatch: pytest.MonkeyPatch, objects: bool) -> None:
     # A reload keeps the cache only while the servers are the same: a new port is a change.
     monkeypatch.setattr(resolver_module, "_NAMESERVER_OBJECTS", objects)
-    one = DnsClient(make_resolver((HostPort("127.0.0.1", 5353),), 1.0),
+    one = DnsClient(make_nameservers((HostPort("127.0.0.1", 5353),), 1.0),
                     negative_ttl_max=60, error_ttl=30)
-    same = DnsClient(make_resolver((HostPort("127.0.0.1", 5353),), 1.0),
+    same = DnsClient(make_nameservers((HostPort("127.0.0.1", 5353),), 1.0),
                      negative_ttl_max=60, error_ttl=30)
-    other = DnsClient(make_resolver((HostPort("127.0.0.1", 5354),), 1.0),
+    other = DnsClient(make_nameservers((HostPort("127.0.0.1", 5354),), 1.0),
                       negative_ttl_max=60, error_ttl=30)
     assert one.servers == same.servers
     assert one.servers != other.servers
@@ -57,7 +57,7 @@ async def test_configured_nameserver_port_is_asked(
     monkeypatch.setattr(resolver_module, "_NAMESERVER_OBJECTS", objects)
     server = Rbldnsd(tmp_path / "rbl").start()
     try:
-        client = DnsClient(make_resolver((HostPort("127.0.0.1", server.port),), 2.0),
+        client = DnsClient(make_nameservers((HostPort("127.0.0.1", server.port),), 2.0),
                            negative_ttl_max=60, error_ttl=30)
         answer = await client.ask("2.0.0.127.bl.test", "A", 2.0)
     finally:

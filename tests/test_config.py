@@ -35,6 +35,7 @@ read_timeout = "500ms"
 sympl_window = "7d"
 [dnsbl]
 nameservers = ["127.0.0.1:5353", "::1"]
+min_ttl = "1m"
 [[dnsbl.list]]
 zone = "rbl.test"
 codes = ["127.0.0.[2..11]"]
@@ -57,6 +58,7 @@ log_only = ["helo_dbl"]
     assert config.server.read_timeout == 0.5
     assert config.incidents.sympl_window == 7 * 86400
     assert config.dnsbl.nameservers == (HostPort("127.0.0.1", 5353), HostPort("::1", 53))
+    assert config.dnsbl.min_ttl == 60.0
     assert [lst.zone for lst in config.dnsbl.lists] == ["rbl.test", "list.dnswl.org", "lan.test"]
     # postscreen's filter for DNSWL, ranges in every octet, and the list's own errors.
     assert config.dnsbl.lists[1].codes == ("127.0.[0..255].[1..3]", "127.0.3.0/24")
@@ -94,6 +96,7 @@ log_only = ["helo_dbl"]
          "dnsbl.list[0].query_special must be true or false"),
         ("[connect]\ndeny_on_helo_dbl = 1", "connect.deny_on_helo_dbl must be true or false"),
         ("[connect]\nlog_only = ['helo']", "connect.log_only[0] = 'helo' is not one of"),
+        ("[dnsbl]\nmin_ttl = '2h'", 'dnsbl.min_ttl must be at most "1h"'),
         ("[connect]\ndeny_countries = ['gb']", "not ISO 3166-1 alpha-2 codes"),
         ("[connect]\nsubmission_ports = [0]", "ports out of range"),
         ("server = 3", "server must be a table"),

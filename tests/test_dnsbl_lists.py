@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from pathlib import Path
 import pytest
 from conftest import StartLookupd
 from dnsservers import RBLDNSD, Dnsmasq, Knot, Rbldnsd, SilentServer
-from support import EXIM, EXIM_BASE, REPO, Exim
+from support import EXIM, EXIM_BASE, REPO, Exim, Lookupd
 
 from lookupd.config import load_config
 from lookupd.dispatch import Dispatcher
@@ -437,6 +438,15 @@ def test_an_internal_domain_list_is_asked_about_special_names(start_lookupd: Sta
 
 # --- the HELO name in connect ---------------------------------------------------------------------
 
+def wait_out_of_service(daemon: Lookupd, name: str) -> None:
+    """Until the list's probes have found it silent (stats: state:quarantined-...)."""
+    deadline = time.monotonic() + 15
+    while f"{name}=" not in (stats := daemon.query("stats")) or \
+            "state:quarantined-not-answering" not in stats.split(f"{name}=", 1)[1].split()[0]:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.1)
+
+
 SILENT_DBL = """
 [[dnsbl.list]]
 zone = "silent.lists.test"
@@ -493,11 +503,13 @@ def test_helo_rule_settings_and_an_unknown_helo(start_lookupd: StartLookupd,
     off = start_lookupd(config(lab, BLOCK + DBL) + "[connect]\ndeny_on_helo_dbl = false\n")
     got = fields(off.query("connect 81.2.69.170 25 spam-helo.net"))
     assert (got["action"], got["rule"], got["helo_dbl"]) == ("accept", "none", "listed")
-    # A domain list that never answers: the HELO is unknown, and refuses nobody...
+    # A domain list that never answers goes out of service once its probes find it out: it
+    # leaves the decision (issue 11 item 5), and refuses nobody...
     silent = start_lookupd(config(lab, BLOCK + SILENT_DBL).replace(
         'deadline = "1s"', 'deadline = "300ms"'))
+    wait_out_of_service(silent, "silent.lists.test")
     got = fields(silent.query("connect 81.2.69.170 25 spam-helo.net"))
-    assert (got["action"], got["rule"], got["helo_dbl"]) == ("accept", "none", "unknown")
+    assert (got["action"], got["rule"], got["helo_dbl"]) == ("accept", "none", "clean")
     # ...while a list that answers still decides.
     both = start_lookupd(config(lab, BLOCK + DBL + SILENT_DBL).replace(
         'deadline = "1s"', 'deadline = "300ms"'))
@@ -604,12 +616,13 @@ def test_the_readme_helo_and_mail_acls_in_exim(start_lookupd: StartLookupd, lab:
     assert set(lab.asked("dbl.lists.test")[seen:]) - {"test", "invalid"} == \
         {"spam-helo.net", "mail.clean-helo.net", "spam-sender.net", "clean-sender.net"}
 
-    # The domain lists cannot tell: accepted, and logged.
-    unknown = start_lookupd(config(lab, BLOCK + SILENT_DBL).replace(
+    # The only domain list is out of service: it leaves the decision, accepted, no line.
+    silent = start_lookupd(config(lab, BLOCK + SILENT_DBL).replace(
         'deadline = "1s"', 'deadline = "300ms"'))
-    replies, err = session(unknown.socket, "EHLO spam-helo.net\nQUIT\n")
+    wait_out_of_service(silent, "silent.lists.test")
+    replies, err = session(silent.socket, "EHLO spam-helo.net\nQUIT\n")
     assert replies[1].startswith("250 ")
-    assert "HELO spam-helo.net of 81.2.69.170: domain lists unknown, accepted" in err
+    assert "domain lists" not in err
     # lookupd down: the fail string reads as unknown; accepted, and logged.
     replies, err = session(sockdir / "absent.sock", "EHLO spam-helo.net\nQUIT\n")
     assert replies[1].startswith("250 ")

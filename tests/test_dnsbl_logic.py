@@ -616,5 +616,20 @@ def test_stats_line() -> None:
     assert "dead.example=queries:3,hits:0,errors:0,timeouts:0,cache_hit_rate:0.00," \
         "state:quarantined-not-answering" in line
     assert "new.example=queries:0,hits:0,errors:0,timeouts:0,cache_hit_rate:0.00," \
-        "state:quarantined-unprobed," in line
+        "state:unprobed," in line
     assert "\n" not in line
+
+
+def test_a_lists_own_error_answer_to_its_test_point_is_no_listing_of_everything() -> None:
+    """DNSWL answers 127.0.0.255 ("your resolver is blocked") to every question, its
+    127.0.0.1 test point included: that is its error answer, not a list of everything."""
+    from lookupd.dnsbl.codes import parse_codes
+    from lookupd.dnsbl.health import judge
+    from lookupd.dnsbl.names import probe_points
+
+    points = probe_points("ip", ("ipv4",))
+    blocked = [(p, DnsAnswer(Status.FOUND, ("127.0.0.255",), "", 0.0)) for p in points]
+    own = parse_codes(("127.0.0.255",))
+    assert judge(blocked, "", own).quarantine == ""
+    assert "127.0.0.255" in judge(blocked, "", own).note
+    assert judge(blocked).quarantine == "lists-everything"

@@ -28,13 +28,17 @@ class DnsAnswer:
     expires: float = 0.0
 
 
-def positive_ttl(ttl: float) -> float:
-    return max(0.0, min(float(ttl), MAX_POSITIVE_TTL))
+def positive_ttl(ttl: float, floor: float = 0.0) -> float:
+    """The record's TTL, at least `floor` (dnsbl.min_ttl), at most a day."""
+    return min(max(float(ttl), floor, 0.0), MAX_POSITIVE_TTL)
 
 
-def negative_ttl(soa_ttl: float | None, soa_minimum: float | None, bound: float) -> float:
-    """RFC 2308 section 5: min(SOA TTL, SOA MINIMUM), capped by negative_ttl_max; without an
-    SOA in the authority section a negative answer is not cached at all."""
+def negative_ttl(soa_ttl: float | None, soa_minimum: float | None, bound: float,
+                 floor: float = 0.0) -> float:
+    """RFC 2308 section 5: min(SOA TTL, SOA MINIMUM), at least `floor` (dnsbl.min_ttl), capped
+    by negative_ttl_max (the admin's explicit bound wins over the floor); without an SOA in the
+    authority section a negative answer is not cached at all."""
     if soa_ttl is None or soa_minimum is None:
         return 0.0
-    return max(0.0, min(float(soa_ttl), float(soa_minimum), bound))
+    ttl = max(min(float(soa_ttl), float(soa_minimum)), floor)
+    return max(0.0, min(ttl, bound))

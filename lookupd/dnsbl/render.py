@@ -22,15 +22,20 @@ next pair (`name= fcrdns=no` reads name as "fcrdns=no").
         name=<PTR name or ""> fcrdns=yes|no|unknown
     stats (the DNSBL part, one line)
         dnsbl_cache=ENTRIES/SIZE dnsbl_inflight=N LIST=queries:N,hits:N,errors:N,
-        timeouts:N,cache_hit_rate:R,state:ok|quarantined-REASON,p50_ms:X,p99_ms:Y ...
+        timeouts:N,cache_hit_rate:R,state:ok|unprobed|quarantined-REASON,p50_ms:X,
+        p99_ms:Y ...
+        dnsbl_resolver=ok|no-nameserver|no-list-answers dnsbl_silent=NAMESERVER,...
       one LIST= pair per configured list, plus reverse-dns= for `ptr`, so
-      ${extract{zen.spamhaus.org}{...}} gives one list's figures.
+      ${extract{zen.spamhaus.org}{...}} gives one list's figures; dnsbl_resolver says
+      whether the resolver is to blame for every list's failures, dnsbl_silent which
+      nameservers did not answer the last liveness question.
 """
 
 from __future__ import annotations
 
 import re
 
+from lookupd.dnsbl.health import UNPROBED
 from lookupd.dnsbl.stats import DnsblStats, ListStats
 from lookupd.dnsbl.verdict import DnsblResult, PtrResult
 from lookupd.outcome import Status
@@ -77,7 +82,9 @@ def render_ptr(result: PtrResult) -> str:
 
 
 def _list_figures(s: ListStats) -> str:
-    state = f"quarantined-{s.quarantine}" if s.quarantine else "ok"
+    # An unprobed list is not out of service (it is unknown while it is unprobed).
+    state = ("ok" if not s.quarantine else "unprobed" if s.quarantine == UNPROBED
+             else f"quarantined-{s.quarantine}")
     return (f"queries:{s.queries},hits:{s.hits},errors:{s.errors},timeouts:{s.timeouts},"
             f"cache_hit_rate:{s.cache_hit_rate:.2f},state:{state},"
             f"p50_ms:{s.p50_ms:.1f},p99_ms:{s.p99_ms:.1f}")
@@ -87,4 +94,6 @@ def render_stats(stats: DnsblStats) -> str:
     pairs = [f"dnsbl_cache={stats.cache_entries}/{stats.cache_size}",
              f"dnsbl_inflight={stats.inflight}"]
     pairs += [f"{exim_value(s.name)}={_list_figures(s)}" for s in stats.lists]
+    pairs += [f"dnsbl_resolver={stats.resolver or 'ok'}",
+              f"dnsbl_silent={exim_value(','.join(stats.silent))}"]
     return " ".join(pairs)

@@ -1,6 +1,8 @@
 """The DNSBL / DBL / reverse-DNS source: asks every list of a query in parallel under one
-deadline, through one shared cache, keeps lists that misbehave in quarantine, and trusts no
-list before a probe of it has come back (on reload, `take_over` carries the verdicts over).
+deadline, through one shared cache, keeps lists that misbehave out of service (quarantined:
+they leave the decision to the others), trusts no list before a probe of it has come back
+(on reload, `take_over` carries the verdicts over), and tells the resolver's failures from a
+list's (a dead resolver quarantines no list: every list is unknown until it answers again).
 
 The decisions (codes, verdicts, health, FCrDNS) live in the pure modules beside this one;
 this class only fetches, times, counts and logs. When every answer a query needs is already
@@ -11,8 +13,10 @@ answers from its read callback, without a task and a timed wait per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -23,8 +27,23 @@ from typing import Any, Generic, TypeVar
 from lookupd.config import DnsblConfig
 from lookupd.dnsbl.answers import DnsAnswer
 from lookupd.dnsbl.cache import AnswerCache, CacheKey, carry_over
-from lookupd.dnsbl.codes import error_advice
-from lookupd.dnsbl.health import QUARANTINED, UNPROBED, Health, OncePer, judge, standing
+from lookupd.dnsbl.health import (
+    FAIL_STREAK,
+    FAILURES,
+    LOG_PERIOD,
+    NOT_ANSWERING,
+    QUARANTINED,
+    RESOLVER_DOWN,
+    UNPROBED,
+    Dqs,
+    Health,
+    OncePer,
+    advice,
+    judge,
+    own_failure,
+    resolver_fault,
+    standing,
+)
 from lookupd.dnsbl.names import (
     IPAddress,
     normalize_domain,
@@ -34,7 +53,7 @@ from lookupd.dnsbl.names import (
     redact,
     reverse_ip,
 )
-from lookupd.dnsbl.resolver import DnsClient, make_resolver
+from lookupd.dnsbl.resolver import DnsClient, make_nameservers
 from lookupd.dnsbl.snapshot import (
     SNAPSHOT_NAME,
     Refused,
@@ -67,6 +86,12 @@ QUARANTINE_RECHECK = 30.0
 # goes on in the background (the cache warms up from DNS meanwhile).
 SNAPSHOT_WAIT = 0.5
 
+# While the resolver is at fault it is asked again this often (one probe round).
+RESOLVER_RECHECK = 5.0
+
+# The OncePer key of the periodic line about the lists out of service.
+_OUT_OF_SERVICE = ("out-of-service",)
+
 # What to tell the admin, once per list and period, when a list cannot answer.
 _FAILURE_ADVICE = {
     "timeout": "did not answer within dnsbl.deadline ({deadline:g}s): check that {resolver} "
@@ -89,11 +114,21 @@ class _ListState:
     # None until a probe round of this list has come back in this process (or was handed
     # over by `take_over`): until then its answers do not count.
     health: Health | None = None
-    judged: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when a probe round came back for it: with a verdict, or blaming the resolver.
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    # Its questions (to the wire, not the cache) that failed in a row, since when
+    # (time.monotonic), and when it last gave an answer (real question or probe).
+    streak: int = 0
+    streak_since: float = 0.0
+    last_answer: float = -math.inf
+    # Since when (wall clock) it has been out of service, while it is.
+    out_since: float = 0.0
 
     def set_health(self, health: Health) -> None:
+        if health.quarantined != (self.health is not None and self.health.quarantined):
+            self.streak = 0
         self.health = health
-        self.judged.set()
+        self.settled.set()
 
 
 @dataclass
@@ -102,7 +137,11 @@ class _Handover:
     asks the same servers (the system resolver's may have changed with the reload)."""
 
     servers: tuple[str, ...]
-    health: dict[int, Health]  # index into _lists -> the running source's verdict
+    nameservers: tuple[tuple[int, bool], ...]  # DnsClient.standing() of the running source
+    fault: str  # the running source's resolver fault and silent nameservers
+    silent: tuple[str, ...]
+    # index into _lists -> the running source's verdict, and since when it is out of service
+    health: dict[int, tuple[Health, float]]
     answers: list[tuple[CacheKey, DnsAnswer]]
     # The running source was still loading the snapshot: this one loads it instead.
     snapshot_pending: bool
@@ -136,7 +175,8 @@ class DnsblSource:
     """DNSBL verdicts for IPs (`check_ip`), domains (`check_domain`) and reverse DNS (`ptr`)."""
 
     def __init__(self, config: DnsblConfig, state_dir: Path, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 log_period: float = LOG_PERIOD) -> None:
         self._config = config
         self._snapshot_path = state_dir / SNAPSHOT_NAME
         self._clock = clock
@@ -157,13 +197,21 @@ class DnsblSource:
         self._special_domain_lists = [s for s in self._domain_lists if s.spec.query_special]
         self._ptr_counters = ListCounters()
         self._cache = AnswerCache(config.cache_size, clock)
-        self._once = OncePer()
+        # Repeated warnings (a list's failures, the lists out of service) once per period.
+        self._once = OncePer(log_period)
         self._client: DnsClient | None = None
         self._handover: _Handover | None = None
         self._tasks: list[asyncio.Task[None]] = []
         # True once the snapshot is loaded (or known absent, refused, unreadable): only then
         # may the cache be written over it, or a start cut short would lose the file.
         self._snapshot_settled = False
+        # Why the resolver, not any list, is to blame for the failures ("" while it is not):
+        # the lists are then unknown without a question, and none is quarantined for it.
+        self._fault = ""
+        # The nameservers that did not reply to the last probe round's liveness question.
+        self._silent: tuple[str, ...] = ()
+        # Set to run a probe round now (a list failing with nothing to tell whose fault).
+        self._wake = asyncio.Event()
         if config.nameservers:
             self._resolver_name = "the resolver " + ", ".join(str(n) for n in
                                                               config.nameservers)
@@ -183,7 +231,7 @@ class DnsblSource:
         client = previous._client
         if client is None:
             return  # not open: what it knew is not current
-        known = {previous._probe_identity(s): s.health for s in previous._lists
+        known = {previous._probe_identity(s): (s.health, s.out_since) for s in previous._lists
                  if s.health is not None}
         health = {i: h for i, s in enumerate(self._lists)
                   if (h := known.get(self._probe_identity(s))) is not None}
@@ -195,7 +243,8 @@ class DnsblSource:
             answers = carry_over(previous._cache.items(), self._clock(), zones={"", *zones},
                                  negative_ttl_max=self._config.negative_ttl_max,
                                  error_ttl=self._config.error_ttl)
-        self._handover = _Handover(client.servers, health, answers,
+        self._handover = _Handover(client.servers, client.standing(), previous._fault,
+                                   previous._silent, health, answers,
                                    snapshot_pending=not previous._snapshot_settled)
 
     def _probe_identity(self, state: _ListState) -> tuple[object, ...]:
@@ -210,15 +259,19 @@ class DnsblSource:
         must not wait on a list that times out. Until a list's first probe has come back a
         query waits for it, within dnsbl.deadline, and then counts the list as unprobed.
         """
-        resolver = make_resolver(self._config.nameservers, self._config.deadline)
-        client = DnsClient(resolver, negative_ttl_max=self._config.negative_ttl_max,
-                           error_ttl=self._config.error_ttl, clock=self._clock)
+        client = DnsClient(make_nameservers(self._config.nameservers, self._config.deadline),
+                           negative_ttl_max=self._config.negative_ttl_max,
+                           error_ttl=self._config.error_ttl, min_ttl=self._config.min_ttl,
+                           clock=self._clock)
         self._client = client
         handover, self._handover = self._handover, None
         if handover is not None:
             if handover.servers == client.servers:
-                for i, health in handover.health.items():
+                client.resume(handover.nameservers)
+                self._fault, self._silent = handover.fault, handover.silent
+                for i, (health, out_since) in handover.health.items():
                     self._lists[i].set_health(health)
+                    self._lists[i].out_since = out_since
                 self._cache.load(handover.answers)
             else:
                 logger.info("DNSBL resolver changed (%s): every list is probed again, "
@@ -253,16 +306,26 @@ class DnsblSource:
             self._client = None
 
     async def _probe_loop(self) -> None:
-        interval = self._config.probe_interval
         while True:
+            self._wake.clear()
             try:
                 await self.probe()
             except Exception:
-                logger.exception("DNSBL probe round failed; it runs again in %gs", interval)
-            # A quarantined (or still unprobed) list is asked again sooner: a resolver that
-            # was down for a moment must not leave every list out of service for an interval.
-            unsettled = any(standing(s.health) for s in self._lists)
-            await asyncio.sleep(min(interval, QUARANTINE_RECHECK) if unsettled else interval)
+                logger.exception("DNSBL probe round failed; it runs again in %gs",
+                                 self._next_probe())
+            # Woken early by a list that keeps failing with nothing to tell whose fault.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._next_probe())
+
+    def _next_probe(self) -> float:
+        """Seconds to the next probe round: sooner while something is wrong, so that a
+        resolver or list that was down for a moment is back in service soon."""
+        interval = self._config.probe_interval
+        if self._fault:
+            return min(interval, RESOLVER_RECHECK)
+        if self._silent or any(standing(s.health) for s in self._lists):
+            return min(interval, QUARANTINE_RECHECK)
+        return interval
 
     async def _snapshot_loop(self) -> None:
         while True:
@@ -382,8 +445,7 @@ class DnsblSource:
             if reason == UNPROBED:
                 return None  # `_check` waits for its first probe, within the deadline
             if reason:
-                answers.append(_unusable(state, reason))
-                continue
+                continue  # out of service: it leaves the decision to the others
             asked.append(state)
             zone = state.spec.zone
             found = self._cached(zone, "A", label)
@@ -399,13 +461,12 @@ class DnsblSource:
             answers.append(answer)
 
         def count() -> None:
-            # As `_check` counts answers without a packet: a query per list, a cache hit per
-            # list asked (a quarantined one is not), and each answer's hit or failure.
-            for state in lists:
-                state.counters.queries += 1
+            # As `_check` counts answers without a packet: a query and a cache hit per list
+            # asked (one out of service is not asked), and each answer's hit or failure.
             for state in asked:
+                state.counters.queries += 1
                 state.counters.cache_hits += 1
-            self._account_all(lists, answers)
+            self._account_all(asked, answers)
 
         return Cached(combine(answers, self._config.threshold, skipped), count)
 
@@ -454,18 +515,16 @@ class DnsblSource:
         asked = [s for s in lists if s.spec.query_special]
         return asked, label, special if len(asked) < len(lists) else skipped
 
-    async def _check(self, lists: Sequence[_ListState], label: str,
+    async def _check(self, every: Sequence[_ListState], label: str,
                      skipped: str = "") -> DnsblResult:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.deadline
-        answers: dict[int, ListAnswer] = {}
+        # A list out of service is not asked: it leaves the decision to the others.
+        lists = [state for state in every if standing(state.health) != QUARANTINED]
+        answers: dict[int, ListAnswer | None] = {}
         a_tasks: dict[asyncio.Task[Any], int] = {}
         for i, state in enumerate(lists):
-            state.counters.queries += 1
-            if standing(state.health) == QUARANTINED:
-                answers[i] = _unusable(state, QUARANTINED)
-            else:
-                a_tasks[asyncio.create_task(self._list_answer(state, label))] = i
+            a_tasks[asyncio.create_task(self._list_answer(state, label))] = i
         # A hit's TXT is asked as soon as its A answer is in, still within the deadline; a
         # TXT that comes too late only costs the text.
         txt_tasks: dict[asyncio.Task[Any], int] = {}
@@ -482,9 +541,9 @@ class DnsblSource:
                     if i < 0:
                         continue
                     answer = task.result()
-                    assert isinstance(answer, ListAnswer)
+                    assert answer is None or isinstance(answer, ListAnswer)
                     answers[i] = answer
-                    if answer.status is Status.FOUND:
+                    if answer is not None and answer.status is Status.FOUND:
                         state = lists[i]
                         txt = asyncio.create_task(
                             self._lookup(state.spec.zone, "TXT", label, None))
@@ -493,31 +552,55 @@ class DnsblSource:
         finally:
             await self._cancel(pending)
         for txt_task, i in txt_tasks.items():
+            listed = answers[i]
+            assert listed is not None
             if txt_task.done() and not txt_task.cancelled():
-                answers[i] = with_text(lists[i].spec, answers[i], txt_task.result())
+                answers[i] = with_text(lists[i].spec, listed, txt_task.result())
             else:
-                answers[i] = with_text(lists[i].spec, answers[i], None)
-        # Missing at the deadline: a list still unprobed says so, else it timed out.
-        ordered = [answers.get(i) or _unusable(state, standing(state.health) or "timeout")
-                   for i, state in enumerate(lists)]
-        self._account_all(lists, ordered)
+                answers[i] = with_text(lists[i].spec, listed, None)
+        asked: list[_ListState] = []
+        ordered: list[ListAnswer] = []
+        for i, state in enumerate(lists):
+            if i in answers:
+                answer = answers[i]
+            elif standing(state.health) == QUARANTINED:
+                answer = None  # its first probe found it out of service, just now
+            else:  # missing at the deadline: unprobed still, else it timed out
+                answer = _unusable(state, self._missing(state))
+            if answer is not None:
+                state.counters.queries += 1
+                asked.append(state)
+                ordered.append(answer)
+        self._account_all(asked, ordered)
         return combine(ordered, self._config.threshold, skipped)
 
-    async def _list_answer(self, state: _ListState, label: str) -> ListAnswer:
+    def _missing(self, state: _ListState) -> str:
+        """Why a list asked about a client has not answered by the deadline."""
+        if state.health is None:
+            return RESOLVER_DOWN if self._fault else UNPROBED
+        return "timeout"
+
+    async def _list_answer(self, state: _ListState, label: str) -> ListAnswer | None:
+        """The list's say, or None when its first probe (waited for here) finds it out of
+        service: then it leaves the decision to the others."""
         if state.health is None:
             # Not asked before its first probe is back: a list that lists everything must
             # neither answer a client nor fill the cache with listings meanwhile.
-            await state.judged.wait()
-            reason = standing(state.health)
-            if reason:
-                return _unusable(state, reason)
+            if not self._fault:
+                await state.settled.wait()
+            if state.health is None:  # the probe round blamed the resolver
+                return _unusable(state, RESOLVER_DOWN)
+            if standing(state.health) == QUARANTINED:
+                return None
         answer = await self._lookup(state.spec.zone, "A", label, state.counters,
-                                    count_hit=True)
+                                    count_hit=True, track=state)
         return interpret(state.spec, answer)
 
     async def _lookup(self, zone: str, rdtype: str, label: str,
-                      counters: ListCounters | None, *, count_hit: bool = False) -> DnsAnswer:
-        """One question through the shared cache; `zone` "" asks `label` as it is."""
+                      counters: ListCounters | None, *, count_hit: bool = False,
+                      track: _ListState | None = None) -> DnsAnswer:
+        """One question through the shared cache; `zone` "" asks `label` as it is. An answer
+        from the wire counts in `track`'s run of failures."""
         client = self._client
         if client is None:
             raise RuntimeError("DnsblSource used before open()")
@@ -525,11 +608,17 @@ class DnsblSource:
         qname = f"{label}.{qzone}." if qzone else f"{label}."
 
         async def ask() -> DnsAnswer:
+            if self._fault:
+                # No nameserver answers (the probe rounds ask again): no client waits for
+                # one, and nothing is cached (expires at once).
+                return DnsAnswer(Status.UNKNOWN, reason=RESOLVER_DOWN)
             started = time.monotonic()
             # Redacted before it is cached: the snapshot on disk must not hold the key either.
             answer = self._redacted(await client.ask(qname, rdtype, self._config.deadline))
             if counters is not None and answer.reason != "timeout":
                 counters.latencies.append(time.monotonic() - started)
+            if track is not None:
+                self._track(track, answer, started)
             return answer
 
         answer, without_packet = await self._cache.fetch((zone, rdtype, label), ask)
@@ -549,10 +638,11 @@ class DnsblSource:
             self._account(state, answer)
 
     def _account_ptr(self, result: PtrResult) -> None:
-        # A hit is "has a PTR"; a failed PTR or forward lookup is a timeout or an error.
+        # A hit is "has a PTR"; a failed PTR or forward lookup is a timeout or an error (not
+        # while the resolver is down: that is said once, for everything).
         if result.status is Status.FOUND:
             self._ptr_counters.hits += 1
-        if result.fcrdns == "unknown":
+        if result.fcrdns == "unknown" and result.reason != RESOLVER_DOWN:
             if result.reason == "timeout":
                 self._ptr_counters.timeouts += 1
             else:
@@ -563,7 +653,8 @@ class DnsblSource:
         if answer.status is Status.FOUND:
             counters.hits += 1
             return
-        if answer.status is not Status.UNKNOWN or answer.reason in (QUARANTINED, UNPROBED):
+        if answer.status is not Status.UNKNOWN or answer.reason in (QUARANTINED, UNPROBED,
+                                                                     RESOLVER_DOWN):
             return
         if answer.reason == "timeout":
             counters.timeouts += 1
@@ -575,35 +666,92 @@ class DnsblSource:
             code = answer.reason.removeprefix("error-code-")
             logger.warning("DNSBL %s answered %s, which is not a listing: %s; its answers "
                            "count as unknown meanwhile", state.spec.name, code,
-                           error_advice(code, state.spec.errors))
+                           advice(code, self._dqs(state), state.spec.errors))
         else:
-            advice = _FAILURE_ADVICE.get(answer.reason, _FAILURE_ADVICE["error"]).format(
+            failure = _FAILURE_ADVICE.get(answer.reason, _FAILURE_ADVICE["error"]).format(
                 deadline=self._config.deadline, resolver=self._resolver_name)
             logger.warning("DNSBL %s %s; its answers count as unknown meanwhile",
-                           state.spec.name, advice)
+                           state.spec.name, failure)
 
     # -- health ----------------------------------------------------------------------------
 
     async def probe(self) -> None:
-        """Ask every list its RFC 5782 test points; quarantine or release it accordingly."""
-        await asyncio.gather(*(self._probe(state) for state in self._lists))
+        """Ask every list its RFC 5782 test points and every nameserver whether it is there;
+        quarantine or release each list accordingly, unless the resolver is to blame.
 
-    async def _probe(self, state: _ListState) -> None:
+        A list whose test points got answers is judged as soon as they are in (a query may be
+        waiting for it); one that got none waits for the whole round, which tells whether
+        it is the list or the resolver that does not answer."""
         client = self._client
         if client is None:
             return
+        started = time.monotonic()
+        ping = asyncio.create_task(client.ping(self._config.deadline))
+        try:
+            verdicts = await asyncio.gather(*(self._probe_list(client, state)
+                                              for state in self._lists))
+            silent = await ping
+        finally:
+            if not ping.done():  # cancelled (close)
+                await self._cancel({ping})
+        fault = resolver_fault(client.last_reply >= started, verdicts)
+        self._note_nameservers(silent, fault)
+        self._note_fault(fault)
+        for state, health in zip(self._lists, verdicts, strict=True):
+            if health.quarantine != NOT_ANSWERING:
+                continue  # judged already
+            if fault:
+                # Not the list's doing: it keeps its standing (unprobed stays unprobed), and
+                # a query waiting for its first probe stops waiting.
+                state.settled.set()
+            else:
+                self._judged(state, health)
+        self._remind()
+
+    def _remind(self) -> None:
+        """One line a period (LOG_PERIOD) naming the lists out of service, while any is."""
+        out = [s for s in self._lists if s.health is not None and s.health.quarantined]
+        if not out or not self._once(_OUT_OF_SERVICE):
+            return
+        now = self._clock()
+        named = ", ".join(f"{s.spec.name} ({_quarantine(s)} for "
+                          f"{_duration(now - s.out_since)})" for s in out)
+        logger.warning("DNSBL lists out of service, left out of every verdict: %s; probed "
+                       "again every %gs", named,
+                       min(self._config.probe_interval, QUARANTINE_RECHECK))
+
+    async def _probe_list(self, client: DnsClient, state: _ListState) -> Health:
+        """One list's probe verdict; applied at once unless no test point got an answer."""
         points = probe_points(state.spec.kind, state.spec.families)
         # Probes bypass the cache: they are about the list now, not about a client.
         answers = await asyncio.gather(*(
             client.ask(f"{p.label}.{state.qzone}.", "A", self._config.deadline)
             for p in points))
-        health = judge(list(zip(points, answers, strict=True)))
+        health = judge(list(zip(points, answers, strict=True)), self._dqs(state),
+                       state.spec.errors)
+        if health.quarantine != NOT_ANSWERING:
+            # It answered: the resolver reaches the lists, whatever it did before.
+            state.last_answer = time.monotonic()
+            self._note_fault("")
+            self._judged(state, health)
+        return health
+
+    def _dqs(self, state: _ListState) -> Dqs:
+        if not self._config.dqs_key:
+            return ""
+        return "used" if state.qzone != state.spec.zone else "unused"
+
+    def _judged(self, state: _ListState, health: Health) -> None:
+        """Give a list its new health and say so when that changes."""
         name = state.spec.name
         before = state.health or Health()  # a first probe: as if it had been in service
         if health.quarantined and not before.quarantined:
-            logger.warning("DNSBL %s quarantined: %s; its answers count as unknown until "
-                           "its test points are right again (checked every %gs)",
-                           name, health.note, self._config.probe_interval)
+            logger.warning("DNSBL %s quarantined: %s; it is out of service, left out of "
+                           "every verdict, until its test points are right again (probed "
+                           "every %gs)", name, health.note,
+                           min(self._config.probe_interval, QUARANTINE_RECHECK))
+            state.out_since = self._clock()
+            self._once(_OUT_OF_SERVICE)  # the reminder comes a period after this line
         elif before.quarantined and not health.quarantined:
             logger.warning("DNSBL %s answers its test points correctly again: back in "
                            "service", name)
@@ -612,6 +760,68 @@ class DnsblSource:
             # its positive test point would otherwise nag forever.
             logger.warning("DNSBL %s: %s", name, health.note)
         state.set_health(health)
+
+    def _track(self, state: _ListState, answer: DnsAnswer, started: float) -> None:
+        """Count a list's answer from the wire: after FAIL_STREAK failures in a row that are
+        its own doing it is quarantined at once, not at the next probe round."""
+        if answer.status is not Status.UNKNOWN:
+            state.streak = 0
+            state.last_answer = time.monotonic()
+            return
+        if answer.reason not in FAILURES or standing(state.health):
+            return
+        if state.streak == 0:
+            state.streak_since = started
+        state.streak += 1
+        if state.streak < FAIL_STREAK:
+            return
+        peers = [s.last_answer for s in self._lists
+                 if s is not state and s.health is not None and not s.health.quarantined]
+        client = self._client
+        last_reply = client.last_reply if client is not None else -math.inf
+        if own_failure(state.streak_since, peers, last_reply):
+            self._judged(state, Health(NOT_ANSWERING, (
+                f"{state.streak} questions in a row got no answer ({answer.reason}) while "
+                f"{self._resolver_name} answers others")))
+        else:
+            self._wake.set()  # a probe round tells whose fault it is
+
+    def _note_fault(self, fault: str) -> None:
+        """One line when the resolver becomes (or stops being) the one to blame."""
+        before, self._fault = self._fault, fault
+        if fault == before:
+            return
+        if before == "no-nameserver":
+            self._silent = ()  # none was named alone; this round's liveness question tells
+        if fault == "no-nameserver":
+            logger.warning("DNSBL: no nameserver of %s answers at all: every list is unknown "
+                           "(unknown=LIST:%s) until one does, and none is quarantined for it; "
+                           "asked again every %gs", self._resolver_name, RESOLVER_DOWN,
+                           min(self._config.probe_interval, RESOLVER_RECHECK))
+        elif fault == "no-list-answers":
+            logger.warning("DNSBL: %s answers, but none of the %d lists answered its test "
+                           "points through it: it cannot reach them (its network or "
+                           "forwarders); every list is unknown (unknown=LIST:%s) meanwhile, and "
+                           "none is quarantined for it; asked again every %gs",
+                           self._resolver_name, len(self._lists), RESOLVER_DOWN,
+                           min(self._config.probe_interval, RESOLVER_RECHECK))
+        else:
+            logger.warning("DNSBL: %s answers again: the lists are asked again",
+                           self._resolver_name)
+
+    def _note_nameservers(self, silent: tuple[str, ...], fault: str) -> None:
+        """One line when one of several nameservers stops (or starts again) answering; while
+        none answers, the line about the resolver says it for all."""
+        before, self._silent = self._silent, silent
+        if fault == "no-nameserver":
+            return
+        for label in silent:
+            if label not in before:
+                logger.warning("DNSBL nameserver %s does not answer: the other nameservers "
+                               "are asked first until it does", label)
+        for label in before:
+            if label not in silent:
+                logger.warning("DNSBL nameserver %s answers again", label)
 
     # -- snapshot --------------------------------------------------------------------------
 
@@ -684,7 +894,7 @@ class DnsblSource:
                  for s in self._lists]
         lists.append(list_stats("reverse-dns", "ptr", self._ptr_counters, ""))
         return DnsblStats(tuple(lists), len(self._cache), self._cache.maxsize,
-                          self._cache.inflight)
+                          self._cache.inflight, self._fault, self._silent)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -738,6 +948,20 @@ def _forward_type(address: IPAddress) -> str:
 
 def _unusable(state: _ListState, reason: str) -> ListAnswer:
     return ListAnswer(state.spec.name, state.spec.weight, Status.UNKNOWN, reason=reason)
+
+
+def _quarantine(state: _ListState) -> str:
+    """Why a list is quarantined ("lists-everything", "not-answering"), else ""."""
+    return state.health.quarantine if state.health is not None else ""
+
+
+def _duration(seconds: float) -> str:
+    """"45s", "12m", "3h" for a log line."""
+    if seconds < 120:
+        return f"{max(0, round(seconds))}s"
+    if seconds < 7200:
+        return f"{round(seconds / 60)}m"
+    return f"{round(seconds / 3600)}h"
 
 
 def _take(cached: Cached[R] | None) -> R | None:

@@ -51,10 +51,16 @@ class ListStats:
 
 @dataclass(frozen=True)
 class DnsblStats:
+    """Every list's figures, the cache's, and the resolver's: `resolver` is "" while it
+    answers, else why every list is unknown ("no-nameserver", "no-list-answers");
+    `silent` names the nameservers that did not answer the last liveness question."""
+
     lists: tuple[ListStats, ...]
     cache_entries: int
     cache_size: int
     inflight: int
+    resolver: str = ""
+    silent: tuple[str, ...] = ()
 
 
 def list_stats(name: str, kind: str, counters: ListCounters, quarantine: str) -> ListStats:
