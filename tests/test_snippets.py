@@ -442,3 +442,77 @@ def test_rules_lookupd_keeps_log_only(configs: dict[str, Path], lab: ConnectLab,
     finally:
         daemon.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- RCPT ACL: the HELO name ([helo], the `helo` verb) ----------------------------------------
+
+def primary_hostname(config: Path) -> str:
+    proc = subprocess.run([EXIM, "-C", str(config), "-be", "$primary_hostname"],
+                          capture_output=True, timeout=30, check=True)
+    return proc.stdout.decode().strip()
+
+
+def helo_session(helo: str, recipients: Iterable[str] = ("root@localhost",),
+                 auth: str = "") -> str:
+    rcpts = "".join(f"RCPT TO:<{r}>\n" for r in recipients)
+    login = f"AUTH PLAIN {auth_plain(auth)}\n" if auth else ""
+    return f"EHLO {helo}\n{login}MAIL FROM:<someone@example.net>\n{rcpts}QUIT\n"
+
+
+@pytest.fixture(scope="module")
+def helo_daemon(lab: ConnectLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lookupd]:
+    """A lookupd that enforces its lenient HELO policy ([helo] log_only = false)."""
+    workdir = short_dir()
+    lists = tmp_path_factory.mktemp("helo-lists")
+    running = Lookupd(workdir, lookupd_config(lab.resolver_port, lists,
+                                              extra="[helo]\nlog_only = false")).start()
+    yield running
+    running.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_helo_spares_real_senders_and_refuses_bots_at_rcpt(
+        configs: dict[str, Path], helo_daemon: Lookupd, flavour: str) -> None:
+    config, sock = configs[flavour], helo_daemon.socket
+    ours = primary_hostname(config)
+
+    # An Exchange server behind a .local name that resolves nowhere: fine under lenient.
+    exchange = bh(config, CLEAN, helo_session("EXCHANGE.Airflite.local"), port=25, sock=sock)
+    assert exchange.codes() == ["220", "250", "250", "250", "221"], exchange.out
+    assert exchange.logged("lookupd helo") == []
+
+    # A bot announcing our own name: refused at RCPT, postmaster and abuse still reachable.
+    bot = bh(config, CLEAN, helo_session(ours, ["root@localhost", "postmaster@localhost"]),
+             port=25, sock=sock)
+    assert bot.codes()[:4] == ["220", "250", "250", "550"], bot.out
+    assert f"550 Your HELO name {ours} is one of our own names or addresses" in bot.out
+    # (the test Sympl and single-file trees have no postmaster alias: Exim's own 550 there)
+    assert bot.out.count("Your HELO name") == 1, bot.out
+    assert len(bot.logged("lookupd helo deny")) == 1, bot.log
+    assert bot.logged(f"rejected RCPT <root@localhost>: lookupd helo deny check=ours: Your "
+                      f"HELO name {ours} is one of our own names or addresses")
+    assert f"helo deny: [{CLEAN}] helo {ours} check=ours" in helo_daemon.log()
+
+    # An authenticated user with the same HELO is never refused (and lookupd is not asked).
+    user = bh(config, CLEAN, helo_session(ours, auth="alice"), port=587, sock=sock,
+              defines=[f"LOOKUPD_NOTLS_HOSTS={CLEAN}"])
+    assert user.codes() == ["220", "250", "235", "250", "250", "221"], user.out
+    assert user.logged("lookupd helo") == []
+
+    # A relay host (loopback here) neither.
+    relay = bh(config, "127.0.0.1", helo_session("localhost"), port=25, sock=sock)
+    assert relay.codes()[-2:] == ["250", "221"], relay.out
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_helo_is_log_only_by_default(configs: dict[str, Path], daemon: Lookupd,
+                                     flavour: str) -> None:
+    config = configs[flavour]
+    ours = primary_hostname(config)
+    bot = bh(config, CLEAN, helo_session(ours, ["root@localhost", "root@localhost"]), port=25,
+             sock=daemon.socket)
+    assert bot.codes() == ["220", "250", "250", "250", "250", "221"], bot.out
+    assert bot.logged(f"lookupd helo log-only: [{CLEAN}] would deny check=ours: Your HELO name "
+                      f"{ours} is one of our own names or addresses")
+    assert len(bot.logged("lookupd helo")) == 1
