@@ -134,6 +134,106 @@ def plan(layout: Layout, etc: Path, snippets: Path) -> Plan:
     return result
 
 
+# --- carrying an existing setup over into lookupd.toml -----------------------------------------
+
+_MACRO = re.compile(r"(?m)^[ \t]*([A-Z][A-Z0-9_]*)[ \t]*=[ \t]*(.*?)[ \t]*$")
+_DNSBL_NAMES = {"spamhaus": "zen.spamhaus.org", "spamcop": "bl.spamcop.net",
+                "barracuda": "b.barracudacentral.org"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting found in the Exim tree, as lookupd.toml would say it (`value` is TOML;
+    `secret`: never shown); `value` "" for a setting lookupd cannot take (`why` says)."""
+
+    section: str
+    key: str
+    value: str
+    source: str
+    why: str = ""
+    secret: bool = False
+
+
+def _toml_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a TOML basic string
+
+
+def read_settings(etc: Path) -> list[Setting]:
+    """What the reference setups (sympl-email-changes, Lena's recipe, the Debian one) set in
+    `etc`, as lookupd settings."""
+    found: list[Setting] = []
+    for path in _tree_files(etc):
+        if ORIGINALS in path.parts or path.name == MANIFEST:
+            continue
+        rel = str(path.relative_to(etc))
+        for match in _MACRO.finditer(_read(path)):
+            name, value = match.groups()
+            where = f"{name} in {rel}"
+            if name in ("NFTFW_INCIDENT_THRESHOLD", "SYMPL_INCIDENT_THRESHOLD"):
+                if value.isdigit():
+                    found.append(Setting("connect", "incidents_threshold", value, where))
+                else:
+                    found.append(Setting("connect", "incidents_threshold", "", where,
+                                         f"not a number: {value!r}"))
+            elif name == "SYMPL_DB":
+                found.append(Setting("incidents", "db", _toml_string(value), where))
+                found.append(Setting("incidents", "schema", '"sympl"', where))
+            elif name == "SPAMHAUS_DQ_KEY":
+                found.append(Setting("dnsbl", "dqs_key", _toml_string(value), where,
+                                     secret=True))
+            elif name == "DNSBL_CHECK_IN_CONNECT":
+                found.append(Setting("connect", "deny_on_dnsbl", "true", where))
+                lists = [_DNSBL_NAMES.get(x.strip(), x.strip()) for x in value.split(":")]
+                found.append(Setting("dnsbl", "list", "", where,
+                                     "lookupd's default lists are zen.spamhaus.org, "
+                                     "bl.spamcop.net, b.barracudacentral.org and "
+                                     "dbl.spamhaus.org; this setup checked "
+                                     + ", ".join(x for x in lists if x)
+                                     + ": set [[dnsbl.list]] by hand if that differs"))
+        if path.parent.name == "10-acl-check-connect" and re.fullmatch(
+                r"2[1-9]-check-sender-host-name", path.name):
+            found.append(Setting("connect", "deny_no_ptr", "true", f"{rel} (PTR required)"))
+    files = [("whitelist_connect_hosts", "connect", "allowlist_files"),
+             ("whitelist/hosts_by_ip", "connect", "allowlist_files"),
+             ("blocked_authenticated_users", "users", "lsearch_file")]
+    allow: list[str] = []
+    for name, section, key in files:
+        path = etc / name
+        if path.is_file() and key == "allowlist_files":
+            allow.append(str(path))
+        elif path.is_file():
+            found.append(Setting(section, key, _toml_string(str(path)), str(path)))
+        elif path.exists():
+            found.append(Setting(section, key, "", str(path), "not a file"))
+    if allow:
+        found.append(Setting("connect", "allowlist_files",
+                             "[" + ", ".join(_toml_string(a) for a in allow) + "]",
+                             ", ".join(allow)))
+    return found
+
+
+def settings_toml(settings: list[Setting]) -> str:
+    """The settings lookupd can take, as a lookupd.toml fragment (the last one of a key
+    wins, as Exim's last macro definition would)."""
+    sections: dict[str, dict[str, str]] = {}
+    for setting in settings:
+        if setting.value:
+            sections.setdefault(setting.section, {})[setting.key] = setting.value
+    return "".join(f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) + "\n"
+                   for section, keys in sections.items())
+
+
+def describe_settings(settings: list[Setting]) -> list[str]:
+    lines = []
+    for s in settings:
+        if s.value:
+            shown_value = "(the key, not shown)" if s.secret else s.value
+            lines.append(f"carry over: [{s.section}] {s.key} = {shown_value} (from {s.source})")
+        else:
+            lines.append(f"not carried over: [{s.section}] {s.key} (from {s.source}): {s.why}")
+    return lines
+
+
 def _read(path: Path) -> str:
     return path.read_text(errors="replace")
 
@@ -233,9 +333,24 @@ def uninstall(etc: Path, *, dry_run: bool = False) -> list[str]:
     return said
 
 
-def install(layout: Layout, etc: Path, snippets: Path, *, dry_run: bool = False) -> list[str]:
+def install(layout: Layout, etc: Path, snippets: Path, *, dry_run: bool = False,
+            lookupd_toml: Path | None = None) -> list[str]:
+    """Install; the settings found are said, and written to `lookupd_toml` when it does not
+    exist yet (an existing one is never edited: the fragment is printed to merge by hand)."""
     p = plan(layout, etc, snippets)
-    lines = describe(p, etc)
+    settings = read_settings(etc)
+    lines = describe(p, etc) + describe_settings(settings)
+    fragment = settings_toml(settings)
+    if fragment and lookupd_toml is not None:
+        if lookupd_toml.exists():
+            lines.append(f"note: {lookupd_toml} exists: add the settings above to it by hand")
+        else:
+            lines.append(f"write {lookupd_toml} (the settings above)")
+            if not dry_run:
+                lookupd_toml.parent.mkdir(parents=True, exist_ok=True)
+                lookupd_toml.write_text("# Carried over from the Exim configuration by "
+                                        "`lookupd snippets install`.\n\n" + fragment)
+                os.chmod(lookupd_toml, 0o640)  # it may hold the DQS key
     if not dry_run:
         apply(p, etc, snippets)
     return lines
@@ -259,6 +374,10 @@ def add_snippets_parser(subparsers: Any) -> None:
         p.add_argument("--dry-run", action="store_true", help="say what would be done")
     install_p.add_argument("--snippets", type=Path, metavar="DIR",
                            help="the exim-snippets directory (default: the packaged one)")
+    install_p.add_argument("--lookupd-config", type=Path, metavar="FILE",
+                           help="write the settings carried over from Exim's configuration "
+                                "here when the file does not exist yet (default: only say "
+                                "them)")
 
 
 def run_snippets(args: Any) -> int:
@@ -267,7 +386,7 @@ def run_snippets(args: Any) -> int:
     try:
         if args.snippets_command == "install":
             lines = install(args.layout, args.etc, args.snippets or default_snippets(),
-                            dry_run=args.dry_run)
+                            dry_run=args.dry_run, lookupd_toml=args.lookupd_config)
         else:
             lines = uninstall(args.etc, dry_run=args.dry_run)
     except InstallError as exc:
@@ -275,8 +394,8 @@ def run_snippets(args: Any) -> int:
         return os.EX_DATAERR
     prefix = "would " if args.dry_run else ""
     for line in lines:
-        print(line if line.startswith(("note:", "nothing", "kept", "already"))
-              else prefix + line)
+        print(line if line.startswith(("note:", "nothing", "kept", "already", "carry",
+                                       "not carried")) else prefix + line)
     if not args.dry_run and args.snippets_command == "install":
         print("then rebuild and check Exim's configuration (Debian: update-exim4.conf && "
               "exim4 -bV; Sympl: cd /etc/exim4 && make && exim4 -bV) and reload Exim")

@@ -16,6 +16,7 @@ from support import EXIM
 from test_snippets import DEBIAN_CONFD, SNIPPETS, SYMPL_BASE, UPDATE_EXIM4_CONF, bh
 
 from lookupd.cli import main
+from lookupd.config import load_config
 
 pytestmark = pytest.mark.skipif(not Path(EXIM).exists(), reason="exim4 is not installed")
 
@@ -54,17 +55,29 @@ def build_debian_tree(etc: Path, out: Path) -> Path:
     return out
 
 
-# sympl-email-changes' way: its own AUTH ACL and a DNSBL check in the connect ACL.
+DQS_KEY = "abcdefghijklmnopqrstuvwxyz"
+
+# sympl-email-changes' way: its settings, its own AUTH ACL, a DNSBL and a PTR check in the
+# connect ACL.
 SYMPL_EMAIL_CHANGES = {
+    "00-main/21-connect-check": "#NFTFW_INCIDENT_THRESHOLD = 10\nSYMPL_INCIDENT_THRESHOLD = 12\n"
+                                "SYMPL_DB = /var/lib/sympl/firewall-blacklist-count.db\n",
+    "00-main/22-dns-check-in-connect": "DNSBL_CHECK_IN_CONNECT = spamhaus : spamcop\n",
+    "00-main/35-spamhaus-key": f"SPAMHAUS_DQ_KEY = {DQS_KEY}\n",
     "00-main/60-auth-acl": "acl_smtp_auth = acl_check_auth\n",
     "10-acl/10-acl-check-connect/25-dnsbl-reject":
         "  deny  dnslists = zen.spamhaus.org\n         message = listed\n",
+    "10-acl/10-acl-check-connect/27-check-sender-host-name":
+        "  deny  !verify = reverse_host_lookup\n         message = no PTR\n",
     "10-acl/90-acl-check-auth/00-header": "acl_check_auth:\n  accept\n",
 }
 
 
 def sympl_etc(tmp_path: Path) -> Path:
     etc = tmp_path / "exim4"
+    etc.mkdir(parents=True)
+    (etc / "whitelist_connect_hosts").write_text("192.0.2.1\n")
+    (etc / "blocked_authenticated_users").write_text("")
     for name, text in {**SYMPL_BASE, **SYMPL_EMAIL_CHANGES}.items():
         path = etc / "sympl.d" / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,3 +165,35 @@ def test_a_changed_snippet_is_kept_and_a_conflict_stops_install(
                     "--etc", str(debian))
     assert code == os.EX_DATAERR and "sets acl_smtp_connect already" in out
     assert not (debian / "lookupd-snippets.json").exists()
+
+
+def test_sympl_settings_are_carried_over_into_lookupd_toml(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    etc = sympl_etc(tmp_path)
+    toml = tmp_path / "lookupd" / "lookupd.toml"
+    code, out = run(capsys, "install", "--layout", "sympl", "--snippets", str(SNIPPETS),
+                    "--etc", str(etc), "--lookupd-config", str(toml))
+    assert code == 0, out
+    assert DQS_KEY not in out
+    for line in ("carry over: [connect] incidents_threshold = 12 (from SYMPL_INCIDENT_THRESHOLD",
+                 "carry over: [dnsbl] dqs_key = (the key, not shown)",
+                 "carry over: [connect] deny_no_ptr = true",
+                 "carry over: [connect] deny_on_dnsbl = true",
+                 "not carried over: [dnsbl] list",
+                 f"carry over: [users] lsearch_file = \"{etc}/blocked_authenticated_users\""):
+        assert line in out, out
+    config = load_config(toml)
+    assert config.connect.incidents_threshold == 12
+    assert config.connect.deny_no_ptr and config.connect.deny_on_dnsbl
+    assert config.connect.allowlist_files == (etc / "whitelist_connect_hosts",)
+    assert config.incidents.db == Path("/var/lib/sympl/firewall-blacklist-count.db")
+    assert config.incidents.schema == "sympl"
+    assert config.dnsbl.dqs_key == DQS_KEY
+    assert config.users.lsearch_file == etc / "blocked_authenticated_users"
+    # An existing lookupd.toml is never edited.
+    before = toml.read_bytes()
+    assert run(capsys, "uninstall", "--etc", str(etc))[0] == 0
+    code, out = run(capsys, "install", "--layout", "sympl", "--snippets", str(SNIPPETS),
+                    "--etc", str(etc), "--lookupd-config", str(toml))
+    assert f"note: {toml} exists: add the settings above to it by hand" in out
+    assert toml.read_bytes() == before
