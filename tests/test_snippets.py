@@ -624,3 +624,46 @@ def test_connection_ratelimit(daemon: Lookupd, tmp_path: Path, exim_spool: Path,
     # leaky (Exim's default): a refused connection does not raise the rate.
     assert logged.logged(f"H=[{CLEAN}] Warning: lookupd ratelimit: 3.0 connections per 1h "
                          "(limit 2)")
+
+
+# --- RCPT ACL: the DNS lists per recipient (LOOKUPD_DNSBL_AT_RCPT) ------------------------
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_dnsbl_at_rcpt_spares_postmaster_and_honours_per_domain_files(
+        configs: dict[str, Path], lab: ConnectLab, tmp_path: Path, flavour: str) -> None:
+    """lookupd does not refuse at connect (deny_on_dnsbl = false); the RCPT ACL refuses a
+    listed client per recipient from the cached answer, never for postmaster; with
+    LOOKUPD_DNSBL_OPT_IN only for domains with a file named after the list."""
+    workdir = short_dir()
+    daemon = Lookupd(workdir, lookupd_config(lab.resolver_port, tmp_path,
+                                             extra="deny_on_dnsbl = false")).start()
+    optin = short_dir()
+    try:
+        config, sock = configs[flavour], daemon.socket
+        smtp = helo_session("mail.example.net", ["root@localhost", "postmaster@localhost"])
+        plain = bh(config, LISTED, smtp, port=25, sock=sock)
+        assert plain.codes()[:4] == ["220", "250", "250", "250"], plain.out  # not refused
+        assert plain.logged("lookupd dnsbl deny") == []
+
+        at_rcpt = bh(config, LISTED, smtp, port=25, sock=sock,
+                     defines=["LOOKUPD_DNSBL_AT_RCPT=yes"])
+        assert at_rcpt.codes()[:4] == ["220", "250", "250", "550"], at_rcpt.out
+        assert f"550 Rejected - {LISTED} is listed at bl.test" in at_rcpt.out
+        assert len(at_rcpt.logged("lookupd dnsbl deny at rcpt: lists=bl.test:")) == 1
+        assert at_rcpt.out.count("is listed at") == 1  # postmaster is not refused for it
+
+        clean = bh(config, CLEAN, smtp, port=25, sock=sock,
+                   defines=["LOOKUPD_DNSBL_AT_RCPT=yes"])
+        assert clean.logged("lookupd dnsbl deny") == []
+
+        defines = ["LOOKUPD_DNSBL_AT_RCPT=yes", f"LOOKUPD_DNSBL_OPT_IN={optin}/$domain"]
+        not_opted = bh(config, LISTED, smtp, port=25, sock=sock, defines=defines)
+        assert not_opted.codes()[3] == "250", not_opted.out
+        (optin / "localhost").mkdir(mode=0o755)
+        (optin / "localhost" / "bl.test").write_text("")
+        opted = bh(config, LISTED, smtp, port=25, sock=sock, defines=defines)
+        assert opted.codes()[3] == "550", opted.out
+    finally:
+        daemon.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(optin, ignore_errors=True)
