@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from ipaddress import ip_address
+from pathlib import Path
 
 import pytest
+from support import Lookupd, short_dir
+from test_connect_daemon import ConnectLab, connect_lab, lookupd_config
 
 from lookupd.config import HeloConfig
 from lookupd.dnsbl.answers import DnsAnswer
@@ -84,3 +89,39 @@ def test_allowlisted_is_never_refused() -> None:
 def test_parse_args() -> None:
     request = parse_args(("198.51.100.7", "mx.example.org", "-", "EXCHANGE.Airflite.local"))
     assert request == HeloRequest(CLIENT, "EXCHANGE.Airflite.local", ("mx.example.org",), None)
+
+
+# --- the helo verb of a real daemon, with a real DNS server (knot behind dnsmasq) -------------
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConnectLab]:
+    for tool in ("rbldnsd", "knotd", "dnsmasq"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            pytest.skip(f"{tool} is not installed")
+    with connect_lab(tmp_path_factory.mktemp("helo-lab")) as running:
+        yield running
+
+
+@pytest.mark.parametrize(("policy", "request_args", "expected"), [
+    # (client, HELO): forward-confirmed, elsewhere, nowhere, our own name or address
+    ("strict", "192.0.2.1 mx.ours.example - mail.example.test", ("accept", "none")),
+    ("strict", "203.0.113.50 mx.ours.example - liar.example.test", ("deny", "not_client")),
+    ("rfc", "203.0.113.50 mx.ours.example - liar.example.test", ("accept", "none")),
+    ("rfc", "203.0.113.50 mx.ours.example - nowhere.example.test", ("deny", "no_resolve")),
+    ("lenient", "203.0.113.50 mx.ours.example - nowhere.example.test", ("accept", "none")),
+    ("lenient", "203.0.113.50 mx.ours.example - MX.ours.example", ("deny", "ours")),
+    ("lenient", "203.0.113.50 mx.ours.example 192.0.2.25 [192.0.2.25]", ("deny", "ours")),
+])
+def test_helo_verb_through_dns(lab: ConnectLab, tmp_path: Path, policy: str,
+                               request_args: str, expected: tuple[str, str]) -> None:
+    workdir = short_dir()
+    daemon = Lookupd(workdir, lookupd_config(
+        lab.resolver_port, tmp_path, extra=f'[helo]\npolicy = "{policy}"\nlog_only = false'
+    )).start()
+    try:
+        reply = daemon.query(f"helo {request_args}")
+    finally:
+        daemon.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    got = dict(pair.split("=", 1) for pair in reply.split() if "=" in pair)
+    assert (got["action"], got["check"]) == expected, reply
