@@ -53,6 +53,10 @@ _SETS = re.compile(r"(?m)^\s*(acl_smtp_connect|acl_smtp_auth)\s*=")
 # Sympl's Makefile takes only files named like this.
 _SYMPL_NAME = re.compile(r"[a-z0-9][a-z0-9-]+")
 SYMPL_LOCAL = "sympl.d/00-main/44-lookupd-install"
+# An `accept` statement with an `authenticated =` condition (before the next verb).
+_ACCEPTS_AUTHENTICATED = re.compile(
+    r"(?ms)^\s*accept\b(?:(?!^\s*(?:accept|deny|defer|discard|drop|require|warn)\b).)*?"
+    r"(?<![!\w])authenticated\s*=")
 
 
 class InstallError(LookupdError):
@@ -124,6 +128,14 @@ def plan(layout: Layout, etc: Path, snippets: Path) -> Plan:
             result.notes.append(f"Sympl: {setters['acl_smtp_auth'].relative_to(etc)} sets "
                                 "acl_smtp_auth: LOOKUPD_NO_AUTH_ACL set in "
                                 f"{SYMPL_LOCAL} (lookupd's AUTH checks are then not hooked in)")
+        rcpt = "sympl.d/10-acl/50-acl-check-rcpt/05-lookupd-user"
+        for path in others:
+            rel = str(path.relative_to(etc))
+            # lookupd's RCPT statements must run before authenticated senders are accepted.
+            if (path.parent.name == "50-acl-check-rcpt" and rel < rcpt
+                    and _ACCEPTS_AUTHENTICATED.search(_read(path))):
+                result.notes.append(f"Sympl: {rel} may accept authenticated senders before "
+                                    f"{rcpt} runs: renumber one of them (see the README)")
         for path in others:
             if path.parent.name == "10-acl-check-connect" and _REPLACED.fullmatch(path.name):
                 result.aside.append(str(path.relative_to(etc)))

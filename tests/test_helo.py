@@ -125,3 +125,12 @@ def test_helo_verb_through_dns(lab: ConnectLab, tmp_path: Path, policy: str,
         shutil.rmtree(workdir, ignore_errors=True)
     got = dict(pair.split("=", 1) for pair in reply.split() if "=" in pair)
     assert (got["action"], got["check"]) == expected, reply
+
+
+def test_helo_fails_open_without_a_configuration() -> None:
+    from lookupd.dispatch import Dispatcher
+    from lookupd.protocol import Peer, Request
+
+    reply = Dispatcher.fail_open("broken").handle(
+        Request("helo", ("198.51.100.7", "mx.example.org", "-", "mx.example.org")), Peer("unix"))
+    assert reply == 'action=accept would=none check=none facts="" reason=""'

@@ -197,3 +197,17 @@ def test_sympl_settings_are_carried_over_into_lookupd_toml(
                     "--etc", str(etc), "--lookupd-config", str(toml))
     assert f"note: {toml} exists: add the settings above to it by hand" in out
     assert toml.read_bytes() == before
+
+
+def test_sympl_rcpt_order_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    etc = sympl_etc(tmp_path)
+    early = etc / "sympl.d/10-acl/50-acl-check-rcpt/01-accept-authenticated"
+    early.write_text("  accept\n    authenticated = *\n")
+    code, out = run(capsys, "install", "--layout", "sympl", "--dry-run", "--snippets",
+                    str(SNIPPETS), "--etc", str(etc))
+    assert code == 0
+    assert ("Sympl: sympl.d/10-acl/50-acl-check-rcpt/01-accept-authenticated may accept "
+            "authenticated senders before") in out
+    early.unlink()
+    assert "may accept" not in run(capsys, "install", "--layout", "sympl", "--dry-run",
+                                   "--snippets", str(SNIPPETS), "--etc", str(etc))[1]
