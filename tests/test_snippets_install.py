@@ -211,3 +211,19 @@ def test_sympl_rcpt_order_is_checked(tmp_path: Path, capsys: pytest.CaptureFixtu
     early.unlink()
     assert "may accept" not in run(capsys, "install", "--layout", "sympl", "--dry-run",
                                    "--snippets", str(SNIPPETS), "--etc", str(etc))[1]
+
+
+def test_single_layout_writes_the_complete_file_and_takes_it_back(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    etc = tmp_path / "exim4"
+    etc.mkdir()
+    (etc / "exim4.conf").write_text("# the admin's own configuration\n")
+    before = snapshot(etc)
+    code, out = run(capsys, "install", "--layout", "single", "--snippets", str(SNIPPETS),
+                    "--etc", str(etc))
+    assert code == 0, out
+    written = etc / "lookupd-exim.conf"
+    assert written.read_bytes() == (SNIPPETS / "single-file" / "exim.conf").read_bytes()
+    assert (etc / "exim4.conf").read_text() == "# the admin's own configuration\n"
+    assert run(capsys, "uninstall", "--etc", str(etc))[0] == 0
+    assert snapshot(etc) == before
