@@ -114,6 +114,8 @@ def _add_optional_commands(sub: Any) -> None:
     except ImportError:  # pragma: no cover - the users module is part of the package
         return
     add_users_parser(sub)
+    from lookupd.snippets_install import add_snippets_parser
+    add_snippets_parser(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_reload(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "snippets":
+            from lookupd.snippets_install import run_snippets
+            return run_snippets(args)
         if args.command == "users":
             from lookupd.users_cli import run_users
             return run_users(args, load_config(args.config))

@@ -440,6 +440,24 @@ class ConnectConfig:
 
 
 @dataclass(frozen=True)
+class HeloConfig:
+    """[helo]: the policy behind the `helo` verb (asked at RCPT, after AUTH had its chance)."""
+
+    # lenient: only what no real mail server does (our own name, localhost, a bare address,
+    # a listed name); rfc: also what RFC 5321 forbids or qpsmtpd's rfc policy refuses (no
+    # dot, not a domain name, a name that does not resolve); strict: also a literal or a
+    # name that is not the client's address.
+    policy: Literal["lenient", "rfc", "strict"] = "lenient"
+    # Only say what would be refused (action=accept would=deny): the default, to try first.
+    log_only: bool = True
+    # Our own names, beyond the primary_hostname Exim sends; a client announcing one of
+    # them (or one of our addresses) is lying.
+    own_names: tuple[str, ...] = ()
+    # Every DNS answer of one helo query within this, or the check counts as unknown.
+    deadline: float = field(default=2.0, metadata=_parsed(parse_duration, _positive))
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """[metrics]: the `metrics` verb always answers; this adds an HTTP listener for a
     Prometheus scraper, loopback only (GET /metrics), e.g. "127.0.0.1:9466"."""
@@ -457,6 +475,7 @@ class Config:
     dnsbl: DnsblConfig = field(default_factory=DnsblConfig)
     users: UsersConfig = field(default_factory=UsersConfig)
     connect: ConnectConfig = field(default_factory=ConnectConfig)
+    helo: HeloConfig = field(default_factory=HeloConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = field(default=None, metadata={"internal": True})
 

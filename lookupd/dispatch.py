@@ -16,6 +16,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
 from lookupd import __version__
+from lookupd.allowlist import ListFiles
 from lookupd.authblock import render_admin, render_check
 from lookupd.connect import ConnectChecker, ConnectRequest, Verdict, parse_args, unknown_facts
 from lookupd.connect import render as render_connect
@@ -24,6 +25,8 @@ from lookupd.dnsbl.names import normalize_domain
 from lookupd.dnsbl.verdict import PtrResult
 from lookupd.errors import BadRequest
 from lookupd.geoip import AsnResult, CountryResult
+from lookupd.helo import HELO_FAIL_OPEN, HeloChecker
+from lookupd.helo import parse_args as parse_helo
 from lookupd.incidents import IncidentsResult
 from lookupd.ipaddr import parse_ip
 from lookupd.logsummary import Repeats
@@ -77,6 +80,8 @@ class Dispatcher:
         self.connect_checker = None if sources is None else ConnectChecker(
             sources.config.connect, sources.geoip, sources.incidents, sources.dnsbl,
             on_verdict=control.metrics.verdict if control is not None else None)
+        self.helo_checker = None if sources is None else HeloChecker(
+            sources.config.helo, sources.dnsbl, ListFiles(sources.config.connect.allowlist_files))
         self.table: dict[str, Handler] = {
             "ping": Handler(lambda a, p: "pong", 0, 0),
             "version": Handler(lambda a, p: f"lookupd {__version__}", 0, 0),
@@ -95,6 +100,8 @@ class Dispatcher:
             # One verdict per SMTP connection from every source at once. HELO is optional
             # (none yet at connect time); whatever follows PORT is taken as the HELO name.
             "connect": Handler(self.connect, 0, 64),
+            # The RCPT ACL's HELO check (once per connection, unauthenticated clients only).
+            "helo": Handler(self.helo, 3, 64),
             # Authenticated-user block state. No user (an unauthenticated session): `ok`.
             "user": Handler(self.user, 0, 1, exim_only=True),
             # The recipient is the rest of the line: a quoted local part may hold spaces, and
@@ -242,6 +249,13 @@ class Dispatcher:
         assert self.connect_checker is not None
         return await self.connect_checker.answer(request)
 
+    # --- helo: the HELO policy, asked at RCPT ------------------------------------------------
+
+    def helo(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        request = parse_helo(args)
+        assert self.helo_checker is not None
+        return self.helo_checker.answer(request)
+
     # --- authenticated-user block state (reads from memory, writes through the disk) -----
 
     def user(self, args: tuple[str, ...], peer: Peer) -> str:
@@ -361,6 +375,7 @@ _FAIL_OPEN: dict[str, HandlerFn] = {
     "ptr": _fail_open_ip(render_ptr(PtrResult(Status.UNKNOWN, fcrdns="unknown"))),
     "stats": _fail_open_refused,
     "connect": _fail_open_connect,
+    "helo": lambda a, p: HELO_FAIL_OPEN,
     "user": lambda a, p: "ok",
     "user-fail": lambda a, p: "ok",
     "user-block": _fail_open_refused,

@@ -42,6 +42,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "ptr": ("ptr IP", "reverse name and whether it resolves back"),
     "stats": ("stats", "the DNS lists' figures"),
     "connect": ("connect IP [PORT] [HELO]", "every fact and lookupd's verdict on a client"),
+    "helo": ("helo IP OURNAME OURADDR HELO", "the HELO policy's verdict (key=value pairs)"),
     "user": ("user USER", "ok, or blocked - since=... reason=..."),
     "user-fail": ("user-fail USER [RECIPIENT]", "record an invalid recipient; the state after"),
     "user-block": ("user-block USER [REASON]", "block a user (root or users.admin_group)"),

@@ -405,3 +405,20 @@ def test_jails_load_and_the_defer_jail_is_opt_in_and_lax(tmp_path: Path) -> None
     assert int(defers["maxretry"]) >= 5 * int(refusals["maxretry"])
     assert seconds(defers["findtime"]) <= seconds(refusals["findtime"])
     assert seconds(defers["bantime"]) * 24 <= seconds(refusals["bantime"])
+
+
+def test_the_readmes_ratelimit_failregex_matches_the_ratelimit_line(tmp_path: Path) -> None:
+    """exim-snippets/README.md gives a one-line filter for the connection rate limit's 451;
+    put after the defer filter's [INCLUDES] and pid, it matches that line and no defer."""
+    readme = (SNIPPETS / "README.md").read_text()
+    failregex = re.search(r'(?m)^failregex = .*lookupd ratelimit: $', readme)
+    assert failregex is not None
+    text = re.sub(r"(?m)^failregex = .*$", lambda _: failregex.group(0),
+                  DEFER_FILTER.read_text())
+    ratelimit_filter = tmp_path / "exim-lookupd-ratelimit.conf"
+    ratelimit_filter.write_text(text)
+    line = ('2026-12-01 20:00:00 H=[192.0.2.7] temporarily rejected connection in "connect" '
+            "ACL: lookupd ratelimit: 11.0 connections per 15m (limit 10)\n")
+    defer = ('2026-12-01 20:00:01 H=[192.0.2.8] temporarily rejected connection in "connect" '
+             "ACL: lookupd defer rule=submission country=SE incidents=0 dnsbl=clean: x\n")
+    assert fail2ban_hits(line + defer, ratelimit_filter) == [("192.0.2.7", line.rstrip("\n"))]

@@ -393,6 +393,11 @@ def test_auth_refused_on_port_25_and_without_tls(configs: dict[str, Path], daemo
     local = bh(config, "127.0.0.1", smtp, port=587, sock=sock)  # LOOKUPD_NOTLS_HOSTS
     assert "235 Authentication succeeded" in local.out
 
+    # The README's way to keep AUTH on port 25 and in clear text for some hosts.
+    kept = bh(config, CLEAN, smtp, port=25, sock=sock,
+              defines=["LOOKUPD_NOAUTH_PORTS=", f"LOOKUPD_NOTLS_HOSTS=<; {CLEAN}"])
+    assert "235 Authentication succeeded" in kept.out, kept.out
+
 
 # --- RCPT ACL: blocked users -------------------------------------------------------------------
 
@@ -442,3 +447,223 @@ def test_rules_lookupd_keeps_log_only(configs: dict[str, Path], lab: ConnectLab,
     finally:
         daemon.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- RCPT ACL: the HELO name ([helo], the `helo` verb) ----------------------------------------
+
+def primary_hostname(config: Path) -> str:
+    proc = subprocess.run([EXIM, "-C", str(config), "-be", "$primary_hostname"],
+                          capture_output=True, timeout=30, check=True)
+    return proc.stdout.decode().strip()
+
+
+def helo_session(helo: str, recipients: Iterable[str] = ("root@localhost",),
+                 auth: str = "") -> str:
+    rcpts = "".join(f"RCPT TO:<{r}>\n" for r in recipients)
+    login = f"AUTH PLAIN {auth_plain(auth)}\n" if auth else ""
+    return f"EHLO {helo}\n{login}MAIL FROM:<someone@example.net>\n{rcpts}QUIT\n"
+
+
+@pytest.fixture(scope="module")
+def helo_daemon(lab: ConnectLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lookupd]:
+    """A lookupd that enforces its lenient HELO policy ([helo] log_only = false)."""
+    workdir = short_dir()
+    lists = tmp_path_factory.mktemp("helo-lists")
+    running = Lookupd(workdir, lookupd_config(lab.resolver_port, lists,
+                                              extra="[helo]\nlog_only = false")).start()
+    yield running
+    running.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_helo_spares_real_senders_and_refuses_bots_at_rcpt(
+        configs: dict[str, Path], helo_daemon: Lookupd, flavour: str) -> None:
+    config, sock = configs[flavour], helo_daemon.socket
+    ours = primary_hostname(config)
+
+    # An Exchange server behind a .local name that resolves nowhere: fine under lenient.
+    exchange = bh(config, CLEAN, helo_session("EXCHANGE.Airflite.local"), port=25, sock=sock)
+    assert exchange.codes() == ["220", "250", "250", "250", "221"], exchange.out
+    assert exchange.logged("lookupd helo") == []
+
+    # A bot announcing our own name: refused at RCPT, postmaster and abuse still reachable.
+    bot = bh(config, CLEAN, helo_session(ours, ["root@localhost", "postmaster@localhost"]),
+             port=25, sock=sock)
+    assert bot.codes()[:4] == ["220", "250", "250", "550"], bot.out
+    assert f"550 Your HELO name {ours} is one of our own names or addresses" in bot.out
+    # (the test Sympl and single-file trees have no postmaster alias: Exim's own 550 there)
+    assert bot.out.count("Your HELO name") == 1, bot.out
+    assert len(bot.logged("lookupd helo deny")) == 1, bot.log
+    assert bot.logged(f"rejected RCPT <root@localhost>: lookupd helo deny check=ours: Your "
+                      f"HELO name {ours} is one of our own names or addresses")
+    assert f"helo deny: [{CLEAN}] helo {ours} check=ours" in helo_daemon.log()
+
+    # An authenticated user with the same HELO is never refused (and lookupd is not asked).
+    user = bh(config, CLEAN, helo_session(ours, auth="alice"), port=587, sock=sock,
+              defines=[f"LOOKUPD_NOTLS_HOSTS={CLEAN}"])
+    assert user.codes() == ["220", "250", "235", "250", "250", "221"], user.out
+    assert user.logged("lookupd helo") == []
+
+    # A relay host (loopback here) neither.
+    relay = bh(config, "127.0.0.1", helo_session("localhost"), port=25, sock=sock)
+    assert relay.codes()[-2:] == ["250", "221"], relay.out
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_helo_is_log_only_by_default(configs: dict[str, Path], daemon: Lookupd,
+                                     flavour: str) -> None:
+    config = configs[flavour]
+    ours = primary_hostname(config)
+    bot = bh(config, CLEAN, helo_session(ours, ["root@localhost", "root@localhost"]), port=25,
+             sock=daemon.socket)
+    assert bot.codes() == ["220", "250", "250", "250", "250", "221"], bot.out
+    assert bot.logged(f"lookupd helo log-only: [{CLEAN}] would deny check=ours: Your HELO name "
+                      f"{ours} is one of our own names or addresses")
+    assert len(bot.logged("lookupd helo")) == 1
+
+
+# --- RCPT ACL: relay hosts are blocked by address, as users are ---------------------------
+
+@pytest.fixture
+def own_daemon(lab: ConnectLab, tmp_path: Path) -> Iterator[Lookupd]:
+    """A lookupd of the test's own: its user state starts empty."""
+    workdir = short_dir()
+    running = Lookupd(workdir, lookupd_config(lab.resolver_port, tmp_path)).start()
+    yield running
+    running.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_relay_host_is_blocked_by_address(configs: dict[str, Path], own_daemon: Lookupd,
+                                          flavour: str) -> None:
+    """A relay host (loopback: in relay_from_hosts everywhere) that did not authenticate and
+    sends to three unknown local recipients (the test limit) is blocked as host:IP and its
+    mail frozen; an authenticated user from the same host is still keyed by its name."""
+    config, sock = configs[flavour], own_daemon.socket
+    smtp = ("EHLO office-pc.example\nMAIL FROM:<pc@example.net>\n"
+            + "".join(f"RCPT TO:<{r}>\n" for r in ("gone1@localhost", "gone2@localhost",
+                                                     "root@localhost", "gone3@localhost",
+                                                     "root@localhost"))
+            + "QUIT\n")
+    first = bh(config, "127.0.0.1", smtp, port=25, sock=sock)
+    assert first.codes() == ["220", "250", "250", "550", "550", "250", "550", "250", "221"], \
+        first.out
+    assert len(first.logged("lookupd unknown recipient of relay host host:127.0.0.1")) == 3
+    assert first.logged("lookupd user blocked: host:127.0.0.1 [127.0.0.1]: message frozen "
+                        "(3 invalid recipients in 1h)")
+    assert "blocked - since=" in own_daemon.query("user host:127.0.0.1")
+
+    # The next message from that host is frozen at once.
+    again = bh(config, "127.0.0.1", "EHLO office-pc.example\nMAIL FROM:<pc@example.net>\n"
+               "RCPT TO:<root@localhost>\nQUIT\n", port=25, sock=sock)
+    assert again.codes()[-2:] == ["250", "221"], again.out
+    assert again.logged("lookupd user blocked: host:127.0.0.1 [127.0.0.1]: message frozen")
+
+    # A user who logs in from that host is judged as itself.
+    user = bh(config, "127.0.0.1", user_session("erin", ["root@localhost"]), port=587,
+              sock=sock)
+    assert user.codes()[-2:] == ["250", "221"], user.out
+    assert user.logged("lookupd user blocked") == []
+
+    # A host that is not a relay host is not counted: Exim refuses its unknown recipients.
+    stranger = bh(config, CLEAN, smtp.replace("office-pc", "mx"), port=25, sock=sock)
+    assert stranger.logged("lookupd unknown recipient") == []
+    assert own_daemon.query(f"user host:{CLEAN}") == "ok"
+
+
+# --- connect ACL: the submission log line, the connection rate limit ---------------------------
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_accepted_submission_is_logged_with_its_country(configs: dict[str, Path],
+                                                        daemon: Lookupd, flavour: str) -> None:
+    config, sock = configs[flavour], daemon.socket
+    accepted = bh(config, CLEAN, port=587, sock=sock)
+    assert accepted.codes() == ["220", "221"], accepted.out
+    assert accepted.logged(f"Submission from {CLEAN} on port 587 GB")
+    assert bh(config, CLEAN, port=25, sock=sock).logged("Submission from") == []
+    assert bh(config, SUBMIT_SE, port=587, sock=sock).logged("Submission from") == []
+
+
+@pytest.fixture
+def exim_spool() -> Iterator[Path]:
+    """A spool directory for Exim's hints databases (ratelimit): Exim's user must reach it,
+    so not under pytest's 0700 tmp_path."""
+    spool = short_dir() / "spool"
+    spool.mkdir()
+    shutil.chown(spool, "Debian-exim", "Debian-exim")
+    yield spool
+    shutil.rmtree(spool.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_connection_ratelimit(daemon: Lookupd, tmp_path: Path, exim_spool: Path,
+                              flavour: str) -> None:
+    """LOOKUPD_RATELIMIT = 2 / 1h: the third connection from a host is deferred (log-only:
+    logged); relay hosts and allowlisted clients are never limited. The ratelimit hints
+    database lives in a spool directory of the test's own."""
+    # Debian's configuration and the single file take spool_directory from SPOOLDIR already.
+    config = (build_sympl(tmp_path, "spool_directory = SPOOLDIR\n") if flavour == "sympl"
+              else BUILDERS[flavour](tmp_path))
+    defines = [f"SPOOLDIR={exim_spool}", "LOOKUPD_RATELIMIT=2 / 1h"]
+    for ip in ("127.0.0.1", ALLOWED):
+        for _ in range(3):
+            session = bh(config, ip, port=25, sock=daemon.socket, defines=defines)
+            assert session.codes() == ["220", "221"], (ip, session.out)
+    for _ in range(2):
+        session = bh(config, CLEAN, port=25, sock=daemon.socket, defines=defines)
+        assert session.codes() == ["220", "221"], (session.out, session.log)
+    limited = bh(config, CLEAN, port=25, sock=daemon.socket, defines=defines)
+    assert "451 Too many connections from 81.2.69.142; try again later" in limited.out
+    assert limited.logged(f'H=[{CLEAN}] temporarily rejected connection in "connect" ACL: '
+                          "lookupd ratelimit: 3.0 connections per 1h (limit 2)")
+    logged = bh(config, CLEAN, port=25, sock=daemon.socket,
+                defines=[*defines, "LOOKUPD_RATE_LOG_ONLY=yes"])
+    assert logged.codes() == ["220", "221"], logged.out
+    # leaky (Exim's default): a refused connection does not raise the rate.
+    assert logged.logged(f"H=[{CLEAN}] Warning: lookupd ratelimit: 3.0 connections per 1h "
+                         "(limit 2)")
+
+
+# --- RCPT ACL: the DNS lists per recipient (LOOKUPD_DNSBL_AT_RCPT) ------------------------
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_dnsbl_at_rcpt_spares_postmaster_and_honours_per_domain_files(
+        configs: dict[str, Path], lab: ConnectLab, tmp_path: Path, flavour: str) -> None:
+    """lookupd does not refuse at connect (deny_on_dnsbl = false); the RCPT ACL refuses a
+    listed client per recipient from the cached answer, never for postmaster; with
+    LOOKUPD_DNSBL_OPT_IN only for domains with a file named after the list."""
+    workdir = short_dir()
+    daemon = Lookupd(workdir, lookupd_config(lab.resolver_port, tmp_path,
+                                             extra="deny_on_dnsbl = false")).start()
+    optin = short_dir()
+    try:
+        config, sock = configs[flavour], daemon.socket
+        smtp = helo_session("mail.example.net", ["root@localhost", "postmaster@localhost"])
+        plain = bh(config, LISTED, smtp, port=25, sock=sock)
+        assert plain.codes()[:4] == ["220", "250", "250", "250"], plain.out  # not refused
+        assert plain.logged("lookupd dnsbl deny") == []
+
+        at_rcpt = bh(config, LISTED, smtp, port=25, sock=sock,
+                     defines=["LOOKUPD_DNSBL_AT_RCPT=yes"])
+        assert at_rcpt.codes()[:4] == ["220", "250", "250", "550"], at_rcpt.out
+        assert f"550 Rejected - {LISTED} is listed at bl.test" in at_rcpt.out
+        assert len(at_rcpt.logged("lookupd dnsbl deny at rcpt: lists=bl.test:")) == 1
+        assert at_rcpt.out.count("is listed at") == 1  # postmaster is not refused for it
+
+        clean = bh(config, CLEAN, smtp, port=25, sock=sock,
+                   defines=["LOOKUPD_DNSBL_AT_RCPT=yes"])
+        assert clean.logged("lookupd dnsbl deny") == []
+
+        defines = ["LOOKUPD_DNSBL_AT_RCPT=yes", f"LOOKUPD_DNSBL_OPT_IN={optin}/$domain"]
+        not_opted = bh(config, LISTED, smtp, port=25, sock=sock, defines=defines)
+        assert not_opted.codes()[3] == "250", not_opted.out
+        (optin / "localhost").mkdir(mode=0o755)
+        (optin / "localhost" / "bl.test").write_text("")
+        opted = bh(config, LISTED, smtp, port=25, sock=sock, defines=defines)
+        assert opted.codes()[3] == "550", opted.out
+    finally:
+        daemon.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(optin, ignore_errors=True)

@@ -357,6 +357,14 @@ class DnsblSource:
         of internal lists (query_special), as its address is."""
         return await self._check(*self._smtp_name_query(text, client))
 
+    async def resolve(self, name: str, rdtype: str) -> DnsAnswer:
+        """One plain question (A, AAAA, MX of a HELO name) through the shared cache, within
+        the deadline; UNKNOWN when nothing came back in time."""
+        loop = asyncio.get_running_loop()
+        answer = await self._within(loop.time() + self._config.deadline,
+                                    self._lookup("", rdtype, name, None))
+        return DnsAnswer(Status.UNKNOWN, reason="timeout") if answer is None else answer
+
     async def ptr(self, ip: str | IPAddress) -> PtrResult:
         """The PTR name of an address and whether it resolves back to it (FCrDNS)."""
         address = _address(ip)
