@@ -71,9 +71,9 @@ def run(ctx: Context) -> SuiteResult:
         base = stack.enter_context(harness.baseline_server(ctx))
         lookupd = stack.enter_context(harness.lookupd_server(ctx, config=config))
         contenders = [Contender(f"lookupd connect {ip} 25", lookupd.endpoint, f"connect {ip} 25",
-                                warm_answer(lookupd.endpoint, ip, action))
+                                warm_answer(lookupd.endpoint, ip, action), pid=lookupd.proc.pid)
                       for ip, action in ((ACCEPTED, "accept"), (DENIED, "deny"))]
-        baseline = Contender(harness.BASELINE, base.endpoint, "ping", "pong")
+        baseline = Contender(harness.BASELINE, base.endpoint, "ping", "pong", pid=base.proc.pid)
         base_series, series = harness.alternate(ctx, baseline, contenders, (8,))
         tables = [Table(
             title=f"connect, every source warm, vs the C baseline ({ctx.settings.rounds} rounds,"
@@ -86,6 +86,7 @@ def run(ctx: Context) -> SuiteResult:
                 " dnsmasq on loopback; after the warm-up every DNS answer is in lookupd's"
                 " cache. The deny row also writes lookupd's INFO log line per answer.",
                 "x/C: lookupd's figure over the C baseline's `ping` in the same round.",
+                harness.CPU_NOTE,
                 *harness.problem_notes([*base_series, *series]),
             ),
         )]

@@ -26,9 +26,10 @@ def run(ctx: Context) -> SuiteResult:
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(harness.baseline_server(ctx))
         lookupd = stack.enter_context(harness.lookupd_server(ctx))
-        baseline = Contender(harness.BASELINE, base.endpoint, "ping", "pong")
+        baseline = Contender(harness.BASELINE, base.endpoint, "ping", "pong", pid=base.proc.pid)
         contenders = [
-            Contender(f"lookupd {req}", lookupd.endpoint, req, ans) for req, ans in REQUESTS
+            Contender(f"lookupd {req}", lookupd.endpoint, req, ans, pid=lookupd.proc.pid)
+            for req, ans in REQUESTS
         ]
         base_series, series = harness.alternate(ctx, baseline, contenders, ctx.settings.clients)
     table = Table(
@@ -38,6 +39,7 @@ def run(ctx: Context) -> SuiteResult:
         notes=(
             "x/C: lookupd's figure over the C baseline's in the same round (median of rounds);"
             " qps/C above 1 is better, p50/C and p99/C below 1 are better.",
+            harness.CPU_NOTE,
             *harness.problem_notes([*base_series, *series]),
         ),
     )

@@ -131,10 +131,10 @@ def _warm(ctx: Context) -> tuple[Table, dict[str, object], int]:
             ctx, config=lookupd_config(f"127.0.0.1:{rbl.port}")))
         contenders = [
             Contender(f"lookupd dnsbl {ip} ({kind}, cached)", lookupd.endpoint, f"dnsbl {ip}",
-                      warm_answer(lookupd.endpoint, ip, kind))
+                      warm_answer(lookupd.endpoint, ip, kind), pid=lookupd.proc.pid)
             for ip, kind in ((CLEAN, "clean"), (LISTED, "listed"))
         ]
-        baseline = Contender(harness.BASELINE, base.endpoint, "ping", "pong")
+        baseline = Contender(harness.BASELINE, base.endpoint, "ping", "pong", pid=base.proc.pid)
         base_series, series = harness.alternate(ctx, baseline, contenders, (8,))
     table = Table(
         title=f"dnsbl from lookupd's cache vs the C baseline ({ctx.settings.rounds} rounds,"
@@ -145,6 +145,7 @@ def _warm(ctx: Context) -> tuple[Table, dict[str, object], int]:
             f"Three lists ({', '.join(z for z, _, _ in ZONES)}) in rbldnsd on loopback; every"
             " answer after the first comes from lookupd's shared cache.",
             "x/C: lookupd's figure over the C baseline's `ping` in the same round.",
+            harness.CPU_NOTE,
             *harness.problem_notes([*base_series, *series]),
         ),
     )

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -322,6 +322,9 @@ class LoadResult:
     p999_us: float
     max_us: float
     first_problem: str | None
+    # The server's CPU time (user + system, /proc/PID/stat) over the queries it answered, in
+    # microseconds per query; NaN when the server's pid is not known.
+    cpu_us: float = float("nan")
 
     @property
     def failed(self) -> int:
@@ -373,11 +376,34 @@ class Contender:
     expect: str | None
     # Lines to cycle through instead of REQUEST (e.g. distinct addresses, for cold caches).
     requests_file: Path | None = None
+    # The server process, for its CPU time per query (None: not measured).
+    pid: int | None = None
 
     def load(self, ctx: Context, clients: int, duration: float) -> LoadResult:
-        return run_load(
+        before = cpu_seconds(self.pid)
+        result = run_load(
             ctx, self.endpoint, self.request, clients, duration, self.expect, self.requests_file
         )
+        after = cpu_seconds(self.pid)
+        if before is None or after is None or not result.queries:
+            return result
+        # Every query the loadgen made cost the server its work, answered well or not.
+        return replace(result, cpu_us=(after - before) * 1e6 / result.queries)
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime of PID (its threads included) in seconds, from /proc/PID/stat."""
+    if pid is None:
+        return None
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
 @dataclass
@@ -427,7 +453,7 @@ class Series:
         }
 
 
-FIGURES = ("qps", "p50_us", "p99_us")
+FIGURES = ("qps", "p50_us", "p99_us", "cpu_us")
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -554,6 +580,10 @@ def fmt_us(value: float) -> str:
     return "n/a" if value != value else f"{value:,.0f}"
 
 
+def fmt_cpu(value: float) -> str:
+    return "-" if value != value else f"{value:,.1f}"
+
+
 def ratio_rows(base: Sequence[Series], series: Sequence[Series]) -> tuple[tuple[str, ...], ...]:
     """Rows grouped by client count: the baseline first, then every contender with its ratios."""
     rows: list[tuple[str, ...]] = []
@@ -571,6 +601,7 @@ def ratio_rows(base: Sequence[Series], series: Sequence[Series]) -> tuple[tuple[
                 "1.00x" if is_base else fmt_ratio(_median_or_none(s.p50_ratios)),
                 fmt_us(s.median("p99_us")),
                 "1.00x" if is_base else fmt_ratio(_median_or_none(s.p99_ratios)),
+                fmt_cpu(s.median("cpu_us")),
                 str(s.failed),
             )
         )
@@ -586,8 +617,14 @@ RATIO_HEADER = (
     "p50/C",
     "p99 us",
     "p99/C",
+    "cpu us/q",
     "errors",
 )
+
+
+CPU_NOTE = ("cpu us/q: the server process's CPU time (user + system, /proc/PID/stat) over the"
+            " queries made of it, median of rounds: what each query costs the machine beside"
+            " the clients' own work.")
 
 
 def problem_notes(series: Sequence[Series]) -> tuple[str, ...]:
