@@ -1,8 +1,10 @@
 """The listener: connections, bounded reads with a timeout, replies, reload and graceful stop.
 
-Connections are asyncio.Protocol objects rather than streams: Exim opens a new connection for
-every lookup, so the per-connection cost is the daemon's cost (bench/NOTES.md has the figures).
-A request answered from memory is written from the read callback itself, without a task.
+Exim opens a new connection for every lookup, so the per-connection cost is the daemon's cost
+(bench/NOTES.md has the figures). The listening socket's readiness callback accepts, reads the
+request the client has already written, answers from memory, writes and closes, with no
+transport or protocol object; only a client whose request has not arrived waits on the loop
+(a Connection, under the read timeout), and only a coroutine answer gets a task.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal
 
 from lookupd import systemd
 from lookupd.config import EXIM_GROUPS, Config, HostPort
@@ -56,65 +58,84 @@ FAIL_OPEN_REMINDER = 3600.0
 BACKLOG = 1024
 _ANONYMOUS = {"unix": Peer("unix"), "tcp": Peer("tcp")}  # for verbs that need no uid
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+_READ = 4096  # a request is at most MAX_REQUEST bytes; more per read only drops faster
+_ACCEPT_BATCH = 64  # connections accepted per wake-up before other callbacks get a turn
 
 
-class Connection(asyncio.Protocol):
-    """One client connection: read one request, answer it, close."""
+class Connection:
+    """A client not answered at once: its request has not all arrived (it waits on the loop,
+    under the read timeout), or its answer is a coroutine (it waits for the task)."""
 
-    __slots__ = ("server", "kind", "transport", "buffer", "discarded", "answered", "timer",
-                 "verb", "started")
+    __slots__ = ("server", "sock", "fd", "kind", "buffer", "discarded", "answered", "timer",
+                 "reading")
 
-    def __init__(self, server: Server, kind: Literal["unix", "tcp"]) -> None:
+    def __init__(self, server: Server, sock: socket.socket, kind: Literal["unix", "tcp"],
+                 buffer: bytes = b"") -> None:
         self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
         self.kind: Literal["unix", "tcp"] = kind
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
+        self.buffer = bytearray(buffer)
         self.discarded = -1  # >= 0 once the request is known to be too long
         self.answered = False
         self.timer: asyncio.TimerHandle | None = None
-        self.verb = "-"  # for the metrics: "-" until a request parsed
-        self.started = 0.0
+        self.reading = False
+        server.add(self)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
-        self.transport = cast(asyncio.Transport, transport)
-        connections = self.server.connections
-        connections[self] = None
-        if len(connections) > self.server.max_connections:
-            self.server.shed_idle(self)
-        self.timer = self.server.loop.call_later(self.server.read_timeout, self._timed_out)
+    def park(self) -> None:
+        """Wait on the loop for the rest of the request, at most read_timeout."""
+        if len(self.buffer) > MAX_REQUEST:
+            self.discarded = len(self.buffer)
+            self.buffer.clear()
+        server = self.server
+        server.loop.add_reader(self.fd, self._readable)
+        self.reading = True
+        self.timer = server.loop.call_later(server.read_timeout, self._timed_out)
 
-    def data_received(self, data: bytes) -> None:
+    def _readable(self) -> None:
         if self.answered:
+            return
+        try:
+            data = self.sock.recv(_READ, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # reset by the client: nobody to answer
+            self.answered = True
+            self.close()
+            return
+        if not data:  # EOF: the request is what came (Exim half-closes after its write)
+            self.stop_reading()
+            if self.discarded >= 0:
+                self._too_long()
+            else:
+                self.server.answer(self.sock, self.kind, self.buffer, self)
             return
         if self.discarded >= 0:  # too long: drop the rest of it, then say so
             self.discarded += len(data)
             if b"\n" in data or self.discarded > MAX_DISCARD:
+                self.stop_reading()
                 self._too_long()
             return
         self.buffer += data
         end = request_end(self.buffer)
         if end >= 0:
-            self._answer(self.buffer[: end + 1])
+            self.stop_reading()
+            self.server.answer(self.sock, self.kind, self.buffer[: end + 1], self)
         elif len(self.buffer) > MAX_REQUEST:
             self.discarded = len(self.buffer)
             self.buffer.clear()
 
-    def eof_received(self) -> bool:
-        if not self.answered:
-            if self.discarded >= 0:
-                self._too_long()
-            else:
-                self._answer(self.buffer)
-        return True  # keep the transport open to write the reply; _reply closes it
-
-    def connection_lost(self, exc: Exception | None) -> None:
+    def stop_reading(self) -> None:
+        self.answered = True
         if self.timer is not None:
             self.timer.cancel()
-        self.answered = True
-        self.server.connection_done(self)
+            self.timer = None
+        if self.reading:
+            self.reading = False
+            self.server.loop.remove_reader(self.fd)
 
     def _timed_out(self) -> None:
+        self.timer = None
         if self.answered:
             return
         repeats.warning("clients that sent no complete request in time",
@@ -122,51 +143,23 @@ class Connection(asyncio.Protocol):
                         "closed it. Exim always sends its request at once: is something else "
                         "connecting?", self.kind, self.server.read_timeout,
                         max(len(self.buffer), self.discarded))
-        self.answered = True
-        self._reply(ERR_TIMEOUT)
+        self.stop_reading()
+        self.server.send(self.sock, ERR_TIMEOUT, "", 0.0, self)
 
     def _too_long(self) -> None:
         repeats.warning("requests that were too long",
                         "%s client sent a request longer than %d bytes; answered with an error",
                         self.kind, MAX_REQUEST)
-        self.answered = True
-        self._reply(ERR_TOO_LONG)
+        self.server.send(self.sock, ERR_TOO_LONG, "", 0.0, self)
 
-    def _answer(self, data: bytes | bytearray) -> None:
-        self.answered = True
-        self.started = time.perf_counter()
-        if self.timer is not None:
-            self.timer.cancel()
-        try:
-            request = parse_request(data)
-        except BadRequest as exc:
-            repeats.warning("malformed requests", "%s client sent a malformed request %r: %s",
-                            self.kind,
-                            shown(bytes(data[:MAX_REQUEST]).decode("ascii", "replace")), exc)
-            self._reply(str(exc))
-            return
-        if self.server.debug:  # built only when wanted: this is the hot path
-            log.debug("request %s %s", request.verb, shown(" ".join(request.args)))
-        self.verb = request.verb if request.verb in VERBS else "unknown"
-        dispatcher = self.server.dispatcher
-        try:
-            reply = dispatcher.handle(request, self._peer(dispatcher.needs_peer(request.verb)))
-        except Exception:
-            log.exception("internal error answering %r; please report this",
-                          shown(request.verb))
-            reply = ERR_INTERNAL
-        if isinstance(reply, str):
-            self._reply(reply)
-        else:
-            dispatcher.pending += 1
-            self.server.track(self.server.loop.create_task(self._finish(reply, dispatcher)))
-
-    async def _finish(self, pending: Awaitable[str], dispatcher: Dispatcher) -> None:
+    async def finish(self, pending: Awaitable[str], dispatcher: Dispatcher, verb: str,
+                     started: float) -> None:
+        """Await a coroutine answer (bounded by ANSWER_LIMIT), then send it."""
         try:
             async with asyncio.timeout(ANSWER_LIMIT):
                 reply = await pending
         except asyncio.CancelledError:
-            self._reply(ERR_INTERNAL)
+            self.server.send(self.sock, ERR_INTERNAL, verb, started, self)
             raise
         except Exception:
             log.exception("internal error while answering; please report this")
@@ -174,35 +167,13 @@ class Connection(asyncio.Protocol):
         finally:
             dispatcher.pending -= 1
             self.server.answered_on(dispatcher)
-        self._reply(reply)
+        self.server.send(self.sock, reply, verb, started, self)
 
-    def _peer(self, with_credentials: bool) -> Peer:
-        if not with_credentials or self.transport is None:
-            return _ANONYMOUS[self.kind]
-        sock = self.transport.get_extra_info("socket")
-        if self.kind == "tcp":
-            return Peer("tcp", uid=tcp_peer_uid(sock))
-        try:
-            pid, uid, gid = _UCRED.unpack(
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-        except OSError:
-            return Peer(self.kind)
-        return Peer(self.kind, uid=uid, gid=gid, pid=pid)
-
-    def _reply(self, reply: str) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        try:
-            data = check_reply(reply)
-        except ValueError:
-            log.exception("internal error: a reply had a line break; please report this")
-            data = ERR_INTERNAL.encode()
-        transport.write(data)
-        transport.close()
-        if self.started:
-            self.server.metrics.answered(self.verb, reply.startswith("error "),
-                                         time.perf_counter() - self.started)
+    def close(self) -> None:
+        """Forget the connection and close its socket (idempotent)."""
+        self.stop_reading()
+        self.sock.close()
+        self.server.done(self)
 
 
 class Server:
@@ -224,7 +195,7 @@ class Server:
         self.max_connections = connection_cap()
         self.shed_total = 0  # idle connections closed to keep room for the others
         self.tasks: set[asyncio.Task[None]] = set()
-        self.listeners: list[asyncio.Server] = []
+        self.listeners: list[socket.socket] = []
         self.owned_paths: list[tuple[Path, int]] = []  # socket files we bound: (path, inode)
         self.retired: list[Dispatcher] = []  # replaced by a reload, not yet closed
         self.reload_wanted = False
@@ -237,27 +208,153 @@ class Server:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def connection_done(self, conn: Connection) -> None:
+    # --- the answer path ---------------------------------------------------------------------
+    # No transport or protocol object per connection (bench/NOTES.md, issue 15): the listening
+    # socket's readiness callback accepts, reads what the client has already sent, answers
+    # from memory, writes and closes, all at once. Only a client whose request has not all
+    # arrived becomes a Connection waiting on the loop, and only a coroutine answer a task.
+
+    def _accept(self, listener: socket.socket, kind: Literal["unix", "tcp"]) -> None:
+        for _ in range(_ACCEPT_BATCH):  # then let the loop run the rest (DNS answers, timers)
+            try:
+                sock, _addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors although under the cap (something else holds them):
+                    # make room, the client waits in the backlog meanwhile.
+                    repeats.warning("accepts that failed for want of resources",
+                                    "cannot accept a connection: %s", exc.strerror)
+                    self.shed_idle(None)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone
+            self._serve(sock, kind)
+
+    def _serve(self, sock: socket.socket, kind: Literal["unix", "tcp"]) -> None:
+        """Answer a new client at once if its request is there (Exim writes it right after
+        connecting), else wait for it on the loop."""
+        buffer = b""
+        while True:
+            try:
+                data = sock.recv(_READ, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # reset by the client: nobody to answer
+                sock.close()
+                return
+            if not data:  # EOF: the request is what came (Exim half-closes after its write)
+                self.answer(sock, kind, buffer, None)
+                return
+            buffer += data
+            end = request_end(buffer)
+            if end >= 0:
+                self.answer(sock, kind, buffer[: end + 1], None)
+                return
+            if len(buffer) > MAX_REQUEST:
+                break  # the Connection drops the rest and says it was too long
+        Connection(self, sock, kind, buffer).park()
+
+    def answer(self, sock: socket.socket, kind: Literal["unix", "tcp"],
+               data: bytes | bytearray, conn: Connection | None) -> None:
+        """Parse, dispatch and send the reply, or start the task that will."""
+        started = time.perf_counter()
+        try:
+            request = parse_request(data)
+        except BadRequest as exc:
+            repeats.warning("malformed requests", "%s client sent a malformed request %r: %s",
+                            kind, shown(bytes(data[:MAX_REQUEST]).decode("ascii", "replace")),
+                            exc)
+            self.send(sock, str(exc), "-", started, conn)
+            return
+        if self.debug:  # built only when wanted: this is the hot path
+            log.debug("request %s %s", request.verb, shown(" ".join(request.args)))
+        verb = request.verb if request.verb in VERBS else "unknown"
+        dispatcher = self.dispatcher
+        try:
+            reply = dispatcher.handle(request, _peer(sock, kind,
+                                                     dispatcher.needs_peer(request.verb)))
+        except Exception:
+            log.exception("internal error answering %r; please report this",
+                          shown(request.verb))
+            reply = ERR_INTERNAL
+        if isinstance(reply, str):
+            self.send(sock, reply, verb, started, conn)
+            return
+        if conn is None:
+            conn = Connection(self, sock, kind)
+        conn.answered = True
+        dispatcher.pending += 1
+        self.track(self.loop.create_task(conn.finish(reply, dispatcher, verb, started)))
+
+    def send(self, sock: socket.socket, reply: str, verb: str, started: float,
+             conn: Connection | None) -> None:
+        """Write the reply and close; count it (`started`: 0 for replies to no request)."""
+        if sock.fileno() < 0:  # closed already: shed, or stopped
+            return
+        try:
+            data = check_reply(reply)
+        except ValueError:
+            log.exception("internal error: a reply had a line break; please report this")
+            data = ERR_INTERNAL.encode()
+        try:
+            sent = sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:  # the client is gone: nobody to tell
+            sent = len(data)
+        if started:
+            self.metrics.answered(verb, reply.startswith("error "),
+                                  time.perf_counter() - started)
+        if sent >= len(data):
+            sock.close()
+            if conn is not None:
+                self.done(conn)
+            return
+        # Only a long Document (metrics) can fill the socket buffer: the rest in a task.
+        if conn is None:
+            conn = Connection(self, sock, "unix" if sock.family == socket.AF_UNIX else "tcp")
+            conn.answered = True
+        self.track(self.loop.create_task(self._send_rest(conn, data[sent:])))
+
+    async def _send_rest(self, conn: Connection, data: bytes) -> None:
+        try:
+            conn.sock.setblocking(False)
+            async with asyncio.timeout(ANSWER_LIMIT):
+                await self.loop.sock_sendall(conn.sock, data)
+        except (OSError, TimeoutError):
+            pass  # the client went away or stopped reading: nothing more to do for it
+        finally:
+            conn.close()
+
+    def add(self, conn: Connection) -> None:
+        self._idle.clear()
+        connections = self.connections
+        connections[conn] = None
+        if len(connections) > self.max_connections:
+            self.shed_idle(conn)
+
+    def done(self, conn: Connection) -> None:
         self.connections.pop(conn, None)
         if not self.connections:
             self._idle.set()
 
-    def shed_idle(self, newest: Connection) -> None:
+    def shed_idle(self, newest: Connection | None) -> None:
         """Too many connections at once (a flood, or clients that never send): close the
         oldest one still waiting for its request, so that the descriptors never run out and
         Exim's connections are always accepted and answered."""
-        for conn in self.connections:
-            if conn is not newest and not conn.answered and conn.transport is not None:
-                conn.answered = True
-                conn.transport.abort()
-                self.shed_total += 1
-                repeats.warning(
-                    "idle connections closed because too many were open",
-                    "%d connections are open at once, the most lookupd keeps (its file "
-                    "descriptor limit is %d): closed the oldest idle one. A flood of clients "
-                    "that send nothing? Exim sends its request at once", len(self.connections),
-                    _fd_limit())
-                return
+        victim = next((conn for conn in self.connections
+                       if conn is not newest and not conn.answered), None)
+        if victim is None:
+            return
+        victim.close()
+        self.shed_total += 1
+        repeats.warning(
+            "idle connections closed because too many were open",
+            "%d connections are open at once, the most lookupd keeps (its file "
+            "descriptor limit is %d): closed the oldest idle one. A flood of clients "
+            "that send nothing? Exim sends its request at once", len(self.connections) + 1,
+            _fd_limit())
 
     def swap(self, dispatcher: Dispatcher) -> None:
         """Make `dispatcher` the one that answers; retire the one it replaces."""
@@ -283,8 +380,7 @@ class Server:
         dispatcher = self.dispatcher
         return collect(started=self.started, config=self.config.source,
                        fail_open=dispatcher.problem, last_reload=self.last_reload,
-                       listeners=tuple(_describe(s) for listener in self.listeners
-                                       for s in listener.sockets),
+                       listeners=tuple(_describe(s) for s in self.listeners),
                        connections=len(self.connections), shed=self.shed_total,
                        sources=dispatcher.sources)
 
@@ -308,24 +404,18 @@ class Server:
     async def listen(self, sockets: list[socket.socket]) -> None:
         for sock in sockets:
             kind: Literal["unix", "tcp"] = "unix" if sock.family == socket.AF_UNIX else "tcp"
-
-            def factory(kind: Literal["unix", "tcp"] = kind) -> Connection:
-                self._idle.clear()
-                return Connection(self, kind)
-
-            # asyncio calls listen() again, by default with a backlog of 100: too few for a
-            # burst of Exim processes (a full backlog makes non-blocking connects fail).
-            if kind == "unix":
-                listener = await self.loop.create_unix_server(factory, sock=sock,
-                                                              backlog=BACKLOG)
-            else:
-                listener = await self.loop.create_server(factory, sock=sock, backlog=BACKLOG)
-            self.listeners.append(listener)
+            # An inherited socket keeps systemd's backlog; ours may have been made with less:
+            # a full backlog makes a burst of Exim processes' non-blocking connects fail.
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+            self.loop.add_reader(sock.fileno(), self._accept, sock, kind)
+            self.listeners.append(sock)
 
     async def stop(self, drain_timeout: float) -> None:
         """Stop accepting, let in-flight requests finish (bounded), then drop the rest."""
-        for listener in self.listeners:
-            listener.close()
+        for sock in self.listeners:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
         if self.http is not None:
             self.http.close()
         with contextlib.suppress(TimeoutError):
@@ -337,14 +427,26 @@ class Server:
             log.warning("stopping with %d connection(s) still open after %.1fs; closing them",
                         len(self.connections), drain_timeout)
         for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.close()
         for task in list(self.tasks):
             task.cancel()
         for path, inode in self.owned_paths:
             with contextlib.suppress(OSError):
                 if path.lstat().st_ino == inode:
                     path.unlink()
+
+
+def _peer(sock: socket.socket, kind: Literal["unix", "tcp"], with_credentials: bool) -> Peer:
+    if not with_credentials:
+        return _ANONYMOUS[kind]
+    if kind == "tcp":
+        return Peer("tcp", uid=tcp_peer_uid(sock))
+    try:
+        pid, uid, gid = _UCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except OSError:
+        return Peer(kind)
+    return Peer(kind, uid=uid, gid=gid, pid=pid)
 
 
 # --- listening sockets ---------------------------------------------------------------------
