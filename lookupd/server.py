@@ -9,6 +9,7 @@ transport or protocol object; only a client whose request has not arrived waits 
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -58,6 +59,7 @@ FAIL_OPEN_REMINDER = 3600.0
 BACKLOG = 1024
 _ANONYMOUS = {"unix": Peer("unix"), "tcp": Peer("tcp")}  # for verbs that need no uid
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+Client = _socket.socket  # an accepted connection
 _READ = 4096  # a request is at most MAX_REQUEST bytes; more per read only drops faster
 _ACCEPT_BATCH = 64  # connections accepted per wake-up before other callbacks get a turn
 
@@ -69,7 +71,7 @@ class Connection:
     __slots__ = ("server", "sock", "fd", "kind", "buffer", "discarded", "answered", "timer",
                  "reading")
 
-    def __init__(self, server: Server, sock: socket.socket, kind: Literal["unix", "tcp"],
+    def __init__(self, server: Server, sock: Client, kind: Literal["unix", "tcp"],
                  buffer: bytes = b"") -> None:
         self.server = server
         self.sock = sock
@@ -215,9 +217,14 @@ class Server:
     # arrived becomes a Connection waiting on the loop, and only a coroutine answer a task.
 
     def _accept(self, listener: socket.socket, kind: Literal["unix", "tcp"]) -> None:
+        # The C socket type, not socket.socket: its Python wrapper costs several us a client
+        # (enum conversions of family and type in accept(), a Python close()).
+        family, type_, proto = int(listener.family), int(listener.type), listener.proto
+        accept = listener._accept  # type: ignore[attr-defined]  # (fd, address), no wrapper
         for _ in range(_ACCEPT_BATCH):  # then let the loop run the rest (DNS answers, timers)
             try:
-                sock, _addr = listener.accept()
+                fd, _addr = accept()
+                sock = Client(family, type_, proto, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -231,7 +238,7 @@ class Server:
                 continue  # ECONNABORTED and the like: that client is gone
             self._serve(sock, kind)
 
-    def _serve(self, sock: socket.socket, kind: Literal["unix", "tcp"]) -> None:
+    def _serve(self, sock: Client, kind: Literal["unix", "tcp"]) -> None:
         """Answer a new client at once if its request is there (Exim writes it right after
         connecting), else wait for it on the loop."""
         buffer = b""
@@ -255,7 +262,7 @@ class Server:
                 break  # the Connection drops the rest and says it was too long
         Connection(self, sock, kind, buffer).park()
 
-    def answer(self, sock: socket.socket, kind: Literal["unix", "tcp"],
+    def answer(self, sock: Client, kind: Literal["unix", "tcp"],
                data: bytes | bytearray, conn: Connection | None) -> None:
         """Parse, dispatch and send the reply, or start the task that will."""
         started = time.perf_counter()
@@ -287,7 +294,7 @@ class Server:
         dispatcher.pending += 1
         self.track(self.loop.create_task(conn.finish(reply, dispatcher, verb, started)))
 
-    def send(self, sock: socket.socket, reply: str, verb: str, started: float,
+    def send(self, sock: Client, reply: str, verb: str, started: float,
              conn: Connection | None) -> None:
         """Write the reply and close; count it (`started`: 0 for replies to no request)."""
         if sock.fileno() < 0:  # closed already: shed, or stopped
@@ -319,9 +326,11 @@ class Server:
 
     async def _send_rest(self, conn: Connection, data: bytes) -> None:
         try:
-            conn.sock.setblocking(False)
+            sock = conn.sock = socket.socket(conn.sock.family, conn.sock.type, conn.sock.proto,
+                                             conn.sock.detach())
+            sock.setblocking(False)
             async with asyncio.timeout(ANSWER_LIMIT):
-                await self.loop.sock_sendall(conn.sock, data)
+                await self.loop.sock_sendall(sock, data)
         except (OSError, TimeoutError):
             pass  # the client went away or stopped reading: nothing more to do for it
         finally:
@@ -436,7 +445,7 @@ class Server:
                     path.unlink()
 
 
-def _peer(sock: socket.socket, kind: Literal["unix", "tcp"], with_credentials: bool) -> Peer:
+def _peer(sock: Client, kind: Literal["unix", "tcp"], with_credentials: bool) -> Peer:
     if not with_credentials:
         return _ANONYMOUS[kind]
     if kind == "tcp":
