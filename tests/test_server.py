@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import os
 import signal
 import socket
@@ -17,6 +18,10 @@ from conftest import StartLookupd
 from support import FIREWALL, MAXMIND, REPO, ask, ask_tcp, free_port, read_all, with_test_defaults
 
 from lookupd import __version__
+from lookupd.config import Config
+from lookupd.dispatch import Dispatcher
+from lookupd.protocol import Document
+from lookupd.server import Server
 
 GOLDEN = REPO / "tests" / "data" / "golden.tsv"
 
@@ -385,3 +390,23 @@ def test_socket_belongs_to_exims_group_by_default(daemon) -> None:  # type: igno
     expected = next((g.gr_gid for name in EXIM_GROUPS
                      for g in grp.getgrall() if g.gr_name == name), os.getgid())
     assert st.st_gid == expected
+
+
+async def test_a_reply_longer_than_the_socket_buffer_is_sent_whole() -> None:
+    """A reply the socket cannot take at once (a long `metrics` Document, a slow reader) is
+    finished by a task, which then closes the connection and forgets it."""
+    server = Server(Config(), Dispatcher.fail_open("test"))
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    reply = Document("x" * 4_000_000 + "\n")
+    server.send(ours, reply, "metrics", 1.0, None)
+    assert len(server.connections) == 1 and server.tasks  # the rest waits for the reader
+    got = bytearray()
+    loop = asyncio.get_running_loop()
+    with theirs:
+        while chunk := await loop.sock_recv(theirs, 1 << 16):
+            got += chunk
+    assert got == reply.encode()
+    await asyncio.gather(*server.tasks)
+    assert not server.connections
+    assert server.metrics.by_verb["metrics"][0] == 1
