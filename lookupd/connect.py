@@ -269,6 +269,9 @@ class DnsblLookup(Protocol):
 T = TypeVar("T")
 
 
+_CONCLUDED_MAX = 4096  # clients whose last verdict is kept beside its facts
+
+
 class ConnectChecker:
     """Fetches the facts for `connect` from the daemon's sources and the [connect] list files,
     decides, and logs the refusals."""
@@ -285,6 +288,8 @@ class ConnectChecker:
         self.access: ListFiles | None = (
             ListFiles((config.submission_access_file,))
             if config.submission_access_file is not None else None)
+        # request -> (its last facts, the verdict, log line and reply they gave)
+        self._concluded: dict[ConnectRequest, tuple[Facts, Verdict, str | None, str]] = {}
 
     def answer_now(self, request: ConnectRequest) -> str | None:
         """The reply without waiting when the DNS cache holds the whole DNSBL, PTR and HELO
@@ -316,14 +321,25 @@ class ConnectChecker:
         return self._conclude(await self.facts(request))
 
     def _conclude(self, facts: Facts) -> str:
-        verdict = decide(facts, self.config)
+        # The verdict, its log line and the reply are pure functions of the facts (and this
+        # checker's config): decided once for a client whose facts did not change since its
+        # last connection, Exim's usual case. Counted and logged on every connection.
+        concluded = self._concluded.get(facts.request)
+        if concluded is not None and concluded[0] == facts:
+            _, verdict, line, reply = concluded
+        else:
+            verdict = decide(facts, self.config)
+            line = log_line(verdict, facts)
+            reply = render(verdict, facts)
+            if len(self._concluded) >= _CONCLUDED_MAX:
+                self._concluded.clear()
+            self._concluded[facts.request] = (facts, verdict, line, reply)
         if self.on_verdict is not None:
             self.on_verdict(verdict, facts)
-        line = log_line(verdict, facts)
         if line is not None:
             # One line per refusal: the admin's record of why (Exim logs the SMTP side).
             log.info("%s", line)
-        return render(verdict, facts)
+        return reply
 
     async def facts(self, request: ConnectRequest) -> Facts:
         """Everything known about the client within [connect] deadline. GeoIP, incidents and
