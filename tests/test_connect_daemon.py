@@ -294,3 +294,24 @@ async def test_connect_asks_dns_only_for_what_is_not_cached(dispatcher: Dispatch
     assert figures(bl3) == (bl.queries + 2, figures(bl)[1] + 2, bl.hits + 2)
     assert figures(ptr3) == (ptr.queries + 2, figures(ptr)[1] + 1, ptr.hits)
 
+
+
+async def test_warm_answers_kept_beside_the_cache_still_count_and_log(
+        dispatcher: Dispatcher, caplog: pytest.LogCaptureFixture) -> None:
+    """Warm answers reuse what was decided from the same cached answers (issue 15): every
+    request still gets the same reply, its deny line and its count in the lists' figures."""
+    caplog.set_level(logging.INFO, logger="lookupd.connect")
+    dnsbl = dispatcher.sources.dnsbl
+    connect, check = Request("connect", (LISTED, "25")), Request("dnsbl", (LISTED,))
+    replies = []
+    for request in (connect, check):
+        pending = dispatcher.handle(request, PEER)
+        replies.append(pending if isinstance(pending, str) else await pending)
+    bl, _, ptr = dnsbl.stats().lists
+    for _ in range(3):
+        assert [dispatcher.handle(connect, PEER), dispatcher.handle(check, PEER)] == replies
+    bl2, _, ptr2 = dnsbl.stats().lists
+    assert figures(bl2) == (bl.queries + 6, figures(bl)[1] + 6, bl.hits + 6)
+    assert (ptr2.queries, figures(ptr2)[1]) == (ptr.queries + 3, figures(ptr)[1] + 3)
+    denies = [r.getMessage() for r in caplog.records if r.getMessage().startswith("connect ")]
+    assert len(denies) == 4 and len(set(denies)) == 1
