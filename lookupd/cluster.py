@@ -46,6 +46,7 @@ class Keys:
                         scored by its time; trimmed to the window, expires with it
     users:blocks        hash USER -> JSON block (since, reason, count, by, host)
     users:unblocked     hash USER -> time of the last unblock (a block older loses)
+    strikes:IP          sorted set, one member per strike ("HOST:ID") by time; expires
     events              the pub/sub channel: JSON {"op": "block"|"unblock", ...}
     """
 
@@ -57,6 +58,9 @@ class Keys:
 
     def user_events(self, user: str) -> str:
         return f"{self.prefix}users:events:{user}"
+
+    def strikes(self, address: str) -> str:
+        return f"{self.prefix}strikes:{address}"
 
 
 def host_name(config: ClusterConfig) -> str:

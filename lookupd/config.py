@@ -424,10 +424,16 @@ class ConnectConfig:
     allow_countries: tuple[str, ...] = field(default=(), metadata=_checked(_country_codes))
     # All sources of one connect query answer within this, or count as unknown.
     deadline: float = field(default=2.0, metadata=_parsed(parse_duration, _positive))
+    # Deny when lookupd counted more strikes (`strike IP KIND`: failed AUTH, invalid
+    # recipients, protocol errors) than this in strikes_window; 0 turns the rule off. Try it
+    # in log_only first.
+    strikes_threshold: int = field(default=0, metadata=_checked(_non_negative))
+    strikes_window: float = field(default=3600.0, metadata=_parsed(parse_duration, _positive))
     # Rules that only say what they would do (action=accept would=deny|defer), to try them
-    # out first: "incidents", "dnsbl", "helo_dbl", "country", "no_ptr", "submission".
+    # out first: "incidents", "dnsbl", "helo_dbl", "country", "no_ptr", "submission",
+    # "strikes".
     log_only: tuple[Literal["incidents", "dnsbl", "helo_dbl", "country", "no_ptr",
-                            "submission"], ...] = ()
+                            "submission", "strikes"], ...] = ()
 
 
 @dataclass(frozen=True)

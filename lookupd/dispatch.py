@@ -33,6 +33,7 @@ from lookupd.protocol import VERBS, Document, Peer, Request, error_reply, shown
 from lookupd.replies import render_asn, render_country, render_incidents
 from lookupd.sources import Sources
 from lookupd.status import Snapshot
+from lookupd.strikes import check_kind
 from lookupd.trust import PeerTrust
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ class Dispatcher:
         self.pending = 0  # coroutine answers in flight (the server closes a retired set at 0)
         self.connect_checker = None if sources is None else ConnectChecker(
             sources.config.connect, sources.geoip, sources.incidents, sources.dnsbl,
-            on_verdict=control.metrics.verdict if control is not None else None)
+            on_verdict=control.metrics.verdict if control is not None else None,
+            strikes=sources.strikes)
         self.table: dict[str, Handler] = {
             "ping": Handler(lambda a, p: "pong", 0, 0),
             "version": Handler(lambda a, p: f"lookupd {__version__}", 0, 0),
@@ -95,6 +97,8 @@ class Dispatcher:
             # One verdict per SMTP connection from every source at once. HELO is optional
             # (none yet at connect time); whatever follows PORT is taken as the HELO name.
             "connect": Handler(self.connect, 0, 64),
+            # What a client did wrong (AUTH, recipients, protocol), for connect's strikes=N.
+            "strike": Handler(self.strike, 2, 2, exim_only=True),
             # Authenticated-user block state. No user (an unauthenticated session): `ok`.
             "user": Handler(self.user, 0, 1, exim_only=True),
             # The recipient is the rest of the line: a quoted local part may hold spaces, and
@@ -242,6 +246,23 @@ class Dispatcher:
         assert self.connect_checker is not None
         return await self.connect_checker.answer(request)
 
+    # --- strikes: lookupd's own incident memory -----------------------------------------
+
+    def strike(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        try:
+            ip = parse_ip(args[0])
+        except ValueError:
+            raise BadRequest(f'not an IP address: "{shown(args[0])}"') from None
+        kind = check_kind(args[1])
+        checker = self.connect_checker
+        assert checker is not None
+        if checker.allowlist.match(ip).status is not Status.NOT_FOUND:
+            return "strikes=0"  # allowlisted (or the list unreadable): never struck
+        return self._strike(ip, kind)
+
+    async def _strike(self, ip: IPv4Address | IPv6Address, kind: str) -> str:
+        return f"strikes={await self.live.strikes.strike(ip, kind)}"
+
     # --- authenticated-user block state (reads from memory, writes through the disk) -----
 
     def user(self, args: tuple[str, ...], peer: Peer) -> str:
@@ -363,6 +384,7 @@ _FAIL_OPEN: dict[str, HandlerFn] = {
     "connect": _fail_open_connect,
     "user": lambda a, p: "ok",
     "user-fail": lambda a, p: "ok",
+    "strike": lambda a, p: "strikes=0",
     "user-block": _fail_open_refused,
     "user-unblock": _fail_open_refused,
 }

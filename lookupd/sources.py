@@ -13,6 +13,7 @@ from lookupd.config import Config
 from lookupd.dnsbl import DnsblSource
 from lookupd.geoip import GeoIPSource
 from lookupd.incidents import IncidentsSource
+from lookupd.strikes import Strikes
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class Sources:
     incidents: IncidentsSource
     dnsbl: DnsblSource
     users: UserState
+    strikes: Strikes
     cluster: Cluster | None = None
 
     @classmethod
@@ -48,13 +50,15 @@ class Sources:
             incidents=IncidentsSource(config.incidents),
             dnsbl=DnsblSource(config.dnsbl, config.server.state_dir),
             users=UserState(config.users, config.server.state_dir, cluster=cluster),
+            strikes=Strikes(config.connect.strikes_window, config.server.state_dir, cluster),
         )
         if previous is not None:
             sources.dnsbl.take_over(previous.dnsbl)
+            sources.strikes.take_over(previous.strikes)
         return sources
 
     def all(self) -> tuple[Source, ...]:
-        return (self.geoip, self.incidents, self.dnsbl, self.users)
+        return (self.geoip, self.incidents, self.dnsbl, self.users, self.strikes)
 
     async def open(self) -> None:
         """Open every source; if one fails, close the others again and raise its error (a
