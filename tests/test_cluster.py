@@ -215,3 +215,36 @@ def test_wrong_password_decides_locally(hosts: Hosts, tmp_path: Path) -> None:
     assert a.query("user-fail frank y@example.org\n").startswith("blocked")
     assert "cannot reach Redis" in a.log()
     assert "not-the-password" not in a.log()
+
+
+ACL = "user lookupd on >acl-Secret-77 ~lookupd:* &lookupd:* +@all -@admin -@dangerous\n"
+
+
+def test_acl_user(tmp_path: Path) -> None:
+    """A Redis ACL user limited to lookupd's keys and channel is enough for every verb."""
+    redis = RedisServer(tmp_path / "redis", extra=ACL).start()
+    pw = tmp_path / "pw"
+    pw.write_text("acl-Secret-77\n")
+    hosts = []
+    try:
+        for name in "ac":
+            hosts.append(Lookupd(short_dir(), (
+                f'[users]\nlimit = 2\nnotify_command = ""\n'
+                f'[cluster]\nredis = "{redis.url}"\npassword_file = "{pw}"\n'
+                f'username = "lookupd"\nhost_name = "{name}"\n')).start())
+        for daemon in hosts:
+            wait_for(_connected(daemon), 5)
+        a, c = hosts
+        assert a.query("user-fail gina x@example.org\n") == "ok"
+        assert c.query("user-fail gina y@example.org\n").startswith("blocked")
+        wait_for(lambda: blocked(a, "gina"), 1.0)
+        assert a.query("strike 192.0.2.44 auth\n") == "strikes=1"
+        assert c.query("strike 192.0.2.44 auth\n") == "strikes=2"
+        for daemon in hosts:
+            assert "acl-Secret-77" not in daemon.log()
+            assert "malformed" not in daemon.log() and "does not answer" not in daemon.log()
+    finally:
+        for daemon in hosts:
+            daemon.stop()
+            shutil.rmtree(daemon.workdir, ignore_errors=True)
+        redis.stop()
