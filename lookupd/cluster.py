@@ -46,6 +46,7 @@ class Keys:
                         scored by its time; trimmed to the window, expires with it
     users:blocks        hash USER -> JSON block (since, reason, count, by, host)
     users:unblocked     hash USER -> time of the last unblock (a block older loses)
+    dns:TYPE:NAME       a DNS answer shared by the hosts (JSON), expiring with its TTL
     strikes:IP          sorted set, one member per strike ("HOST:ID") by time; expires
     events              the pub/sub channel: JSON {"op": "block"|"unblock", ...}
     """

@@ -48,7 +48,7 @@ class Sources:
             cluster=cluster,
             geoip=GeoIPSource(config.geoip),
             incidents=IncidentsSource(config.incidents),
-            dnsbl=DnsblSource(config.dnsbl, config.server.state_dir),
+            dnsbl=DnsblSource(config.dnsbl, config.server.state_dir, cluster=cluster),
             users=UserState(config.users, config.server.state_dir, cluster=cluster),
             strikes=Strikes(config.connect.strikes_window, config.server.state_dir, cluster),
         )
