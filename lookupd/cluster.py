@@ -208,12 +208,12 @@ class Cluster:
             try:
                 await self._connect()
             except Exception as exc:
-                if first:
+                if first and self._down_since is None:
                     log.warning("cluster: cannot reach Redis at %s (%s); deciding locally "
                                 "(fail open) until it answers", self.where, _why(exc))
                     self._down_since = time.monotonic()
                 self.went_down(exc)
-            first = False
+            first = not self._connected_once
             await asyncio.sleep(RECONNECT_EVERY)
 
     def _closing(self) -> bool:

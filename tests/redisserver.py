@@ -104,3 +104,51 @@ def _read(f: object) -> object:
         n = int(rest)
         return [_read(f) for _ in range(max(n, 0))]
     raise AssertionError(f"unexpected RESP {line!r}")
+
+
+@dataclass
+class RedisSentinel:
+    """One redis-sentinel watching `primary` as service "mymaster" (quorum 1: a single
+    sentinel may fail over, fine for a test)."""
+
+    workdir: Path
+    primary_port: int
+    password: str = PASSWORD
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisSentinel:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "sentinel.conf"  # sentinel rewrites it: must be writable
+        conf.write_text(f"bind 127.0.0.1\nport {self.port}\ndir {self.workdir}\n"
+                        f"logfile {self.workdir}/sentinel.log\n"
+                        f"sentinel monitor mymaster 127.0.0.1 {self.primary_port} 1\n"
+                        f"sentinel auth-pass mymaster {self.password}\n"
+                        "sentinel down-after-milliseconds mymaster 1000\n"
+                        "sentinel failover-timeout mymaster 10000\n")
+        self.proc = subprocess.Popen([REDIS_SENTINEL, str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.primary() == self.primary_port:
+                return self
+            time.sleep(0.05)
+        raise AssertionError("redis-sentinel did not start")
+
+    def primary(self) -> int | None:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                s.sendall(_resp("SENTINEL", "get-master-addr-by-name", "mymaster"))
+                reply = _read(s.makefile("rb"))
+        except OSError:
+            return None
+        return int(reply[1]) if isinstance(reply, list) and len(reply) == 2 else None
+
+    def log(self) -> str:
+        path = self.workdir / "sentinel.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)

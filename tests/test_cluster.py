@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from redisserver import PASSWORD, RedisServer
+from redisserver import PASSWORD, RedisSentinel, RedisServer
 from support import Lookupd, short_dir
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
@@ -248,3 +248,60 @@ def test_acl_user(tmp_path: Path) -> None:
             daemon.stop()
             shutil.rmtree(daemon.workdir, ignore_errors=True)
         redis.stop()
+
+
+def test_sentinel_failover_loses_no_answered_block(tmp_path: Path) -> None:
+    """Two Redis servers under redis-sentinel; the primary is killed during user-fail traffic
+    on three hosts: after the failover every block any host answered is on every host and in
+    the new primary."""
+    primary = RedisServer(tmp_path / "p").start()
+    replica = RedisServer(tmp_path / "r", extra=(
+        f"replicaof 127.0.0.1 {primary.port}\nmasterauth {PASSWORD}\n")).start()
+    sentinel = RedisSentinel(tmp_path / "s", primary.port).start()
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD)
+    daemons: list[Lookupd] = []
+    try:
+        for name in "abc":
+            daemons.append(Lookupd(short_dir(), (
+                f'[users]\nlimit = 2\nnotify_command = ""\n'
+                f'[cluster]\nsentinels = ["127.0.0.1:{sentinel.port}"]\n'
+                f'sentinel_service = "mymaster"\npassword_file = "{pw}"\n'
+                f'host_name = "{name}"\ntimeout = "{int(TIMEOUT * 1000)}ms"\n')).start())
+        for daemon in daemons:
+            wait_for(_connected(daemon), 5)
+        answered: set[str] = set()
+
+        def wave(tag: str) -> None:
+            users = [f"{tag}{i}" for i in range(6)]
+            for result in _traffic(daemons, users, 1):
+                assert result[1] < TIMEOUT + SLACK, result
+            for user in users:
+                for daemon in daemons:
+                    if blocked(daemon, user):
+                        answered.add(user)
+
+        wave("before")
+        primary.proc.kill()  # type: ignore[union-attr]
+        primary.proc.wait()  # type: ignore[union-attr]
+        wave("during")
+        wait_for(lambda: sentinel.primary() == replica.port, 30)
+        wave("after")
+        assert answered
+        for daemon in daemons:
+            wait_for(lambda d=daemon: "answers again" in d.log(), 15)  # type: ignore[misc]
+        # Every block answered anywhere is on every host and in the new primary; and the
+        # users whose 3 events were counted apart during the failover are blocked by the merge.
+        merged = answered | {f"during{i}" for i in range(6)}
+        for daemon in daemons:
+            wait_for(lambda d=daemon: all(blocked(d, u) for u in merged), 5)  # type: ignore[misc]
+        in_redis = set(replica.cli("HKEYS", "lookupd:users:blocks"))
+        assert merged <= in_redis, (merged - in_redis, daemons[0].log()[-3000:])
+        assert all(PASSWORD not in d.log() for d in daemons)
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+            shutil.rmtree(daemon.workdir, ignore_errors=True)
+        sentinel.stop()
+        replica.stop()
+        primary.stop()
