@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from redisserver import PASSWORD, RedisSentinel, RedisServer
-from support import Lookupd, short_dir
+from support import EXIM, EXIM_BASE, Exim, Lookupd, short_dir
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="needs redis-server (apt-get install redis-server)")
@@ -42,9 +44,11 @@ def hosts(redis: RedisServer, tmp_path: Path) -> Iterator[Hosts]:
     password_file.write_text(PASSWORD + "\n")
     password_file.chmod(0o600)
 
-    def start(limit: int = 5, names: str = "abc", password: Path = password_file) -> list[Lookupd]:
+    def start(limit: int = 5, names: str = "abc", password: Path = password_file,
+              server: str = "") -> list[Lookupd]:
         for name in names:
-            config = (f'[users]\nlimit = {limit}\nnotify_command = ""\n'
+            config = (f"[server]\n{server}\n"
+                      f'[users]\nlimit = {limit}\nnotify_command = ""\n'
                       f'[cluster]\nredis = "{redis.url}"\npassword_file = "{password}"\n'
                       f'host_name = "{name}"\ntimeout = "{int(TIMEOUT * 1000)}ms"\n')
             started.append(Lookupd(short_dir(), config).start())
@@ -98,6 +102,12 @@ def test_window_and_blocks_are_shared(hosts: Hosts, redis: RedisServer) -> None:
     conn = sqlite3.connect(a.workdir / "state" / "users.sqlite")
     assert conn.execute("SELECT by FROM blocks WHERE user = 'alice'").fetchone() == ("lookupd@c",)
     conn.close()
+    cli = a.workdir / "cli.toml"
+    cli.write_text(f'[server]\nstate_dir = "{a.workdir / "state"}"\n')
+    history = subprocess.run([sys.executable, "-m", "lookupd", "users", "--config", str(cli),
+                              "history", "alice"], capture_output=True, text=True, timeout=30)
+    assert "block    by lookupd@c: 5 invalid recipients in 1h" in history.stdout, history
+    assert "r1@example.org  (seen on a)" in history.stdout, history.stdout
     for daemon in (a, b, c):
         daemon.start()
         assert daemon.query("user alice\n") == reply
@@ -305,3 +315,27 @@ def test_sentinel_failover_loses_no_answered_block(tmp_path: Path) -> None:
         sentinel.stop()
         replica.stop()
         primary.stop()
+
+
+@pytest.mark.skipif(not Path(EXIM).exists(), reason="exim4 is not installed")
+def test_exim_on_host_a_blocks_what_exim_on_host_c_freezes(hosts: Hosts) -> None:
+    """A real Exim -bh session against host a: a stolen password's spam to dead addresses
+    blocks alice; the next session, against host c, freezes her mail at once."""
+    from test_users_exim import EXIM_CONFIG, log_lines, session
+
+    a, _, c = hosts(limit=3, server='socket_group = "Debian-exim"')
+    workdir = short_dir("lkdx")
+    try:
+        exim = Exim(workdir, EXIM_BASE.format(workdir=workdir) + EXIM_CONFIG)
+        out, err = exim.bh("192.0.2.10", session("alice", "nosuch1@example.org",
+                                                 "nosuch2@example.org", "nosuch3@example.org"),
+                           [f"LOOKUPD_SOCKET={a.socket}"])
+        assert out.count("550 no such user here") == 3, out
+        assert log_lines(err, "lookupd: invalid")[-1].endswith("from alice: blocked")
+        out, err = exim.bh("192.0.2.10", session("alice", "carol@example.org"),
+                           [f"LOOKUPD_SOCKET={c.socket}"])
+        assert "250 Accepted" in out
+        frozen = log_lines(err, "lookupd: froze")
+        assert len(frozen) == 1 and frozen[0].endswith(": 3 invalid recipients in 1h"), err
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
