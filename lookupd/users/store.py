@@ -103,6 +103,12 @@ class HistoryEntry:
 class EventEntry:
     at: float
     recipient: str | None
+    # "HOST:ID" with [cluster]: the host that saw it.
+    eid: str | None = None
+
+    @property
+    def host(self) -> str:
+        return self.eid.rpartition(":")[0] if self.eid else ""
 
 
 # --- connection ----------------------------------------------------------------------------
@@ -446,7 +452,7 @@ def history(conn: sqlite3.Connection, user: str) -> list[HistoryEntry]:
 
 
 def events(conn: sqlite3.Connection, user: str, *, after: float) -> list[EventEntry]:
-    rows = conn.execute("SELECT at, recipient FROM events WHERE user = ? AND at > ? "
+    rows = conn.execute("SELECT at, recipient, eid FROM events WHERE user = ? AND at > ? "
                         "ORDER BY at, rowid", (user, after)).fetchall()
     return [EventEntry(*row) for row in rows]
 
