@@ -301,7 +301,11 @@ class UserState:
             tx.blocks_changed = store.adopt_block(tx.conn, block, unblocked_after=False)
             return tx.blocks_changed
 
-        self._writer.submit(op)
+        def keep(_: bool) -> None:
+            # Again after the commit: a merge finishing meanwhile may have replaced the mirror.
+            self._blocked.setdefault(block.user, block)
+
+        self._writer.submit(op, keep)
 
     def _remote_unblock(self, message: dict[str, object]) -> None:
         if self._shared is None or not self._open:
@@ -318,7 +322,12 @@ class UserState:
             tx.blocks_changed = store.adopt_unblock(tx.conn, user, at=at, by=by)
             return tx.blocks_changed
 
-        self._writer.submit(op)
+        def forget(_: bool) -> None:
+            held = self._blocked.get(user)
+            if held is not None and held.since <= at:
+                del self._blocked[user]
+
+        self._writer.submit(op, forget)
 
     async def _share(self, call: Awaitable[object]) -> None:
         """An admin's change, sent to Redis; if it does not answer, the merge sends it."""
