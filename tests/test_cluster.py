@@ -339,3 +339,19 @@ def test_exim_on_host_a_blocks_what_exim_on_host_c_freezes(hosts: Hosts) -> None
         assert len(frozen) == 1 and frozen[0].endswith(": 3 invalid recipients in 1h"), err
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_reload_keeps_sharing(hosts: Hosts, redis: RedisServer) -> None:
+    """A SIGHUP builds a new connection beside the old; strikes and blocks carry on."""
+    import signal
+
+    a, c = hosts(limit=2, names="ac")
+    assert a.query("strike 192.0.2.77 auth\n") == "strikes=1"
+    a.signal(signal.SIGHUP)
+    wait_for(lambda: "configuration and databases reloaded" in a.log(), 10)
+    wait_for(lambda: a.log().count("sharing state through Redis") >= 2, 5)
+    assert a.query("strike 192.0.2.77 auth\n") == "strikes=2"
+    assert c.query("user-fail hank x@example.org\n") == "ok"
+    assert a.query("user-fail hank y@example.org\n").startswith("blocked")
+    wait_for(lambda: blocked(c, "hank"), 1.0)
+    assert "Traceback" not in a.log()
