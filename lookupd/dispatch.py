@@ -16,7 +16,6 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
 from lookupd import __version__
-from lookupd.authblock import render_admin, render_check
 from lookupd.connect import ConnectChecker, ConnectRequest, Verdict, parse_args, unknown_facts
 from lookupd.connect import render as render_connect
 from lookupd.dnsbl import DnsblResult, render_dnsbl, render_ptr, render_stats
@@ -35,6 +34,7 @@ from lookupd.sources import Sources
 from lookupd.status import Snapshot
 from lookupd.strikes import check_kind
 from lookupd.trust import PeerTrust
+from lookupd.users.state import render_admin, render_check
 
 log = logging.getLogger(__name__)
 repeats = Repeats(log)

@@ -7,13 +7,13 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-from lookupd.authblock import UserState
 from lookupd.cluster import Cluster
 from lookupd.config import Config
 from lookupd.dnsbl import DnsblSource
 from lookupd.geoip import GeoIPSource
 from lookupd.incidents import IncidentsSource
 from lookupd.strikes import Strikes
+from lookupd.users.state import UserState
 
 log = logging.getLogger(__name__)
 
