@@ -20,7 +20,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from bench import chart, compare, connect, core, counting, designs, dnsbl, harness, users
+from bench import (
+    chart,
+    cluster,
+    compare,
+    connect,
+    core,
+    counting,
+    designs,
+    dnsbl,
+    harness,
+    users,
+)
 from bench.harness import BenchError, Context, Settings, SuiteResult
 
 log = logging.getLogger("bench")
@@ -43,6 +54,8 @@ SUITES = (
     Suite("compare", compare.DESCRIPTION, compare.run, default=True),
     Suite("designs", designs.DESCRIPTION, designs.run, default=False),
     Suite("counting", counting.DESCRIPTION, counting.run, default=True),
+    # Needs redis-server: run it by name.
+    Suite("cluster", cluster.DESCRIPTION, cluster.run, default=False),
 )
 
 # `--results`: the committed record of a run on this machine (bench/RESULTS.md and its chart).

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub: Any) -> None:
     try:
-        from lookupd.users_cli import add_users_parser
+        from lookupd.users.cli import add_users_parser
     except ImportError:  # pragma: no cover - the users module is part of the package
         return
     add_users_parser(sub)
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from lookupd.snippets_install import run_snippets
             return run_snippets(args)
         if args.command == "users":
-            from lookupd.users_cli import run_users
+            from lookupd.users.cli import run_users
             return run_users(args, load_config(args.config))
     except ConfigError as exc:
         log.error("configuration error: %s", exc)

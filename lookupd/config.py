@@ -433,10 +433,16 @@ class ConnectConfig:
     allow_countries: tuple[str, ...] = field(default=(), metadata=_checked(_country_codes))
     # All sources of one connect query answer within this, or count as unknown.
     deadline: float = field(default=2.0, metadata=_parsed(parse_duration, _positive))
+    # Deny when lookupd counted more strikes (`strike IP KIND`: failed AUTH, invalid
+    # recipients, protocol errors) than this in strikes_window; 0 turns the rule off. Try it
+    # in log_only first.
+    strikes_threshold: int = field(default=0, metadata=_checked(_non_negative))
+    strikes_window: float = field(default=3600.0, metadata=_parsed(parse_duration, _positive))
     # Rules that only say what they would do (action=accept would=deny|defer), to try them
-    # out first: "incidents", "dnsbl", "helo_dbl", "country", "no_ptr", "submission".
+    # out first: "incidents", "dnsbl", "helo_dbl", "country", "no_ptr", "submission",
+    # "strikes".
     log_only: tuple[Literal["incidents", "dnsbl", "helo_dbl", "country", "no_ptr",
-                            "submission"], ...] = ()
+                            "submission", "strikes"], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -465,6 +471,66 @@ class MetricsConfig:
     listen: HostPort | None = field(default=None, metadata=_parsed(_parse_tcp))
 
 
+def parse_redis_url(raw: object) -> str:
+    """redis://HOST[:PORT][/DB], rediss:// (TLS) or unix:///PATH[?db=N]; "" is off. A password
+    in the URL is refused: it would show in `ps`, in backups of the file and in tracebacks."""
+    if not isinstance(raw, str):
+        raise ValueError('expected a URL such as "redis://127.0.0.1:6379/0"')
+    if raw == "":
+        return raw
+    m = re.fullmatch(r"(rediss?)://([^/?#]*)(/\d*)?|unix://(/[^?#]+)(\?db=\d+)?", raw)
+    if not m:
+        raise ValueError(f'"{raw}" is not a Redis URL: write e.g. "redis://127.0.0.1:6379/0", '
+                         '"rediss://redis.example.org:6380/0" or "unix:///run/redis/redis.sock"')
+    if "@" in raw:
+        raise ValueError("put no user name or password in the URL: use cluster.username and "
+                         "cluster.password_file")
+    return raw
+
+
+def _parse_sentinel(raw: object) -> HostPort:
+    hp = parse_host_port(raw)
+    if hp is None:
+        raise ValueError('expected a sentinel address such as "127.0.0.1:26379"')
+    return hp
+
+
+def _key_prefix(value: str) -> str | None:
+    return None if re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", value) else (
+        "must be 1 to 64 letters, digits or _.:- (e.g. \"lookupd:\")")
+
+
+def _host_name(value: str) -> str | None:
+    return None if re.fullmatch(r"[A-Za-z0-9_.-]{0,253}", value) else (
+        "must be a host name (letters, digits, . _ -), or \"\" for this host's FQDN")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """[cluster]: state shared by several lookupd hosts through Redis (or Valkey). Without
+    this section (redis = "") everything stays local, as on one host."""
+
+    # "redis://127.0.0.1:6379/0", "rediss://..." (TLS) or "unix:///run/redis/redis.sock".
+    redis: str = field(default="", metadata=_parsed(parse_redis_url))
+    # File holding the password (requirepass, or the ACL user's); never the password here.
+    password_file: Path | None = None
+    # Redis ACL user; "" authenticates with the password alone (requirepass).
+    username: str = ""
+    # Every key and channel lookupd uses starts with this.
+    key_prefix: str = field(default="lookupd:", metadata=_checked(_key_prefix))
+    # This host's name in shared history and notifications; "" is the FQDN.
+    host_name: str = field(default="", metadata=_checked(_host_name))
+    # Sentinels watching the primary ("127.0.0.1:26379"); then `redis` is not used.
+    sentinels: tuple[HostPort, ...] = field(default=(), metadata=_parsed(_parse_sentinel))
+    sentinel_service: str = "mymaster"
+    # Longest wait for Redis on a request; past it the host decides alone (fail open).
+    timeout: float = field(default=0.5, metadata=_parsed(parse_duration, _positive))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis or self.sentinels)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration; `source` is the file it came from (None: embedded defaults)."""
@@ -477,6 +543,7 @@ class Config:
     connect: ConnectConfig = field(default_factory=ConnectConfig)
     helo: HeloConfig = field(default_factory=HeloConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: Path | None = field(default=None, metadata={"internal": True})
 
 
@@ -672,6 +739,7 @@ def file_problems(config: Config) -> list[str]:
         ("geoip.asn_db", config.geoip.asn_db),
         ("incidents.db", config.incidents.db),
         ("connect.submission_access_file", config.connect.submission_access_file),
+        ("cluster.password_file", config.cluster.password_file),
         *((f"connect.allowlist_files[{i}]", p)
           for i, p in enumerate(config.connect.allowlist_files)),
     ]

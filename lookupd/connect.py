@@ -39,10 +39,11 @@ log = logging.getLogger(__name__)
 
 Action = Literal["accept", "deny", "defer"]
 Rule = Literal["none", "allowlist", "incidents", "dnsbl", "helo_dbl", "country", "no_ptr",
-               "submission"]
+               "submission", "strikes"]
 
 # The classic message of the nftfw / Sympl connect ACLs; fail2ban and nftfw setups match it.
 INCIDENTS_MESSAGE = "Blacklisted: Denied access - history of unwanted activity"
+STRIKES_MESSAGE = "Denied access - too many failed logins or invalid recipients"
 # Longest reason: Exim puts it into an SMTP reply line (RFC 5321: 512 octets a line).
 REASON_MAX = 200
 _HELO_SHOWN = 64
@@ -90,6 +91,8 @@ class Facts:
     submission_access: Match | None = None
     # The domain lists on the HELO name; clean when there is none.
     helo_dbl: DnsblResult = NO_HELO
+    # lookupd's own count of this address's strikes in [connect] strikes_window.
+    strikes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,8 @@ def _matching_rules(facts: Facts, config: ConnectConfig,
     if (config.incidents_threshold and incidents.status is Status.FOUND
             and incidents.count > config.incidents_threshold):
         found.append(("incidents", "deny", INCIDENTS_MESSAGE))
+    if config.strikes_threshold and facts.strikes > config.strikes_threshold:
+        found.append(("strikes", "deny", STRIKES_MESSAGE))
     if config.deny_on_dnsbl and facts.dnsbl.status is Status.FOUND:
         names = ", ".join(dict.fromkeys(a.name for a in facts.dnsbl.listed))
         found.append(("dnsbl", "deny", f"Rejected - {ip} is listed at {names}"))
@@ -210,6 +215,7 @@ def fields(verdict: Verdict, facts: Facts) -> list[tuple[str, str]]:
         ("fcrdns", facts.ptr.fcrdns),
         ("allowlisted", "yes" if facts.allowlist.status is Status.FOUND else "no"),
         ("helo_dbl", VERDICTS[facts.helo_dbl.status]),
+        ("strikes", str(facts.strikes)),
     ]
 
 
@@ -250,6 +256,10 @@ class IncidentsLookup(Protocol):
     def count(self, ip: IPAddress) -> IncidentsResult: ...
 
 
+class StrikesLookup(Protocol):
+    def count(self, ip: IPAddress) -> int: ...
+
+
 class DnsblLookup(Protocol):
     async def check_ip(self, ip: str | IPAddress) -> DnsblResult: ...
 
@@ -278,8 +288,10 @@ class ConnectChecker:
 
     def __init__(self, config: ConnectConfig, geoip: GeoIPLookup, incidents: IncidentsLookup,
                  dnsbl: DnsblLookup, *,
-                 on_verdict: Callable[[Verdict, Facts], None] | None = None) -> None:
+                 on_verdict: Callable[[Verdict, Facts], None] | None = None,
+                 strikes: StrikesLookup | None = None) -> None:
         self.config = config
+        self.strikes = strikes
         self.on_verdict = on_verdict  # the metrics' count of verdicts
         self.geoip = geoip
         self.incidents = incidents
@@ -390,7 +402,10 @@ class ConnectChecker:
         access = (None if access_files is None else
                   _guarded(lambda: access_files.match(ip), Match(Status.UNKNOWN),
                            "submission access file"))
-        return Facts(request, country, asn, incidents, dnsbl, ptr, allowlist, access, helo)
+        strikes = self.strikes
+        count = 0 if strikes is None else _guarded(lambda: strikes.count(ip), 0, "strikes")
+        return Facts(request, country, asn, incidents, dnsbl, ptr, allowlist, access, helo,
+                     count)
 
 
 def _nothing() -> None:

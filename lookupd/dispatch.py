@@ -17,7 +17,6 @@ from typing import Protocol
 
 from lookupd import __version__
 from lookupd.allowlist import ListFiles
-from lookupd.authblock import render_admin, render_check
 from lookupd.connect import ConnectChecker, ConnectRequest, Verdict, parse_args, unknown_facts
 from lookupd.connect import render as render_connect
 from lookupd.dnsbl import DnsblResult, render_dnsbl, render_ptr, render_stats
@@ -36,7 +35,9 @@ from lookupd.protocol import VERBS, Document, Peer, Request, error_reply, shown
 from lookupd.replies import render_asn, render_country, render_incidents
 from lookupd.sources import Sources
 from lookupd.status import Snapshot
+from lookupd.strikes import check_kind
 from lookupd.trust import PeerTrust
+from lookupd.users.state import render_admin, render_check
 
 log = logging.getLogger(__name__)
 repeats = Repeats(log)
@@ -79,7 +80,8 @@ class Dispatcher:
         self.pending = 0  # coroutine answers in flight (the server closes a retired set at 0)
         self.connect_checker = None if sources is None else ConnectChecker(
             sources.config.connect, sources.geoip, sources.incidents, sources.dnsbl,
-            on_verdict=control.metrics.verdict if control is not None else None)
+            on_verdict=control.metrics.verdict if control is not None else None,
+            strikes=sources.strikes)
         self.helo_checker = None if sources is None else HeloChecker(
             sources.config.helo, sources.dnsbl, ListFiles(sources.config.connect.allowlist_files))
         self.table: dict[str, Handler] = {
@@ -102,6 +104,8 @@ class Dispatcher:
             "connect": Handler(self.connect, 0, 64),
             # The RCPT ACL's HELO check (once per connection, unauthenticated clients only).
             "helo": Handler(self.helo, 3, 64),
+            # What a client did wrong (AUTH, recipients, protocol), for connect's strikes=N.
+            "strike": Handler(self.strike, 2, 2, exim_only=True),
             # Authenticated-user block state. No user (an unauthenticated session): `ok`.
             "user": Handler(self.user, 0, 1, exim_only=True),
             # The recipient is the rest of the line: a quoted local part may hold spaces, and
@@ -256,6 +260,23 @@ class Dispatcher:
         assert self.helo_checker is not None
         return self.helo_checker.answer(request)
 
+    # --- strikes: lookupd's own incident memory -----------------------------------------
+
+    def strike(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        try:
+            ip = parse_ip(args[0])
+        except ValueError:
+            raise BadRequest(f'not an IP address: "{shown(args[0])}"') from None
+        kind = check_kind(args[1])
+        checker = self.connect_checker
+        assert checker is not None
+        if checker.allowlist.match(ip).status is not Status.NOT_FOUND:
+            return "strikes=0"  # allowlisted (or the list unreadable): never struck
+        return self._strike(ip, kind)
+
+    async def _strike(self, ip: IPv4Address | IPv6Address, kind: str) -> str:
+        return f"strikes={await self.live.strikes.strike(ip, kind)}"
+
     # --- authenticated-user block state (reads from memory, writes through the disk) -----
 
     def user(self, args: tuple[str, ...], peer: Peer) -> str:
@@ -378,6 +399,7 @@ _FAIL_OPEN: dict[str, HandlerFn] = {
     "helo": lambda a, p: HELO_FAIL_OPEN,
     "user": lambda a, p: "ok",
     "user-fail": lambda a, p: "ok",
+    "strike": lambda a, p: "strikes=0",
     "user-block": _fail_open_refused,
     "user-unblock": _fail_open_refused,
 }

@@ -7,11 +7,13 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-from lookupd.authblock import UserState
+from lookupd.cluster import Cluster
 from lookupd.config import Config
 from lookupd.dnsbl import DnsblSource
 from lookupd.geoip import GeoIPSource
 from lookupd.incidents import IncidentsSource
+from lookupd.strikes import Strikes
+from lookupd.users.state import UserState
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +35,30 @@ class Sources:
     incidents: IncidentsSource
     dnsbl: DnsblSource
     users: UserState
+    strikes: Strikes
+    cluster: Cluster | None = None
 
     @classmethod
     def from_config(cls, config: Config, previous: Sources | None = None) -> Sources:
         """The sources of `config`, not yet open. On a reload, `previous` (still open) hands
         over what must not be lost or re-learnt: the DNS lists' health and answer cache."""
+        cluster = Cluster(config.cluster) if config.cluster.enabled else None
         sources = cls(
             config=config,
+            cluster=cluster,
             geoip=GeoIPSource(config.geoip),
             incidents=IncidentsSource(config.incidents),
-            dnsbl=DnsblSource(config.dnsbl, config.server.state_dir),
-            users=UserState(config.users, config.server.state_dir),
+            dnsbl=DnsblSource(config.dnsbl, config.server.state_dir, cluster=cluster),
+            users=UserState(config.users, config.server.state_dir, cluster=cluster),
+            strikes=Strikes(config.connect.strikes_window, config.server.state_dir, cluster),
         )
         if previous is not None:
             sources.dnsbl.take_over(previous.dnsbl)
+            sources.strikes.take_over(previous.strikes)
         return sources
 
     def all(self) -> tuple[Source, ...]:
-        return (self.geoip, self.incidents, self.dnsbl, self.users)
+        return (self.geoip, self.incidents, self.dnsbl, self.users, self.strikes)
 
     async def open(self) -> None:
         """Open every source; if one fails, close the others again and raise its error (a
@@ -61,8 +69,13 @@ class Sources:
             if isinstance(result, BaseException):
                 await self.close()
                 raise result
+        if self.cluster is not None:
+            # After the sources that use it, so its first merge finds them open.
+            await self.cluster.open()
 
     async def close(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.close()
         results = await asyncio.gather(*(source.close() for source in self.all()),
                                        return_exceptions=True)
         for source, result in zip(self.all(), results, strict=True):

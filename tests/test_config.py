@@ -186,3 +186,32 @@ def test_a_group_serve_would_refuse_is_a_config_error(tmp_path: Path) -> None:
         f'{tmp_path / "lookupd.toml"}: users.admin_group = "no-such-admins": there is no '
         'such group on this system; use the group Exim runs as (Debian: "Debian-exim"; '
         'Sympl, cPanel: "exim" or "mail"), or "auto"']
+
+
+# --- config --------------------------------------------------------------------------------
+
+
+def test_cluster_section_is_validated(tmp_path: Path) -> None:
+    path = tmp_path / "l.toml"
+    path.write_text('[cluster]\nredis = "rediss://redis.example.org:6380/2"\n'
+                    'password_file = "pw"\nusername = "lookupd"\nkey_prefix = "mx:"\n'
+                    'host_name = "mx1.example.org"\ntimeout = "250ms"\n'
+                    'sentinels = ["127.0.0.1:26379", "[::1]:26380"]\n')
+    config = load_config(path).cluster
+    assert config.enabled and config.timeout == 0.25 and config.key_prefix == "mx:"
+    assert config.password_file == tmp_path / "pw"
+    assert [str(s) for s in config.sentinels] == ["127.0.0.1:26379", "[::1]:26380"]
+    path.write_text('[cluster]\nredis = "unix:///run/redis/redis.sock?db=1"\n')
+    assert load_config(path).cluster.redis.startswith("unix://")
+    assert not load_config(None).cluster.enabled
+    path.write_text('[cluster]\nredis = "redis://:hunter2@127.0.0.1:6379/0"\n'
+                    'password = "x"\ntimeout = 0\nkey_prefix = "a b"\n'
+                    'sentinels = ["nohost"]\nredis2 = 1\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert "hunter2" not in text
+    assert "cluster.redis: put no user name or password in the URL" in text
+    for key in ("cluster.password:", "cluster.timeout", "cluster.key_prefix",
+                "cluster.sentinels[0]", "cluster.redis2"):
+        assert key in text, key

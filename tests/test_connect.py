@@ -127,13 +127,13 @@ def test_helo_is_its_own_key_and_dnsbl_keeps_its_meaning() -> None:
     assert verdict.reason == "Rejected - HELO name Mail.Spam-HELO.net is listed at dbl.test"
     line = render(verdict, case)
     assert " dnsbl=clean dnsbl_lists=\"\" " in line  # the IP's lists: nothing
-    assert line.endswith(" allowlisted=no helo_dbl=listed")
+    assert line.endswith(" allowlisted=no helo_dbl=listed strikes=0")
     assert log_line(verdict, case) == (
         "connect deny: [81.2.69.142] port 25 helo Mail.Spam-HELO.net rule=helo_dbl country=GB "
         "incidents=0 dnsbl=clean: Rejected - HELO name Mail.Spam-HELO.net is listed at "
         "dbl.test")
     assert render(decide(facts(helo=UNKNOWN), CONFIG), facts(helo=UNKNOWN)).endswith(
-        " helo_dbl=unknown")
+        " helo_dbl=unknown strikes=0")
 
 
 def test_incidents_reason_is_the_classic_message() -> None:
@@ -212,7 +212,7 @@ def test_no_address_is_accepted() -> None:
 # --- the reply ---------------------------------------------------------------------------------
 
 KEYS = ["action", "rule", "would", "reason", "country", "asn", "incidents", "dnsbl",
-        "dnsbl_lists", "ptr", "fcrdns", "allowlisted", "helo_dbl"]
+        "dnsbl_lists", "ptr", "fcrdns", "allowlisted", "helo_dbl", "strikes"]
 
 
 def test_render_has_every_key_in_order() -> None:
@@ -222,7 +222,7 @@ def test_render_has_every_key_in_order() -> None:
         'action=deny rule=incidents would=none reason="Blacklisted: Denied access - history of '
         'unwanted activity" country=GB asn=AS64496 incidents=42 dnsbl=listed '
         'dnsbl_lists=bl.test:127.0.0.2,cop.test:127.0.0.2,cop.test:127.0.0.4 '
-        'ptr=mail.example.net fcrdns=yes allowlisted=no helo_dbl=clean')
+        'ptr=mail.example.net fcrdns=yes allowlisted=no helo_dbl=clean strikes=0')
 
 
 def test_render_unknown_and_empty_fields() -> None:
@@ -232,7 +232,7 @@ def test_render_unknown_and_empty_fields() -> None:
     line = render(decide(case, CONFIG), case)
     assert line == ('action=accept rule=none would=none reason="no rule matched" country=?? '
                     'asn=-- incidents=?? dnsbl=unknown dnsbl_lists="" ptr=?? fcrdns=unknown '
-                    'allowlisted=no helo_dbl=clean')
+                    'allowlisted=no helo_dbl=clean strikes=0')
     no_ptr = facts(country=NOT_FOUND, ptr=PtrResult(NOT_FOUND, fcrdns="no"))
     assert 'country=-- ' in render(decide(no_ptr, CONFIG), no_ptr)
     assert ' ptr="" fcrdns=no ' in render(decide(no_ptr, CONFIG), no_ptr)
@@ -254,7 +254,7 @@ def test_render_reads_back_with_exims_extract(tmp_path: Path) -> None:
     assert [v.removeprefix("> ") for v in out.splitlines()][:len(KEYS)] == [
         "deny", "dnsbl", "none", 'Listed: "spam" \\ see http://x.test/?a=b c=d', "GB",
         "AS64496", "0", "listed", "bl.test:127.0.0.2,cop.test:127.0.0.2,cop.test:127.0.0.4",
-        'we"ird name', "no", "no", "unknown"]
+        'we"ird name', "no", "no", "unknown", "0"]
 
 
 def test_reply_is_printable_ascii_and_bounded() -> None:
@@ -349,3 +349,15 @@ def test_list_files_first_match_wins(tmp_path: Path) -> None:
     assert files.match(ip_address("198.51.100.9")) == Match(FOUND, second)
     assert files.match(ip_address("203.0.113.1")) == Match(NOT_FOUND)
     assert not ListFiles([])
+
+
+def test_strikes_rule_denies_above_the_threshold_log_only_first() -> None:
+    struck = dataclasses.replace(facts(), strikes=6)
+    config = ConnectConfig(strikes_threshold=5)
+    verdict = decide(struck, config)
+    assert (verdict.action, verdict.rule) == ("deny", "strikes")
+    assert render(verdict, struck).endswith(" strikes=6")
+    assert decide(dataclasses.replace(facts(), strikes=5), config).action == "accept"
+    logged = decide(struck, ConnectConfig(strikes_threshold=5, log_only=("strikes",)))
+    assert (logged.action, logged.rule, logged.would) == ("accept", "strikes", "deny")
+    assert decide(struck, ConnectConfig()).action == "accept"  # 0: off

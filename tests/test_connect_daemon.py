@@ -143,7 +143,8 @@ def test_connect_gathers_every_source(start_lookupd: StartLookupd, lab: ConnectL
     assert got | {"reason": ""} == {
         "action": "accept", "rule": "none", "would": "none", "reason": "", "country": "GB",
         "asn": "--", "incidents": "0", "dnsbl": "clean", "dnsbl_lists": '""',
-        "ptr": "??", "fcrdns": "unknown", "allowlisted": "no", "helo_dbl": "clean"}
+        "ptr": "??", "fcrdns": "unknown", "allowlisted": "no", "helo_dbl": "clean",
+        "strikes": "0"}
     got = fields(daemon.query(f"connect {PTR_OK} 25"))
     assert (got["ptr"], got["fcrdns"]) == ("mail.example.test", "yes")
     got = fields(daemon.query(f"connect {LISTED} 25"))

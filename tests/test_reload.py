@@ -248,7 +248,8 @@ def assert_fail_open(query: Callable[[str], str]) -> None:
     assert fields(connect) | {"reason": ""} == {
         "action": "accept", "rule": "none", "would": "none", "reason": "", "country": "??",
         "asn": "??", "incidents": "??", "dnsbl": "unknown", "dnsbl_lists": '""',
-        "ptr": "??", "fcrdns": "unknown", "allowlisted": "no", "helo_dbl": "clean"}, connect
+        "ptr": "??", "fcrdns": "unknown", "allowlisted": "no", "helo_dbl": "clean",
+        "strikes": "0"}, connect
     # A HELO cannot be checked either: unknown, never a reason to refuse.
     helo = fields(query(f"connect {INCIDENTS} 25 mail.example.net"))
     assert (helo["action"], helo["helo_dbl"]) == ("accept", "unknown")

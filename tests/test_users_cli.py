@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from lookupd.authblock import UserState
 from lookupd.config import Config, load_config
-from lookupd.users_cli import add_users_parser, run_users
+from lookupd.users.cli import add_users_parser, run_users
+from lookupd.users.state import UserState
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from support import REPO, Lookupd, with_test_defaults
 
-from lookupd.authblock import UserState
 from lookupd.config import UsersConfig
 from lookupd.users import store
+from lookupd.users.state import UserState
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing uid needs root")
 
@@ -210,7 +210,7 @@ def _kill_9_mid_write(daemon: Lookupd) -> None:
 
 
 def _open_warning(log: str) -> str:
-    lines = [ln for ln in log.splitlines() if "lookupd.authblock" in ln and "fail open" in ln]
+    lines = [ln for ln in log.splitlines() if "lookupd.users.state" in ln and "fail open" in ln]
     assert len(lines) == 1, log
     return lines[0]
 
@@ -299,7 +299,7 @@ async def test_damaged_database_is_named(tmp_path: Path,
         await state.close()
     # At open, and (rate-limited) for the failure recorded: each with the cause and the fix.
     warnings = [r.getMessage() for r in caplog.records
-                if r.name == "lookupd.authblock" and "fail open" in r.getMessage()]
+                if r.name == "lookupd.users.state" and "fail open" in r.getMessage()]
     assert len(warnings) == 2
     for warning in warnings:
         assert f"cannot write {db}: DatabaseError: file is not a database" in warning

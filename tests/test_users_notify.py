@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from lookupd.authblock import UserState
 from lookupd.config import UsersConfig
 from lookupd.users.notify import Notice, Notifier, build_mail
+from lookupd.users.state import UserState
 
 NOTICE = Notice("alice@example.org", 5, 3600.0, 1_700_000_000.0, "5 invalid recipients in 1h",
                 ("nosuch1@example.org", "nosuch2@example.org"))

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from lookupd.authblock import UserState, render_check
 from lookupd.config import UsersConfig
 from lookupd.errors import BadRequest
 from lookupd.outcome import Status
 from lookupd.users import store
+from lookupd.users.state import UserState, render_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -195,7 +195,7 @@ async def test_changes_by_another_process_are_seen(state: UserState, tmp_path: P
 STORE_SCRIPT = textwrap.dedent("""
     import asyncio, json, logging, sys
     from pathlib import Path
-    from lookupd.authblock import UserState
+    from lookupd.users.state import UserState
     from lookupd.config import UsersConfig
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -318,7 +318,7 @@ def test_read_only_state_dir_fails_open(tmp_path: Path) -> None:
 FULL_SCRIPT = textwrap.dedent("""
     import asyncio, json, logging, resource, signal, sys
     from pathlib import Path
-    from lookupd.authblock import UserState, render_check
+    from lookupd.users.state import UserState, render_check
     from lookupd.config import UsersConfig
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

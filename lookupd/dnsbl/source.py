@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from lookupd.cluster import Cluster
 from lookupd.config import DnsblConfig
 from lookupd.dnsbl.answers import DnsAnswer
 from lookupd.dnsbl.cache import AnswerCache, CacheKey, carry_over
@@ -54,6 +55,7 @@ from lookupd.dnsbl.names import (
     reverse_ip,
 )
 from lookupd.dnsbl.resolver import DnsClient, make_nameservers
+from lookupd.dnsbl.shared import SharedAnswers
 from lookupd.dnsbl.snapshot import (
     SNAPSHOT_NAME,
     Refused,
@@ -176,8 +178,11 @@ class DnsblSource:
 
     def __init__(self, config: DnsblConfig, state_dir: Path, *,
                  clock: Callable[[], float] = time.time,
-                 log_period: float = LOG_PERIOD) -> None:
+                 log_period: float = LOG_PERIOD, cluster: Cluster | None = None) -> None:
         self._config = config
+        # [cluster]: answers shared with the other hosts, behind the in-memory cache.
+        self._shared = (SharedAnswers(cluster, config.negative_ttl_max, clock)
+                        if cluster is not None else None)
         self._snapshot_path = state_dir / SNAPSHOT_NAME
         self._clock = clock
         self._lists = tuple(
@@ -300,6 +305,8 @@ class DnsblSource:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._cache.aclose()
+        if self._shared is not None:
+            await self._shared.aclose()
         if self._client is not None:
             if self._snapshot_settled:
                 await self.save_snapshot()
@@ -615,7 +622,14 @@ class DnsblSource:
         qzone = self._qzones.get(zone, zone)
         qname = f"{label}.{qzone}." if qzone else f"{label}."
 
+        key = (zone, rdtype, label)
+        shared = self._shared
+
         async def ask() -> DnsAnswer:
+            if shared is not None:
+                known = await shared.get(key)
+                if known is not None:
+                    return known
             if self._fault:
                 # No nameserver answers (the probe rounds ask again): no client waits for
                 # one, and nothing is cached (expires at once).
@@ -627,9 +641,11 @@ class DnsblSource:
                 counters.latencies.append(time.monotonic() - started)
             if track is not None:
                 self._track(track, answer, started)
+            if shared is not None:
+                shared.put(key, answer)
             return answer
 
-        answer, without_packet = await self._cache.fetch((zone, rdtype, label), ask)
+        answer, without_packet = await self._cache.fetch(key, ask)
         if counters is not None and count_hit and without_packet:
             counters.cache_hits += 1
         return answer

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DB_NAME = "users.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # How long a connection waits for another one's write lock (the CLI beside the daemon).
 BUSY_TIMEOUT_MS = 5000
 # How many recipients a new block carries into the admin's mail.
@@ -51,7 +51,9 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     user TEXT NOT NULL,
     at REAL NOT NULL,
-    recipient TEXT
+    recipient TEXT,
+    -- "HOST:ID", the event's member in Redis ([cluster]); NULL on one host.
+    eid TEXT
 );
 CREATE INDEX IF NOT EXISTS events_user_at ON events (user, at);
 CREATE INDEX IF NOT EXISTS events_at ON events (at);
@@ -101,6 +103,12 @@ class HistoryEntry:
 class EventEntry:
     at: float
     recipient: str | None
+    # "HOST:ID" with [cluster]: the host that saw it.
+    eid: str | None = None
+
+    @property
+    def host(self) -> str:
+        return self.eid.rpartition(":")[0] if self.eid else ""
 
 
 # --- connection ----------------------------------------------------------------------------
@@ -197,7 +205,9 @@ def connect(path: Path) -> sqlite3.Connection:
                 f"({SCHEMA_VERSION}); upgrade lookupd or move the file away")
         if version < SCHEMA_VERSION:
             # One transaction, so a CLI creating the file at the same moment is harmless.
-            conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} "
+            # Version 1 lacks events.eid; CREATE TABLE IF NOT EXISTS would not add it.
+            migrate = "ALTER TABLE events ADD COLUMN eid TEXT;" if version == 1 else ""
+            conn.executescript(f"BEGIN IMMEDIATE; {migrate} {_SCHEMA} "
                                f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
     except BaseException:
         conn.close()
@@ -313,10 +323,11 @@ def get_block(conn: sqlite3.Connection, user: str) -> Block | None:
 
 
 def record_fail(conn: sqlite3.Connection, user: str, recipient: str | None, *, now: float,
-                window: float, limit: int) -> FailRecord:
+                window: float, limit: int, eid: str | None = None,
+                by: str = "lookupd") -> FailRecord:
     """Record one invalid-recipient event; block the user when the window holds `limit`."""
-    conn.execute("INSERT INTO events (user, at, recipient) VALUES (?, ?, ?)",
-                 (user, now, recipient))
+    conn.execute("INSERT INTO events (user, at, recipient, eid) VALUES (?, ?, ?, ?)",
+                 (user, now, recipient, eid))
     existing = get_block(conn, user)
     if existing is not None:
         # Kept for `lookupd users history`, not counted: a blocked spammer who carries on
@@ -328,12 +339,62 @@ def record_fail(conn: sqlite3.Connection, user: str, recipient: str | None, *, n
     if outcome is FailOutcome.OK:
         return FailRecord(outcome, count, None)
     recipients = recent_recipients(conn, user, now - window)
-    block = Block(user, now, block_reason(count, window), count, "lookupd")
+    block = Block(user, now, block_reason(count, window), count, by)
     conn.execute("INSERT INTO blocks (user, since, reason, count, by, notified, recipients) "
                  "VALUES (?, ?, ?, ?, ?, 0, ?)",
                  (user, now, block.reason, count, block.by, "\n".join(recipients)))
     _history(conn, user, now, "block", block.reason, block.by)
     return FailRecord(outcome, count, block, recipients)
+
+
+def record_event(conn: sqlite3.Connection, user: str, recipient: str | None, *, now: float,
+                 eid: str) -> None:
+    """Journal one event that Redis counted ([cluster]): the count and the block came from
+    there."""
+    conn.execute("INSERT INTO events (user, at, recipient, eid) VALUES (?, ?, ?, ?)",
+                 (user, now, recipient, eid))
+
+
+def adopt_block(conn: sqlite3.Connection, block: Block, *, unblocked_after: bool = True,
+                notified: bool = True) -> bool:
+    """Take a block made on another host (or by Redis' count) into this host's journal,
+    unless an unblock here is newer. Whether it is new here."""
+    if get_block(conn, block.user) is not None:
+        return False
+    if unblocked_after:
+        row = conn.execute("SELECT max(at) FROM history WHERE user = ? AND action = 'unblock'",
+                           (block.user,)).fetchone()
+        if row[0] is not None and row[0] >= block.since:
+            return False
+    conn.execute("INSERT INTO blocks (user, since, reason, count, by, notified) "
+                 "VALUES (?, ?, ?, ?, ?, ?)",
+                 (block.user, block.since, block.reason, block.count, block.by, int(notified)))
+    _history(conn, block.user, block.since, "block", block.reason, block.by)
+    return True
+
+
+def adopt_unblock(conn: sqlite3.Connection, user: str, *, at: float, by: str) -> bool:
+    """An unblock made on another host at `at`: a block here made later stays."""
+    existing = get_block(conn, user)
+    if existing is None or existing.since > at:
+        return False
+    return clear_block(conn, user, now=at, by=by)
+
+
+def window_events(conn: sqlite3.Connection, *, after: float) -> dict[str, list[tuple[float, str]]]:
+    """This host's events in the window that Redis may not have seen, by user: (at, eid)."""
+    rows = conn.execute("SELECT user, at, eid FROM events WHERE at > ? AND eid IS NOT NULL "
+                        "ORDER BY user, at", (after,)).fetchall()
+    found: dict[str, list[tuple[float, str]]] = {}
+    for user, at, eid in rows:
+        found.setdefault(user, []).append((at, eid))
+    return found
+
+
+def last_unblocks(conn: sqlite3.Connection) -> dict[str, float]:
+    rows = conn.execute("SELECT user, max(at) FROM history WHERE action = 'unblock' "
+                        "GROUP BY user").fetchall()
+    return {row[0]: row[1] for row in rows}
 
 
 def recent_recipients(conn: sqlite3.Connection, user: str, after: float) -> tuple[str, ...]:
@@ -391,7 +452,7 @@ def history(conn: sqlite3.Connection, user: str) -> list[HistoryEntry]:
 
 
 def events(conn: sqlite3.Connection, user: str, *, after: float) -> list[EventEntry]:
-    rows = conn.execute("SELECT at, recipient FROM events WHERE user = ? AND at > ? "
+    rows = conn.execute("SELECT at, recipient, eid FROM events WHERE user = ? AND at > ? "
                         "ORDER BY at, rowid", (user, after)).fetchall()
     return [EventEntry(*row) for row in rows]
 

@@ -176,7 +176,8 @@ def _history(path: Path, config: Config, user: str) -> int:
     print(f"{user} is {'BLOCKED' if block else 'not blocked'}; {len(recent)} invalid "
           f"recipient(s) in the last {window_text(window)} (limit {config.users.limit})")
     for event in recent[-_MAX_EVENTS_SHOWN:]:
-        print(f"  {iso_utc(event.at)}  {event.recipient or '-'}")
+        seen = f"  (seen on {event.host})" if event.host else ""
+        print(f"  {iso_utc(event.at)}  {event.recipient or '-'}{seen}")
     return os.EX_OK
 
 

@@ -33,9 +33,11 @@ import logging
 import os
 import pwd
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
+from lookupd.cluster import Cluster, ClusterDown
 from lookupd.config import UsersConfig
 from lookupd.users import lsearch, store
 from lookupd.users.decide import (
@@ -55,6 +57,7 @@ from lookupd.users.decide import (
     unknown,
 )
 from lookupd.users.notify import Notice, Notifier, setuid_is_blocked
+from lookupd.users.shared import SharedUsers
 
 __all__ = ["UserState", "UserStatus", "render_admin", "render_check"]
 
@@ -79,8 +82,14 @@ class UserState:
     """Blocked users and their invalid-recipient events, built from [users]."""
 
     def __init__(self, config: UsersConfig, state_dir: Path, *,
-                 notify_backoff: float = 5.0) -> None:
+                 notify_backoff: float = 5.0, cluster: Cluster | None = None) -> None:
         self.config = config
+        # [cluster]: the window and the blocks shared through Redis; sqlite is the journal.
+        self._shared = SharedUsers(cluster, config) if cluster is not None else None
+        if cluster is not None:
+            cluster.on_up(self._merge)
+            cluster.subscribe("block", self._remote_block)
+            cluster.subscribe("unblock", self._remote_unblock)
         self.path = store.db_path(state_dir)
         self._blocked: dict[str, Block] = {}
         self._writer = store.Writer(self.path, config.window, store.WriterHooks(
@@ -170,9 +179,17 @@ class UserState:
             return self._storage_problem(name, f"{MAX_PENDING} writes are waiting for the disk "
                                                f"under {self.path.parent}")
 
+        shared = self._shared
+        eid = shared.new_eid() if shared is not None else None
+        if shared is not None and shared.cluster.up:
+            shared_status = await self._shared_fail(shared, name, rcpt, eid or "")
+            if shared_status is not None:
+                return shared_status
+
         def op(tx: store.Tx) -> store.FailRecord:
             record = store.record_fail(tx.conn, name, rcpt, now=time.time(),
-                                       window=cfg.window, limit=cfg.limit)
+                                       window=cfg.window, limit=cfg.limit, eid=eid,
+                                       by=shared.by if shared is not None else "lookupd")
             tx.blocks_changed = record.outcome is FailOutcome.NEWLY_BLOCKED
             return record
 
@@ -182,6 +199,142 @@ class UserState:
         if result.block is not None:
             return blocked(result.block, result.count)
         return ok(name, result.count)
+
+    async def _shared_fail(self, shared: SharedUsers, name: str, rcpt: str | None,
+                           eid: str) -> UserStatus | None:
+        """Count in Redis, journal here. None: Redis did not answer, decide locally."""
+        now = time.time()
+        try:
+            count, block, new = await shared.fail(name, [(now, eid)], now)
+        except ClusterDown:
+            return None
+        window = self.config.window
+
+        def op(tx: store.Tx) -> store.FailRecord:
+            store.record_event(tx.conn, name, rcpt, now=now, eid=eid)
+            if block is None:
+                return store.FailRecord(FailOutcome.OK, count, None)
+            adopted = store.adopt_block(tx.conn, block, unblocked_after=False, notified=not new)
+            tx.blocks_changed = adopted
+            if not new:
+                return store.FailRecord(FailOutcome.STILL_BLOCKED, count, block)
+            return store.FailRecord(FailOutcome.NEWLY_BLOCKED, count, block,
+                                    store.recent_recipients(tx.conn, name, now - window))
+
+        if block is not None and not new:
+            self._blocked.setdefault(name, block)
+        # Durable here before the answer; a slow disk is logged, Redis' answer stands.
+        await self._commit(name, self._writer.submit(op, self._apply_fail))
+        return blocked(block, count) if block is not None else ok(name, count)
+
+    # --- [cluster]: merging and the other hosts' messages ------------------------------
+
+    async def _merge(self, reconnected: bool) -> None:
+        """Redis answers (again): push what this host recorded meanwhile, take what the
+        others did. Block against unblock: the later one wins. Events carry their ids, so
+        pushing one twice counts it once."""
+        shared = self._shared
+        if shared is None or not self._open:
+            return
+        window = self.config.window
+        remote, unblocked = await shared.snapshot()
+
+        def read(tx: store.Tx) -> tuple[dict[str, list[tuple[float, str]]], dict[str, Block],
+                                        dict[str, float]]:
+            after = time.time() - window
+            events = store.window_events(tx.conn, after=after) if reconnected else {}
+            return events, store.load_blocks(tx.conn), store.last_unblocks(tx.conn)
+
+        events, local, local_unblocks = await self._writer.submit(read)
+        for user, block in list(remote.items()):
+            at = local_unblocks.get(user)
+            if user not in local and at is not None and at >= block.since:
+                await shared.unblock(user, at, f"unblocked on {shared.cluster.host}")
+                del remote[user]
+                unblocked[user] = at
+        for user, block in local.items():
+            if user in remote or unblocked.get(user, -1.0) >= block.since:
+                continue
+            held = await shared.block(block)
+            if held is not None:
+                remote[user] = held
+        new_blocks: list[store.FailRecord] = []
+        for user, evs in events.items():
+            if user in remote:
+                continue
+            evs = [e for e in evs if e[0] > unblocked.get(user, -1.0)]
+            if not evs:
+                continue
+            count, made, new = await shared.fail(user, evs, time.time())
+            if made is not None:
+                remote[user] = made
+                if new:
+                    new_blocks.append(store.FailRecord(FailOutcome.NEWLY_BLOCKED, count, made))
+
+        def apply(tx: store.Tx) -> dict[str, Block]:
+            changed = False
+            for user, at in unblocked.items():
+                block = store.get_block(tx.conn, user)
+                if block is not None and user not in remote and block.since <= at:
+                    changed |= store.adopt_unblock(tx.conn, user, at=at, by="unblocked on "
+                                                   "another host")
+            for block in remote.values():
+                changed |= store.adopt_block(tx.conn, block)
+            tx.blocks_changed = changed
+            return store.load_blocks(tx.conn)
+
+        blocks = await self._writer.submit(apply)
+        self._blocked = blocks
+        for record in new_blocks:
+            self._apply_fail(record)
+
+    def _remote_block(self, message: dict[str, object]) -> None:
+        """Another host blocked a user: answered here at once, journalled after."""
+        if self._shared is None or not self._open:
+            return
+        block = self._shared.decode_block(message)
+        if block is None or block.user in self._blocked:
+            return
+        self._blocked[block.user] = block
+
+        def op(tx: store.Tx) -> bool:
+            tx.blocks_changed = store.adopt_block(tx.conn, block, unblocked_after=False)
+            return tx.blocks_changed
+
+        def keep(_: bool) -> None:
+            # Again after the commit: a merge finishing meanwhile may have replaced the mirror.
+            self._blocked.setdefault(block.user, block)
+
+        self._writer.submit(op, keep)
+
+    def _remote_unblock(self, message: dict[str, object]) -> None:
+        if self._shared is None or not self._open:
+            return
+        found = self._shared.decode_unblock(message)
+        if found is None:
+            return
+        user, at, by = found
+        block = self._blocked.get(user)
+        if block is not None and block.since <= at:
+            del self._blocked[user]
+
+        def op(tx: store.Tx) -> bool:
+            tx.blocks_changed = store.adopt_unblock(tx.conn, user, at=at, by=by)
+            return tx.blocks_changed
+
+        def forget(_: bool) -> None:
+            held = self._blocked.get(user)
+            if held is not None and held.since <= at:
+                del self._blocked[user]
+
+        self._writer.submit(op, forget)
+
+    async def _share(self, call: Awaitable[object]) -> None:
+        """An admin's change, sent to Redis; if it does not answer, the merge sends it."""
+        try:
+            await call
+        except ClusterDown:
+            pass
 
     async def block(self, user: str, reason: str, *, by: str = "admin") -> UserStatus:
         """`user-block USER [REASON]` (the caller checked the peer). Durable before it returns."""
@@ -197,14 +350,18 @@ class UserState:
                                     admin=True)
         if isinstance(result, UserStatus):
             return result
+        if self._shared is not None and result[1]:
+            await self._share(self._shared.block(result[0]))
         return blocked(result[0])
 
     async def unblock(self, user: str, *, by: str = "admin") -> UserStatus:
         """`user-unblock USER` (the caller checked the peer). Durable before it returns."""
         name = self.check(user)
 
+        now = time.time()
+
         def op(tx: store.Tx) -> bool:
-            removed = store.clear_block(tx.conn, name, now=time.time(), by=by)
+            removed = store.clear_block(tx.conn, name, now=now, by=by)
             tx.blocks_changed = removed
             return removed
 
@@ -212,6 +369,8 @@ class UserState:
                                     admin=True)
         if isinstance(result, UserStatus):
             return result
+        if self._shared is not None:
+            await self._share(self._shared.unblock(name, now, by))
         return ok(name)
 
     async def admin_allowed(self, uid: int | None, gid: int | None) -> bool:

@@ -1,0 +1,257 @@
+"""Strikes: lookupd's own memory of what a client address did wrong (a failed or refused AUTH,
+an invalid recipient, a protocol error), counted in a sliding window and given to `connect`
+as `strikes=N` (rule `strikes_threshold`).
+
+    strike IP KIND  ->  strikes=N
+
+In memory on one host (a snapshot in the state directory keeps it across restarts); with
+[cluster], every strike also goes to Redis (a sorted set per address, members "HOST:ID") and
+to the other hosts by pub/sub, so each host's memory holds the strikes of all of them and
+`connect` still answers from memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from lookupd.cluster import Cluster, ClusterDown, finite
+from lookupd.errors import BadRequest
+from lookupd.ipaddr import IPAddress, parse_ip
+
+log = logging.getLogger(__name__)
+
+# auth: a failed or refused AUTH; rcpt: an invalid recipient from an unauthenticated client;
+# proto: a protocol error. Other names are taken as they come (the snippets may add kinds).
+KIND = re.compile(r"[a-z][a-z0-9_-]{0,15}")
+# Addresses remembered at most (the oldest-struck go first), and strikes per address.
+MAX_ADDRESSES = 100_000
+MAX_PER_ADDRESS = 1_000
+SNAPSHOT_NAME = "strikes.msgpack"
+# How many addresses the merge after a reconnect reads back from Redis at most.
+MERGE_MAX = 100_000
+
+# KEYS: the address's set. ARGV: now, window, member, channel, message.
+STRIKE_SCRIPT = """
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+def check_kind(raw: str) -> str:
+    if not KIND.fullmatch(raw):
+        raise BadRequest("strike KIND is a short lower-case word such as auth, rcpt, proto")
+    return raw
+
+
+class Strikes:
+    """The strikes of every client address in the window, in memory."""
+
+    def __init__(self, window: float, state_dir: Path, cluster: Cluster | None = None) -> None:
+        self.window = window
+        self.path = state_dir / SNAPSHOT_NAME
+        self.cluster = cluster
+        # address -> {strike id: time}; ordered by the last strike, oldest first.
+        self._seen: OrderedDict[str, dict[str, float]] = OrderedDict()
+        self._taken_over = False
+        # Strikes Redis did not take (down): published to the other hosts by the next merge.
+        self._unsent: list[str] = []
+        if cluster is not None:
+            cluster.subscribe("strike", self._remote)
+            cluster.on_up(self._merge)
+
+    def take_over(self, previous: Strikes) -> None:
+        """On a reload: the same memory (requests still in flight on the old set count)."""
+        self._seen = previous._seen
+        self._taken_over = True
+
+    async def open(self) -> None:
+        if self._taken_over:
+            return
+        try:
+            rows = await asyncio.to_thread(_load, self.path)
+        except (OSError, ValueError, msgpack.UnpackException) as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("strikes: cannot read %s (%s); starting without strikes",
+                            self.path, exc)
+            return
+        cutoff = time.time() - self.window
+        for address, strikes in rows:
+            for sid, at in strikes:
+                if at > cutoff:
+                    self._add(address, sid, at)
+
+    async def close(self) -> None:
+        cutoff = time.time() - self.window
+        rows = [(a, [(sid, at) for sid, at in s.items() if at > cutoff])
+                for a, s in self._seen.items()]
+        try:
+            await asyncio.to_thread(_save, self.path, [r for r in rows if r[1]])
+        except OSError as exc:
+            log.warning("strikes: cannot write %s: %s; the strikes are forgotten on restart",
+                        self.path, exc)
+
+    def count(self, ip: IPAddress) -> int:
+        """Strikes of `ip` in the window, from memory."""
+        strikes = self._seen.get(str(ip))
+        if not strikes:
+            return 0
+        cutoff = time.time() - self.window
+        for sid in [sid for sid, at in strikes.items() if at <= cutoff]:
+            del strikes[sid]
+        return len(strikes)
+
+    async def strike(self, ip: IPAddress, kind: str) -> int:
+        """Record one strike; the count after it (across hosts when Redis answers)."""
+        address = str(ip)
+        now = time.time()
+        host = self.cluster.host if self.cluster is not None else "local"
+        sid = f"{host}:{uuid.uuid4().hex[:16]}"
+        self._add(address, sid, now)
+        local = self.count(ip)
+        cluster = self.cluster
+        if cluster is None:
+            return local
+        message = json.dumps({"op": "strike", "ip": address, "kind": kind, "at": now,
+                              "id": sid, "host": cluster.host}, separators=(",", ":"))
+        if not cluster.up:
+            self._keep(message)
+            return local
+        try:
+            shared = await cluster.run(lambda r: r.register_script(STRIKE_SCRIPT)(
+                keys=[cluster.keys.strikes(address)],
+                args=[repr(now), repr(self.window), sid, cluster.keys.channel, message]))
+        except ClusterDown:
+            self._keep(message)
+            return local
+        return shared if isinstance(shared, int) and shared >= local else local
+
+    # --- memory ----------------------------------------------------------------------------
+
+    def _keep(self, message: str) -> None:
+        if len(self._unsent) < MAX_ADDRESSES:  # past that, the others read them at the merge
+            self._unsent.append(message)
+
+    def _add(self, address: str, sid: str, at: float) -> None:
+        strikes = self._seen.get(address)
+        if strikes is None:
+            strikes = self._seen[address] = {}
+            while len(self._seen) > MAX_ADDRESSES:
+                self._seen.popitem(last=False)
+        else:
+            self._seen.move_to_end(address)
+        strikes[sid] = at
+        if len(strikes) > MAX_PER_ADDRESS:
+            del strikes[min(strikes, key=strikes.__getitem__)]
+
+    def _remote(self, message: dict[str, Any]) -> None:
+        ip, sid, at = message.get("ip"), message.get("id"), finite(message.get("at"))
+        try:
+            address = str(parse_ip(ip)) if isinstance(ip, str) else None
+        except ValueError:
+            address = None
+        if address is None or at is None or not isinstance(sid, str) or len(sid) > 100:
+            assert self.cluster is not None
+            self.cluster.bad_value("a strike message")
+            return
+        if at > time.time() - self.window:
+            self._add(address, sid, at)
+
+    async def _merge(self, reconnected: bool) -> None:
+        """Redis answers again: send the strikes recorded meanwhile, read the others'."""
+        cluster = self.cluster
+        if cluster is None or not reconnected:
+            return
+        now = time.time()
+        cutoff = now - self.window
+
+        unsent, self._unsent = self._unsent, []
+
+        async def push(r: Any) -> None:
+            async with r.pipeline(transaction=False) as pipe:
+                for message in unsent:
+                    pipe.publish(cluster.keys.channel, message)
+                for address, strikes in list(self._seen.items()):
+                    members = {sid: at for sid, at in strikes.items() if at > cutoff}
+                    if members:
+                        key = cluster.keys.strikes(address)
+                        pipe.zadd(key, members)
+                        pipe.pexpire(key, int(self.window * 1000) + 1000)
+                await pipe.execute()
+
+        async def pull(r: Any) -> dict[str, list[tuple[str, float]]]:
+            found: dict[str, list[tuple[str, float]]] = {}
+            async for key in r.scan_iter(match=cluster.keys.strikes("*"), count=1000):
+                found[key[len(cluster.keys.strikes("")):]] = await r.zrangebyscore(
+                    key, cutoff, "+inf", withscores=True)
+                if len(found) >= MERGE_MAX:
+                    break
+            return found
+
+        try:
+            await cluster.run(push, timeout=10.0)
+        except ClusterDown:
+            self._unsent = unsent + self._unsent
+            raise
+        for address, members in (await cluster.run(pull, timeout=10.0)).items():
+            self._remote_rows(address, members)
+
+    def _remote_rows(self, address: str, members: list[tuple[str, float]]) -> None:
+        try:
+            address = str(parse_ip(address))
+        except ValueError:
+            assert self.cluster is not None
+            self.cluster.bad_value("a strikes key")
+            return
+        for sid, at in members:
+            if isinstance(sid, str) and finite(at) is not None:
+                self._add(address, sid, float(at))
+
+
+def _load(path: Path) -> list[tuple[str, list[tuple[str, float]]]]:
+    with open(path, "rb") as fh:
+        raw = msgpack.unpackb(fh.read(16 * 1024 * 1024), strict_map_key=False)
+    rows: list[tuple[str, list[tuple[str, float]]]] = []
+    if not isinstance(raw, dict) or raw.get("v") != 1 or not isinstance(raw.get("rows"), list):
+        raise ValueError("not a strikes snapshot")
+    for row in raw["rows"]:
+        if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], str)
+                and isinstance(row[1], list)):
+            continue
+        try:
+            address = str(parse_ip(row[0]))
+        except ValueError:
+            continue
+        rows.append((address, [(pair[0], float(pair[1])) for pair in row[1]
+                               if isinstance(pair, list) and len(pair) == 2
+                               and isinstance(pair[0], str)
+                               and isinstance(pair[1], int | float)]))
+    return rows
+
+
+def _save(path: Path, rows: list[tuple[str, list[tuple[str, float]]]]) -> None:
+    data = msgpack.packb({"v": 1, "rows": [[a, [[s, at] for s, at in r]] for a, r in rows]})
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o640)

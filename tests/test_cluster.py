@@ -1,0 +1,357 @@
+"""[cluster]: three real `lookupd serve` processes ("hosts" a, b, c) sharing user block state
+through a real redis-server with requirepass; Redis stopped, hung (SIGSTOP) and restarted
+while concurrent user-fail traffic goes on."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from redisserver import PASSWORD, RedisSentinel, RedisServer
+from support import EXIM, EXIM_BASE, Exim, Lookupd, short_dir
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
+                                reason="needs redis-server (apt-get install redis-server)")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="user-block needs root or a group")
+
+TIMEOUT = 0.3
+# Answers while Redis is down or hung: its timeout, plus room for a loaded test machine.
+SLACK = 1.5
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+Hosts = Callable[..., list[Lookupd]]
+
+
+@pytest.fixture
+def hosts(redis: RedisServer, tmp_path: Path) -> Iterator[Hosts]:
+    started: list[Lookupd] = []
+    password_file = tmp_path / "redis.pw"
+    password_file.write_text(PASSWORD + "\n")
+    password_file.chmod(0o600)
+
+    def start(limit: int = 5, names: str = "abc", password: Path = password_file,
+              server: str = "") -> list[Lookupd]:
+        for name in names:
+            config = (f"[server]\n{server}\n"
+                      f'[users]\nlimit = {limit}\nnotify_command = ""\n'
+                      f'[cluster]\nredis = "{redis.url}"\npassword_file = "{password}"\n'
+                      f'host_name = "{name}"\ntimeout = "{int(TIMEOUT * 1000)}ms"\n')
+            started.append(Lookupd(short_dir(), config).start())
+        for daemon in started:
+            if password == password_file:
+                wait_for(_connected(daemon), 5)
+        return started[-len(names):]
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+        shutil.rmtree(daemon.workdir, ignore_errors=True)
+
+
+def _connected(daemon: Lookupd) -> Callable[[], bool]:
+    return lambda: "cluster: sharing state through Redis" in daemon.log()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> float:
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not true within {timeout}s")
+        time.sleep(0.002)
+    return time.monotonic() - start
+
+
+def blocked(daemon: Lookupd, user: str) -> bool:
+    return daemon.query(f"user {user}\n").startswith("blocked")
+
+
+# --- three hosts ---------------------------------------------------------------------------
+
+
+def test_window_and_blocks_are_shared(hosts: Hosts, redis: RedisServer) -> None:
+    a, b, c = hosts(limit=5)
+    assert a.query("user-fail alice r1@example.org\n") == "ok"
+    assert b.query("user-fail alice r2@example.org\n") == "ok"
+    assert c.query("user-fail alice r3@example.org\n") == "ok"
+    assert a.query("user-fail alice r4@example.org\n") == "ok"
+    reply = c.query("user-fail alice r5@example.org\n")  # the fifth, on a third host
+    assert reply.startswith('blocked - since=') and 'reason="5 invalid recipients in 1h"' in reply
+    wait_for(lambda: blocked(a, "alice") and blocked(b, "alice"), 1.0)
+    assert a.query("user alice\n") == b.query("user alice\n") == reply
+    assert b.query("user-fail alice r6@example.org\n") == reply
+    assert redis.cli("ZCARD", "lookupd:users:events:alice") == 5
+    # Each host's journal has the block, and which host made it.
+    for daemon in (a, b, c):
+        daemon.stop()
+    import sqlite3
+    conn = sqlite3.connect(a.workdir / "state" / "users.sqlite")
+    assert conn.execute("SELECT by FROM blocks WHERE user = 'alice'").fetchone() == ("lookupd@c",)
+    conn.close()
+    cli = a.workdir / "cli.toml"
+    cli.write_text(f'[server]\nstate_dir = "{a.workdir / "state"}"\n')
+    history = subprocess.run([sys.executable, "-m", "lookupd", "users", "--config", str(cli),
+                              "history", "alice"], capture_output=True, text=True, timeout=30)
+    assert "block    by lookupd@c: 5 invalid recipients in 1h" in history.stdout, history
+    assert "r1@example.org  (seen on a)" in history.stdout, history.stdout
+    for daemon in (a, b, c):
+        daemon.start()
+        assert daemon.query("user alice\n") == reply
+    assert PASSWORD not in "".join(d.log() for d in (a, b, c))
+
+
+def test_block_propagation_delay(hosts: Hosts) -> None:
+    """A block made on host a answers `blocked` on host c: measured, well under a second."""
+    a, _, c = hosts(limit=1)
+    delays = []
+    for i in range(40):
+        assert a.query(f"user-fail p{i} r@example.org\n").startswith("blocked")
+        user = f"p{i}"
+        delays.append(wait_for(lambda: blocked(c, user), 1.0))  # noqa: B023
+    delays.sort()
+    p50, p99 = statistics.median(delays), delays[int(len(delays) * 0.99) - 1]
+    print(f"\nblock propagation a -> c: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
+    assert p99 < 1.0
+
+
+@needs_root
+def test_admin_block_and_unblock_propagate(hosts: Hosts) -> None:
+    a, b, c = hosts(limit=3)
+    assert a.query("user-block mallory stolen password\n").startswith("blocked")
+    wait_for(lambda: blocked(b, "mallory") and blocked(c, "mallory"), 1.0)
+    assert 'reason="stolen password"' in c.query("user mallory\n")
+    for daemon in (a, b, c):
+        daemon.query("user-fail bob x@example.org\n")
+    wait_for(lambda: blocked(a, "bob") and blocked(b, "bob"), 1.0)
+    assert b.query("user-unblock bob\n") == "ok"
+    wait_for(lambda: not blocked(a, "bob") and not blocked(c, "bob"), 1.0)
+    # The window starts again everywhere: two more failures do not block.
+    assert a.query("user-fail bob x@example.org\n") == "ok"
+    assert c.query("user-fail bob x@example.org\n") == "ok"
+    assert c.query("user-unblock mallory\n") == "ok"
+    wait_for(lambda: not blocked(a, "mallory"), 1.0)
+
+
+def test_hostile_values_in_redis_are_ignored(hosts: Hosts, redis: RedisServer) -> None:
+    a, b, _ = hosts(limit=3)
+    redis.cli("HSET", "lookupd:users:blocks", "eve", "{not json")
+    redis.cli("HSET", "lookupd:users:blocks", "zed", '{"user":"zed","since":"x"}')
+    redis.cli("PUBLISH", "lookupd:events", '{"op":"block","user":"a b","since":1}')
+    redis.cli("PUBLISH", "lookupd:events", "\x00" * 10000)
+    assert a.query("user-fail eve x@example.org\n") == "ok"
+    assert b.query("user zed\n") == "ok"
+    assert b.query("user-fail zed x@example.org\n") == "ok"
+    assert a.query("ping\n") == "pong" and b.query("ping\n") == "pong"
+    wait_for(lambda: "malformed value in Redis" in a.log() + b.log(), 2.0)
+
+
+# --- Redis down, hung, back ----------------------------------------------------------------
+
+
+def _traffic(daemons: list[Lookupd], users: list[str], per_host: int) -> list[tuple[str, float]]:
+    """Concurrent user-fail traffic, 8 clients: (reply, seconds) each."""
+    jobs = [(d, u, i) for i in range(per_host) for d in daemons for u in users]
+
+    def one(job: tuple[Lookupd, str, int]) -> tuple[str, float]:
+        daemon, user, i = job
+        start = time.monotonic()
+        reply = daemon.query(f"user-fail {user} r{i}@example.org\n")
+        return reply, time.monotonic() - start
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, jobs))
+
+
+def _outage(hosts: Hosts, redis: RedisServer, down: Callable[[], object],
+            up: Callable[[], object]) -> None:
+    a, b, c = daemons = hosts(limit=10)
+    # Before: carol 6 events, erin 3 (one or two a host).
+    assert all(r == "ok" for r, _ in _traffic(daemons, ["carol", "erin"], 1))
+    assert all(r == "ok" for r, _ in _traffic(daemons, ["carol"], 1))
+    assert redis.cli("ZCARD", "lookupd:users:events:carol") == 6
+    down()
+    during = _traffic(daemons, ["carol", "erin"], 2)
+    during += [(a.query(f"user-fail dave d{i}@example.org\n"), 0.0) for i in range(10)]
+    for reply, seconds in during:
+        assert reply == "ok" or reply.startswith("blocked"), reply
+        assert seconds < TIMEOUT + SLACK, seconds
+    # dave's block was answered on a alone; the others did not hear of it.
+    assert blocked(a, "dave") and not blocked(c, "dave")
+    up()
+    # After the merge: the answered block is everywhere, and carol's 6 + 6 events (each host
+    # pushes all of its own again; those Redis had count once) crossed the limit of 10: the
+    # merge blocks at the tenth, and, as always, a blocked user's later events are not kept.
+    wait_for(lambda: all(blocked(d, "dave") and blocked(d, "carol") for d in daemons), 10.0)
+    assert redis.cli("ZCARD", "lookupd:users:events:carol") == 10
+    assert 'reason="10 invalid recipients in 1h"' in c.query("user carol\n")
+    assert redis.cli("ZCARD", "lookupd:users:events:erin") == 3 + 6
+    assert not blocked(b, "erin")
+    assert b.query("user-fail erin x@example.org\n").startswith("blocked")  # the tenth
+    wait_for(lambda: blocked(c, "erin"), 1.0)
+    for daemon in daemons:
+        log = daemon.log()
+        assert PASSWORD not in log
+        assert log.count("does not answer within") <= 2, log
+        assert "Traceback" not in log, log
+
+
+def test_redis_stopped_and_restarted(hosts: Hosts, redis: RedisServer) -> None:
+    _outage(hosts, redis, redis.stop, redis.start)
+
+
+def test_redis_hung_and_resumed(hosts: Hosts, redis: RedisServer) -> None:
+    _outage(hosts, redis, redis.pause, redis.resume)
+
+
+def test_wrong_password_decides_locally(hosts: Hosts, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.pw"
+    wrong.write_text("not-the-password\n")
+    (a,) = hosts(limit=2, names="a", password=wrong)
+    assert a.query("user-fail frank x@example.org\n") == "ok"
+    assert a.query("user-fail frank y@example.org\n").startswith("blocked")
+    assert "cannot reach Redis" in a.log()
+    assert "not-the-password" not in a.log()
+
+
+ACL = "user lookupd on >acl-Secret-77 ~lookupd:* &lookupd:* +@all -@admin -@dangerous\n"
+
+
+def test_acl_user(tmp_path: Path) -> None:
+    """A Redis ACL user limited to lookupd's keys and channel is enough for every verb."""
+    redis = RedisServer(tmp_path / "redis", extra=ACL).start()
+    pw = tmp_path / "pw"
+    pw.write_text("acl-Secret-77\n")
+    hosts = []
+    try:
+        for name in "ac":
+            hosts.append(Lookupd(short_dir(), (
+                f'[users]\nlimit = 2\nnotify_command = ""\n'
+                f'[cluster]\nredis = "{redis.url}"\npassword_file = "{pw}"\n'
+                f'username = "lookupd"\nhost_name = "{name}"\n')).start())
+        for daemon in hosts:
+            wait_for(_connected(daemon), 5)
+        a, c = hosts
+        assert a.query("user-fail gina x@example.org\n") == "ok"
+        assert c.query("user-fail gina y@example.org\n").startswith("blocked")
+        wait_for(lambda: blocked(a, "gina"), 1.0)
+        assert a.query("strike 192.0.2.44 auth\n") == "strikes=1"
+        assert c.query("strike 192.0.2.44 auth\n") == "strikes=2"
+        for daemon in hosts:
+            assert "acl-Secret-77" not in daemon.log()
+            assert "malformed" not in daemon.log() and "does not answer" not in daemon.log()
+    finally:
+        for daemon in hosts:
+            daemon.stop()
+            shutil.rmtree(daemon.workdir, ignore_errors=True)
+        redis.stop()
+
+
+def test_sentinel_failover_loses_no_answered_block(tmp_path: Path) -> None:
+    """Two Redis servers under redis-sentinel; the primary is killed during user-fail traffic
+    on three hosts: after the failover every block any host answered is on every host and in
+    the new primary."""
+    primary = RedisServer(tmp_path / "p").start()
+    replica = RedisServer(tmp_path / "r", extra=(
+        f"replicaof 127.0.0.1 {primary.port}\nmasterauth {PASSWORD}\n")).start()
+    sentinel = RedisSentinel(tmp_path / "s", primary.port).start()
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD)
+    daemons: list[Lookupd] = []
+    try:
+        for name in "abc":
+            daemons.append(Lookupd(short_dir(), (
+                f'[users]\nlimit = 2\nnotify_command = ""\n'
+                f'[cluster]\nsentinels = ["127.0.0.1:{sentinel.port}"]\n'
+                f'sentinel_service = "mymaster"\npassword_file = "{pw}"\n'
+                f'host_name = "{name}"\ntimeout = "{int(TIMEOUT * 1000)}ms"\n')).start())
+        for daemon in daemons:
+            wait_for(_connected(daemon), 5)
+        answered: set[str] = set()
+
+        def wave(tag: str) -> None:
+            users = [f"{tag}{i}" for i in range(6)]
+            for result in _traffic(daemons, users, 1):
+                assert result[1] < TIMEOUT + SLACK, result
+            for user in users:
+                for daemon in daemons:
+                    if blocked(daemon, user):
+                        answered.add(user)
+
+        wave("before")
+        primary.proc.kill()  # type: ignore[union-attr]
+        primary.proc.wait()  # type: ignore[union-attr]
+        wave("during")
+        wait_for(lambda: sentinel.primary() == replica.port, 30)
+        wave("after")
+        assert answered
+        for daemon in daemons:
+            wait_for(lambda d=daemon: "answers again" in d.log(), 15)  # type: ignore[misc]
+        # Every block answered anywhere is on every host and in the new primary; and the
+        # users whose 3 events were counted apart during the failover are blocked by the merge.
+        merged = answered | {f"during{i}" for i in range(6)}
+        for daemon in daemons:
+            wait_for(lambda d=daemon: all(blocked(d, u) for u in merged), 5)  # type: ignore[misc]
+        in_redis = set(replica.cli("HKEYS", "lookupd:users:blocks"))
+        assert merged <= in_redis, (merged - in_redis, daemons[0].log()[-3000:])
+        assert all(PASSWORD not in d.log() for d in daemons)
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+            shutil.rmtree(daemon.workdir, ignore_errors=True)
+        sentinel.stop()
+        replica.stop()
+        primary.stop()
+
+
+@pytest.mark.skipif(not Path(EXIM).exists(), reason="exim4 is not installed")
+def test_exim_on_host_a_blocks_what_exim_on_host_c_freezes(hosts: Hosts) -> None:
+    """A real Exim -bh session against host a: a stolen password's spam to dead addresses
+    blocks alice; the next session, against host c, freezes her mail at once."""
+    from test_users_exim import EXIM_CONFIG, log_lines, session
+
+    a, _, c = hosts(limit=3, server='socket_group = "Debian-exim"')
+    workdir = short_dir("lkdx")
+    try:
+        exim = Exim(workdir, EXIM_BASE.format(workdir=workdir) + EXIM_CONFIG)
+        out, err = exim.bh("192.0.2.10", session("alice", "nosuch1@example.org",
+                                                 "nosuch2@example.org", "nosuch3@example.org"),
+                           [f"LOOKUPD_SOCKET={a.socket}"])
+        assert out.count("550 no such user here") == 3, out
+        assert log_lines(err, "lookupd: invalid")[-1].endswith("from alice: blocked")
+        out, err = exim.bh("192.0.2.10", session("alice", "carol@example.org"),
+                           [f"LOOKUPD_SOCKET={c.socket}"])
+        assert "250 Accepted" in out
+        frozen = log_lines(err, "lookupd: froze")
+        assert len(frozen) == 1 and frozen[0].endswith(": 3 invalid recipients in 1h"), err
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_reload_keeps_sharing(hosts: Hosts, redis: RedisServer) -> None:
+    """A SIGHUP builds a new connection beside the old; strikes and blocks carry on."""
+    import signal
+
+    a, c = hosts(limit=2, names="ac")
+    assert a.query("strike 192.0.2.77 auth\n") == "strikes=1"
+    a.signal(signal.SIGHUP)
+    wait_for(lambda: "configuration and databases reloaded" in a.log(), 10)
+    wait_for(lambda: a.log().count("sharing state through Redis") >= 2, 5)
+    assert a.query("strike 192.0.2.77 auth\n") == "strikes=2"
+    assert c.query("user-fail hank x@example.org\n") == "ok"
+    assert a.query("user-fail hank y@example.org\n").startswith("blocked")
+    wait_for(lambda: blocked(c, "hank"), 1.0)
+    assert "Traceback" not in a.log()

@@ -1,0 +1,83 @@
+"""The DNS answers shared through Redis ([cluster]): three real `lookupd serve` hosts, one
+rbldnsd (logging every question), one redis-server. A question one host asked is not asked
+by the others within its TTL; without Redis each host asks for itself."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dnsservers import Rbldnsd
+from redisserver import PASSWORD, RedisServer
+from support import Lookupd, short_dir
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None or
+                                shutil.which("rbldnsd") is None,
+                                reason="needs redis-server and rbldnsd")
+
+CLIENTS = [f"192.0.2.{i}" for i in range(101, 141)] + ["192.0.2.4", "192.0.2.20"]
+
+
+@pytest.fixture
+def rbldnsd(tmp_path: Path) -> Iterator[Rbldnsd]:
+    server = Rbldnsd(tmp_path / "rbldnsd").start()
+    yield server
+    server.stop()
+
+
+def run_hosts(rbl: Rbldnsd, cluster: str) -> int:
+    """Every client asked on three hosts in turn: how many questions reached the list."""
+    hosts: list[Lookupd] = []
+    config = (f'[dnsbl]\nnameservers = ["127.0.0.1:{rbl.port}"]\ndeadline = 1.0\n'
+              '[[dnsbl.list]]\nzone = "bl.test"\ncodes = ["127.0.0.[2..11]"]\n'
+              f"query_special = true\n{cluster}")
+    before = len(_client_questions(rbl))
+    try:
+        for name in "abc":
+            hosts.append(Lookupd(short_dir(), config.replace("HOST", name)).start())
+        if cluster:
+            for daemon in hosts:
+                deadline = time.monotonic() + 5
+                while "sharing state through Redis" not in daemon.log():
+                    assert time.monotonic() < deadline, daemon.log()
+                    time.sleep(0.02)
+        for daemon in hosts:
+            for ip in CLIENTS:
+                reply = daemon.query(f"dnsbl {ip}\n")
+                assert reply.startswith("verdict=listed" if ip in ("192.0.2.4", "192.0.2.20")
+                                        else "verdict=clean"), reply
+        time.sleep(0.3)  # rbldnsd's log is unbuffered, but give it a moment
+    finally:
+        for daemon in hosts:
+            daemon.stop()
+            shutil.rmtree(daemon.workdir, ignore_errors=True)
+    return len(_client_questions(rbl)) - before
+
+
+def _client_questions(rbl: Rbldnsd) -> list[str]:
+    names = {".".join(reversed(ip.split("."))) + ".bl.test" for ip in CLIENTS}
+    return [q for q in rbl.queries(qtype="A") if q.split()[2].lower().rstrip(".") in names]
+
+
+def test_three_hosts_ask_each_question_once(rbldnsd: Rbldnsd, tmp_path: Path) -> None:
+    alone = run_hosts(rbldnsd, "")
+    assert alone == 3 * len(CLIENTS)
+    redis = RedisServer(tmp_path / "redis").start()
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD)
+    # A hostile value is treated as missing: the first host asks DNS itself and answers
+    # right (run_hosts checks every verdict), and its answer replaces the bad one.
+    redis.cli("SET", "lookupd:dns:A:101.2.0.192.bl.test", '{"s":"found","r":["x"],"e":1e99}')
+    try:
+        shared = run_hosts(rbldnsd, f'[cluster]\nredis = "{redis.url}"\npassword_file = "{pw}"\n'
+                                    'host_name = "HOST"\n')
+        keys = redis.cli("KEYS", "lookupd:dns:A:*")
+    finally:
+        redis.stop()
+    print(f"\nDNSBL questions for {len(CLIENTS)} clients on 3 hosts: {alone} alone, "
+          f"{shared} with the shared cache")
+    assert shared == len(CLIENTS)
+    assert len(keys) == len(CLIENTS)
