@@ -162,6 +162,9 @@ class _Collector:
         yield from counters.values()
         yield GaugeMetricFamily("lookupd_dnsbl_cache_entries", "DNS answers cached",
                                 value=s.dnsbl_cache)
+        if s.cluster:
+            yield GaugeMetricFamily("lookupd_cluster_up", "1 while Redis ([cluster]) answers",
+                                    value=1 if s.cluster.startswith("up") else 0)
         if s.blocked_users is not None:
             yield GaugeMetricFamily("lookupd_users_blocked", "Authenticated users blocked",
                                     value=s.blocked_users)

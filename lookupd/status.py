@@ -61,6 +61,8 @@ class Snapshot:
     blocked_users: int | None = None
     users_problem: str = ""
     geoip_stale_after: float = 0.0  # [geoip] stale_after
+    cluster: str = ""  # "" without [cluster]; else "up" or "down", then where Redis is
+
     health: tuple[str, ...] = field(default=())  # filled by with_health()
     level: Level = "ok"
 
@@ -91,7 +93,9 @@ def collect(*, started: float, config: Path | None, fail_open: str, last_reload:
         base.version, base.pid, base.started, base.config, fail_open, last_reload, listeners,
         connections, shed, tuple(files), lists, stats.cache_entries,
         blocked_users=users.blocked_count, users_problem=users.problem,
-        geoip_stale_after=sources.config.geoip.stale_after)
+        geoip_stale_after=sources.config.geoip.stale_after,
+        cluster="" if sources.cluster is None else
+        f"{'up' if sources.cluster.up else 'down'} {sources.cluster.where}")
     return with_health(snapshot)
 
 
@@ -141,6 +145,9 @@ def with_health(s: Snapshot) -> Snapshot:
             warning.append(f"DNS list {lst.name}: {lst.state}")
     if s.users_problem:
         warning.append(f"users: {s.users_problem}")
+    if s.cluster.startswith("down"):
+        warning.append(f"cluster: Redis at {s.cluster.split(' ', 1)[1]} does not answer: this "
+                       "host decides alone, and merges when it is back")
     level: Level = "critical" if critical else "warning" if warning else "ok"
     return Snapshot(**{**asdict(s), "files": s.files, "lists": s.lists,
                        "health": tuple(critical + warning), "level": level})
@@ -173,6 +180,8 @@ def render_text(s: dict[str, Any]) -> str:
         lines.append(f"  {'DNS list:':<14} {lst['name']}: {lst['state']} ({lst['queries']} "
                      f"queries, {lst['hits']} hits, {lst['errors']} errors, "
                      f"{lst['timeouts']} timeouts)")
+    if s.get("cluster"):
+        lines.append(f"  {'cluster:':<14} Redis {s['cluster']}")
     if s["blocked_users"] is not None:
         lines.append(f"  {'users:':<14} {s['blocked_users']} blocked"
                      + (f"; {s['users_problem']}" if s["users_problem"] else ""))

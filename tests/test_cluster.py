@@ -355,3 +355,26 @@ def test_reload_keeps_sharing(hosts: Hosts, redis: RedisServer) -> None:
     assert a.query("user-fail hank y@example.org\n").startswith("blocked")
     wait_for(lambda: blocked(c, "hank"), 1.0)
     assert "Traceback" not in a.log()
+
+
+def test_status_and_metrics_show_the_redis_link(hosts: Hosts, redis: RedisServer) -> None:
+    """lookupd status and the metrics say whether this host reaches Redis (issue 12)."""
+    (a,) = hosts(limit=5, names="a")
+
+    def status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "lookupd", "status", "--socket",
+                               str(a.socket)], capture_output=True, text=True, timeout=30)
+
+    assert "cluster:       Redis up " in status().stdout
+    assert "lookupd_cluster_up 1.0" in a.query("metrics").splitlines()
+    redis.stop()
+    try:
+        a.query("user-fail ivan x@example.org\n")  # notices that Redis is gone
+        wait_for(lambda: "lookupd_cluster_up 0.0" in a.query("metrics").splitlines(), 5.0)
+        shown = status()
+        assert shown.returncode == 1, shown
+        assert "cluster:       Redis down " in shown.stdout
+        assert "does not answer: this host decides alone" in shown.stdout
+        assert PASSWORD not in shown.stdout
+    finally:
+        redis.start()
