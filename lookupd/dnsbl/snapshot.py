@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import stat
-import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import BinaryIO
 
 import msgpack
 
+from lookupd.atomicfile import replace_file
 from lookupd.dnsbl.answers import DnsAnswer
 from lookupd.dnsbl.cache import CacheKey
 from lookupd.outcome import Status
@@ -187,28 +187,7 @@ def _entry(row: object, now: float) -> tuple[CacheKey, DnsAnswer] | None:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write temp file, fsync, rename over `path`, fsync the directory (blocking).
-
-    The file is 0600: it shows which clients connected. mkstemp creates the temp file with
-    O_CREAT|O_EXCL under a random name, so a symlink planted there is never followed, and
-    nothing after it goes by that name again except the rename (which moves the entry
-    itself, as it replaces a symlink at `path` rather than writing through it)."""
+    """Replace the snapshot at `path` (blocking). The file is 0600: it shows which clients
+    connected."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temp name: after a reload the old and the new source may write at once.
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o600)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_file(path, data, 0o600)

@@ -9,12 +9,11 @@ keeps working while lookupd owns the state. Exim compares lsearch keys caselessl
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from lookupd.atomicfile import replace_file
 
 HEADER = ("# Blocked authenticated users, one a line (Exim lsearch).\n"
           "# Written by lookupd: change it with `lookupd users block|unblock USER`;\n"
@@ -36,30 +35,13 @@ def render(users: Iterable[str]) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so a reader sees the old or the new file, never a part:
-    temp file beside it, fsync, rename, fsync the directory. Keeps an existing file's mode.
-    """
+    """Replace `path` with `text` so a reader sees the old or the new file, never a part.
+    Keeps an existing file's mode."""
     try:
         mode = path.stat().st_mode & 0o777
     except FileNotFoundError:
         mode = 0o644  # Exim (Debian-exim) must read it
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_file(path, text.encode("utf-8"), mode)
 
 
 @dataclass(frozen=True, slots=True)
