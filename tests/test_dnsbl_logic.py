@@ -414,7 +414,9 @@ def test_health_keeps_healthy_or_merely_odd_lists_in_service() -> None:
     assert not odd.quarantined and "test point 127.0.0.2" in odd.note
     refused = judge([(listed, hit("127.255.255.254")), (unlisted, hit("127.255.255.254"))])
     assert not refused.quarantined and "dqs_key" in refused.note
-    half = judge([(listed, hit("127.0.0.2")), (unlisted, DnsAnswer(UNKNOWN, reason="timeout"))])
+    # Half an answer is not enough: test_a_list_whose_must_not_list_test_point_got_no_answer.
+    half = judge([(listed, DnsAnswer(UNKNOWN, reason="timeout")), (unlisted,
+                                                                   DnsAnswer(NOT_FOUND))])
     assert not half.quarantined
 
 
@@ -633,3 +635,17 @@ def test_a_lists_own_error_answer_to_its_test_point_is_no_listing_of_everything(
     assert judge(blocked, "", own).quarantine == ""
     assert "127.0.0.255" in judge(blocked, "", own).note
     assert judge(blocked).quarantine == "lists-everything"
+
+
+def test_a_list_whose_must_not_list_test_point_got_no_answer_is_not_trusted() -> None:
+    """A list that lists everything, whose 127.0.0.1 answer was lost (a loaded machine, a
+    dropped packet), must not come out trusted on its 127.0.0.2 answer alone."""
+    from lookupd.dnsbl.health import judge, standing
+    from lookupd.dnsbl.names import probe_points
+
+    listed, must_not = probe_points("ip", ("ipv4",))
+    outcomes = [(listed, DnsAnswer(Status.FOUND, ("127.0.0.2",), "", 0.0)),
+                (must_not, DnsAnswer(Status.UNKNOWN, (), "timeout", 0.0))]
+    health = judge(outcomes)
+    assert health.quarantine == "not-answering" and standing(health) == "quarantined"
+    assert "(127.0.0.1) got no answer (timeout)" in health.note

@@ -95,6 +95,13 @@ def judge(outcomes: Sequence[tuple[Probe, DnsAnswer]], dqs: Dqs = "",
     if all(answer.status is Status.UNKNOWN for _, answer in outcomes):
         reason = outcomes[0][1].reason
         return Health(NOT_ANSWERING, f"no test-point query got an answer ({reason})")
+    for probe, answer in outcomes:
+        # Without this answer nothing shows that the list does not list everything: a list
+        # is trusted only once its must-not-list test point was asked and came back clean.
+        if not probe.listed and answer.status is Status.UNKNOWN:
+            return Health(NOT_ANSWERING, f"its RFC 5782 test point that must never be listed "
+                                         f"({_show(probe)}) got no answer ({answer.reason}), "
+                                         "so nothing shows it does not list every client")
     for _, answer in outcomes:
         for record in answer.records if answer.status is Status.FOUND else ():
             said = advice(record, dqs, own)
