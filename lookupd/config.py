@@ -177,7 +177,7 @@ def _country_codes(value: tuple[str, ...]) -> str | None:
 
 def _group_exists(value: str) -> str | None:
     """A group name must exist here ("auto" and "" need none): serve would refuse it."""
-    if value in ("", "auto"):
+    if value in ("", "auto") or value.isdigit():  # a number is taken as a gid
         return None
     try:
         grp.getgrnam(value)

@@ -29,7 +29,8 @@ def exim_group_gid() -> int | None:
 
 
 def group_gid(name: str) -> int | None:
-    """A group name as a gid ("auto": Exim's group); None for "" or an unknown group."""
+    """A group name (or number) as a gid ("auto": Exim's group); None for "" or an unknown
+    group (config.py refuses those, so only a group deleted since gets here)."""
     if name == "auto":
         return exim_group_gid()
     if not name:
@@ -37,7 +38,19 @@ def group_gid(name: str) -> int | None:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        return None
+        return int(name) if name.isdigit() else None
+
+
+def groups_of(uid: int, gid: int | None = None) -> frozenset[int]:
+    """The groups of `uid` (its primary and supplementary ones, from NSS), and `gid` (a
+    peer's primary gid from SO_PEERCRED). Blocking: an NSS lookup."""
+    groups = {gid} if gid is not None else set()
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return frozenset(groups)
+    groups.update(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    return frozenset(groups)
 
 
 class PeerTrust:
@@ -60,7 +73,7 @@ class PeerTrust:
         cached = self._cache.get(uid)
         if cached is not None and cached[0] > now:
             return cached[1]
-        allowed = bool(self._groups_of(uid) & self._gids)
+        allowed = bool(groups_of(uid) & self._gids)
         if len(self._cache) > 1024:
             self._cache.clear()
         self._cache[uid] = (now + _CACHE_SECONDS, allowed)
@@ -73,12 +86,4 @@ class PeerTrust:
             return False
         if peer.uid in (0, self._own_uid):
             return True
-        return self._admin_gid is not None and self._admin_gid in self._groups_of(peer.uid)
-
-    @staticmethod
-    def _groups_of(uid: int) -> frozenset[int]:
-        try:
-            entry = pwd.getpwuid(uid)
-        except KeyError:
-            return frozenset()
-        return frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid))
+        return self._admin_gid is not None and self._admin_gid in groups_of(peer.uid, peer.gid)

@@ -215,3 +215,12 @@ def test_cluster_section_is_validated(tmp_path: Path) -> None:
     for key in ("cluster.password:", "cluster.timeout", "cluster.key_prefix",
                 "cluster.sentinels[0]", "cluster.redis2"):
         assert key in text, key
+
+
+def test_a_group_may_be_given_by_number(tmp_path: Path) -> None:
+    """users.admin_group = "4242": a gid, as before check-config checked group names."""
+    config = load_config(write(tmp_path, '[users]\nadmin_group = "4242"\n'))
+    assert config.users.admin_group == "4242"
+
+    from lookupd.trust import group_gid
+    assert group_gid("4242") == 4242

@@ -28,9 +28,7 @@ FAIL string `ok` fails open when lookupd is down):
 from __future__ import annotations
 
 import asyncio
-import grp
 import logging
-import os
 import pwd
 import time
 from collections.abc import Awaitable
@@ -39,6 +37,7 @@ from typing import TypeVar
 
 from lookupd.cluster import Cluster, ClusterDown
 from lookupd.config import UsersConfig
+from lookupd.trust import group_gid, groups_of
 from lookupd.users import lsearch, store
 from lookupd.users.decide import (
     MAX_REASON_CHARS,
@@ -107,7 +106,7 @@ class UserState:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def open(self) -> None:
-        self._admin_gid = _resolve_group(self.config.admin_group)
+        self._admin_gid = group_gid(self.config.admin_group)
         if self.config.notify_smtp is None and setuid_is_blocked(self._notifier.argv):
             log.warning("users: notify_command %r is a setuid program, but lookupd runs with "
                         "NoNewPrivileges (systemd): it could not queue the block "
@@ -379,7 +378,7 @@ class UserState:
             return False
         if uid == 0 or self._admin_gid is None:
             return may_administer(uid, frozenset(), self._admin_gid)
-        groups = await asyncio.to_thread(_groups_of, uid, gid)
+        groups = await asyncio.to_thread(groups_of, uid, gid)
         return may_administer(uid, groups, self._admin_gid)
 
     async def describe_peer(self, uid: int | None, pid: int | None) -> str:
@@ -483,31 +482,6 @@ class UserState:
         except OSError as exc:
             log.warning("users: cannot write users.lsearch_file %s: %s; Exim ACLs that read it "
                         "see an old list until this is fixed", target, exc)
-
-
-def _resolve_group(name: str) -> int | None:
-    """admin_group as a gid: a group name or a number; "" or unknown: only root administers."""
-    if not name:
-        return None
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        if name.isdigit():
-            return int(name)
-    log.warning("users: admin_group %r does not exist; only root may run user-block and "
-                "user-unblock over the socket; fix users.admin_group", name)
-    return None
-
-
-def _groups_of(uid: int, gid: int | None) -> frozenset[int]:
-    """The peer's primary gid and the supplementary groups of its uid (from NSS)."""
-    groups = {gid} if gid is not None else set()
-    try:
-        entry = pwd.getpwuid(uid)
-    except KeyError:
-        return frozenset(groups)
-    groups.update(os.getgrouplist(entry.pw_name, entry.pw_gid))
-    return frozenset(groups)
 
 
 def _describe_peer(uid: int | None, pid: int | None) -> str:
