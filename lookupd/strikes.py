@@ -2,7 +2,10 @@
 an invalid recipient, a protocol error), counted in a sliding window and given to `connect`
 as `strikes=N` (rule `strikes_threshold`).
 
-    strike IP KIND  ->  strikes=N
+    strike IP KIND [COUNT]  ->  strikes=N
+
+(COUNT: how many such strikes at once, 1 to MAX_COUNT; the snippets send a connection's
+strikes of each kind in one call when it ends.)
 
 In memory on one host (a snapshot in the state directory keeps it across restarts); with
 [cluster], every strike also goes to Redis (a sorted set per address, members "HOST:ID") and
@@ -35,6 +38,8 @@ log = logging.getLogger(__name__)
 # auth: a failed or refused AUTH; rcpt: an invalid recipient from an unauthenticated client;
 # proto: a protocol error. Other names are taken as they come (the snippets may add kinds).
 KIND = re.compile(r"[a-z][a-z0-9_-]{0,15}")
+# Strikes one `strike` call may record at once (a connection's AUTH attempts or recipients).
+MAX_COUNT = 100
 # Addresses remembered at most (the oldest-struck go first), and strikes per address.
 MAX_ADDRESSES = 100_000
 MAX_PER_ADDRESS = 1_000
@@ -42,12 +47,12 @@ SNAPSHOT_NAME = "strikes.msgpack"
 # How many addresses the merge after a reconnect reads back from Redis at most.
 MERGE_MAX = 100_000
 
-# KEYS: the address's set. ARGV: now, window, member, channel, message.
+# KEYS: the address's set. ARGV: now, window, channel, message, then the members to add.
 STRIKE_SCRIPT = """
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
+for i = 5, #ARGV do redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
-if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
 return redis.call('ZCARD', KEYS[1])
 """
 
@@ -56,6 +61,12 @@ def check_kind(raw: str) -> str:
     if not KIND.fullmatch(raw):
         raise BadRequest("strike KIND is a short lower-case word such as auth, rcpt, proto")
     return raw
+
+
+def check_count(raw: str) -> int:
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_COUNT:
+        raise BadRequest(f"strike COUNT is a whole number from 1 to {MAX_COUNT}")
+    return int(raw)
 
 
 class Strikes:
@@ -115,26 +126,27 @@ class Strikes:
             del strikes[sid]
         return len(strikes)
 
-    async def strike(self, ip: IPAddress, kind: str) -> int:
-        """Record one strike; the count after it (across hosts when Redis answers)."""
+    async def strike(self, ip: IPAddress, kind: str, count: int = 1) -> int:
+        """Record `count` strikes; the count after them (across hosts when Redis answers)."""
         address = str(ip)
         now = time.time()
         host = self.cluster.host if self.cluster is not None else "local"
-        sid = f"{host}:{uuid.uuid4().hex[:16]}"
-        self._add(address, sid, now)
+        sids = [f"{host}:{uuid.uuid4().hex[:16]}" for _ in range(max(1, min(count, MAX_COUNT)))]
+        for sid in sids:
+            self._add(address, sid, now)
         local = self.count(ip)
         cluster = self.cluster
         if cluster is None:
             return local
         message = json.dumps({"op": "strike", "ip": address, "kind": kind, "at": now,
-                              "id": sid, "host": cluster.host}, separators=(",", ":"))
+                              "ids": sids, "host": cluster.host}, separators=(",", ":"))
         if not cluster.up:
             self._keep(message)
             return local
         try:
             shared = await cluster.run(lambda r: r.register_script(STRIKE_SCRIPT)(
                 keys=[cluster.keys.strikes(address)],
-                args=[repr(now), repr(self.window), sid, cluster.keys.channel, message]))
+                args=[repr(now), repr(self.window), cluster.keys.channel, message, *sids]))
         except ClusterDown:
             self._keep(message)
             return local
@@ -159,17 +171,22 @@ class Strikes:
             del strikes[min(strikes, key=strikes.__getitem__)]
 
     def _remote(self, message: dict[str, Any]) -> None:
-        ip, sid, at = message.get("ip"), message.get("id"), finite(message.get("at"))
+        ip, at = message.get("ip"), finite(message.get("at"))
+        # "ids" (several strikes at once); "id" from hosts before COUNT existed.
+        sids = message.get("ids", [message.get("id")])
         try:
             address = str(parse_ip(ip)) if isinstance(ip, str) else None
         except ValueError:
             address = None
-        if address is None or at is None or not isinstance(sid, str) or len(sid) > 100:
+        if (address is None or at is None or not isinstance(sids, list)
+                or not 1 <= len(sids) <= MAX_COUNT
+                or not all(isinstance(sid, str) and len(sid) <= 100 for sid in sids)):
             assert self.cluster is not None
             self.cluster.bad_value("a strike message")
             return
         if at > time.time() - self.window:
-            self._add(address, sid, at)
+            for sid in sids:
+                self._add(address, sid, at)
 
     async def _merge(self, reconnected: bool) -> None:
         """Redis answers again: send the strikes recorded meanwhile, read the others'."""

@@ -33,6 +33,14 @@ def test_strikes_count_and_deny_at_connect(start_lookupd: StartLookupd, tmp_path
     assert daemon.query("strike 192.0.2.9 auth\n") == "strikes=0"
     assert daemon.query("strike nonsense auth\n").startswith("error")
     assert daemon.query("strike 192.0.2.1 AUTH;x\n").startswith("error")
+    # COUNT: a connection's strikes of one kind at once.
+    assert daemon.query("strike 192.0.2.3 rcpt 7\n") == "strikes=7"
+    assert daemon.query("strike 192.0.2.3 auth 1\n") == "strikes=8"
+    for bad in ("0", "101", "-1", "x", "1.5", "1e2"):
+        reply = daemon.query(f"strike 192.0.2.3 auth {bad}\n")
+        assert reply == "error strike COUNT is a whole number from 1 to 100", (bad, reply)
+    assert daemon.query("strike 192.0.2.9 auth 5\n") == "strikes=0"
+    assert fields(daemon.query("connect 192.0.2.3 25\n"))["strikes"] == "8"
     assert daemon.stop() == 0
     daemon.start()  # the strikes survive a restart
     assert fields(daemon.query("connect 192.0.2.1 25\n"))["strikes"] == "3"
@@ -61,17 +69,17 @@ def test_strikes_shared_across_hosts(tmp_path: Path) -> None:
             _wait(lambda d=daemon: "sharing state through Redis" in d.log())  # type: ignore[misc]
         a, b, c = hosts
         assert a.query("strike 203.0.113.5 auth\n") == "strikes=1"
-        assert b.query("strike 203.0.113.5 auth\n") == "strikes=2"
-        _wait(lambda: fields(c.query("connect 203.0.113.5 25\n"))["strikes"] == "2")
+        assert b.query("strike 203.0.113.5 auth 2\n") == "strikes=3"
+        _wait(lambda: fields(c.query("connect 203.0.113.5 25\n"))["strikes"] == "3")
         redis.stop()
-        assert a.query("strike 203.0.113.5 rcpt\n") == "strikes=3"  # a alone knows
-        assert c.query("strike 203.0.113.5 rcpt\n") == "strikes=3"  # c too, its own
+        assert a.query("strike 203.0.113.5 rcpt\n") == "strikes=4"  # a alone knows
+        assert c.query("strike 203.0.113.5 rcpt\n") == "strikes=4"  # c too, its own
         redis.start()
-        # After the merge every host has all four, each counted once.
+        # After the merge every host has all five, each counted once.
         for daemon in hosts:
             _wait(lambda d=daemon: fields(  # type: ignore[misc]
-                d.query("connect 203.0.113.5 25\n"))["strikes"] == "4")
-        assert redis.cli("ZCARD", "lookupd:strikes:203.0.113.5") == 4
+                d.query("connect 203.0.113.5 25\n"))["strikes"] == "5")
+        assert redis.cli("ZCARD", "lookupd:strikes:203.0.113.5") == 5
     finally:
         for daemon in hosts:
             daemon.stop()
