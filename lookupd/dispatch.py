@@ -35,7 +35,7 @@ from lookupd.protocol import VERBS, Document, Peer, Request, error_reply, shown
 from lookupd.replies import render_asn, render_country, render_incidents
 from lookupd.sources import Sources
 from lookupd.status import Snapshot
-from lookupd.strikes import check_count, check_kind
+from lookupd.strikes import MAX_KINDS, parse_strikes
 from lookupd.trust import PeerTrust
 from lookupd.users.state import render_admin, render_check
 
@@ -105,7 +105,7 @@ class Dispatcher:
             # The RCPT ACL's HELO check (once per connection, unauthenticated clients only).
             "helo": Handler(self.helo, 3, 64),
             # What a client did wrong (AUTH, recipients, protocol), for connect's strikes=N.
-            "strike": Handler(self.strike, 2, 3, exim_only=True),
+            "strike": Handler(self.strike, 2, 1 + 2 * MAX_KINDS, exim_only=True),
             # Authenticated-user block state. No user (an unauthenticated session): `ok`.
             "user": Handler(self.user, 0, 1, exim_only=True),
             # The recipient is the rest of the line: a quoted local part may hold spaces, and
@@ -267,8 +267,7 @@ class Dispatcher:
             ip = parse_ip(args[0])
         except ValueError:
             raise BadRequest(f'not an IP address: "{shown(args[0])}"') from None
-        kind = check_kind(args[1])
-        count = check_count(args[2]) if len(args) > 2 else 1
+        kind, count = parse_strikes(args[1:])
         checker = self.connect_checker
         assert checker is not None
         if checker.allowlist.match(ip).status is not Status.NOT_FOUND:

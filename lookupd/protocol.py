@@ -43,9 +43,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "stats": ("stats", "the DNS lists' figures"),
     "connect": ("connect IP [PORT] [HELO]", "every fact and lookupd's verdict on a client"),
     "helo": ("helo IP OURNAME OURADDR HELO", "the HELO policy's verdict (key=value pairs)"),
-    "strike": ("strike IP KIND [COUNT]", "record COUNT (default 1) failed AUTHs (auth), "
-                                         "invalid recipients (rcpt) or protocol errors (proto) "
-                                         "of a client; strikes=N after"),
+    "strike": ("strike IP KIND [COUNT] [KIND [COUNT]]...",
+               "record COUNT (default 1) failed AUTHs (auth), invalid recipients (rcpt) or "
+               "protocol errors (proto) of a client; strikes=N after"),
     "user": ("user USER", "ok, or blocked - since=... reason=..."),
     "user-fail": ("user-fail USER [RECIPIENT]", "record an invalid recipient; the state after"),
     "user-block": ("user-block USER [REASON]", "block a user (root or users.admin_group)"),

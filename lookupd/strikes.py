@@ -2,10 +2,10 @@
 an invalid recipient, a protocol error), counted in a sliding window and given to `connect`
 as `strikes=N` (rule `strikes_threshold`).
 
-    strike IP KIND [COUNT]  ->  strikes=N
+    strike IP KIND [COUNT] [KIND [COUNT]]...  ->  strikes=N
 
-(COUNT: how many such strikes at once, 1 to MAX_COUNT; the snippets send a connection's
-strikes of each kind in one call when it ends.)
+(COUNT: how many such strikes at once, 1 to MAX_COUNT in all; the snippets send all of a
+connection's strikes in one call when it ends, e.g. `strike 192.0.2.1 auth 3 rcpt 12`.)
 
 In memory on one host (a snapshot in the state directory keeps it across restarts); with
 [cluster], every strike also goes to Redis (a sorted set per address, members "HOST:ID") and
@@ -67,6 +67,33 @@ def check_count(raw: str) -> int:
     if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_COUNT:
         raise BadRequest(f"strike COUNT is a whole number from 1 to {MAX_COUNT}")
     return int(raw)
+
+
+# At most this many KIND [COUNT] pairs in one request.
+MAX_KINDS = 4
+
+
+def parse_strikes(args: tuple[str, ...]) -> tuple[str, int]:
+    """`KIND [COUNT] [KIND [COUNT]]...` -> ("auth,rcpt", total count)."""
+    pairs: list[tuple[str, int]] = []
+    counted = False
+    for arg in args:
+        if KIND.fullmatch(arg):
+            pairs.append((arg, 1))
+            counted = False
+        elif arg[:1] in "-0123456789":
+            if not pairs or counted:
+                raise BadRequest("strike takes KIND [COUNT] pairs: e.g. strike IP auth 3 rcpt 2")
+            pairs[-1] = (pairs[-1][0], check_count(arg))
+            counted = True
+        else:
+            check_kind(arg)  # raises: says what a KIND is
+    if not 1 <= len(pairs) <= MAX_KINDS:
+        raise BadRequest(f"strike takes 1 to {MAX_KINDS} KIND [COUNT] pairs")
+    total = sum(count for _, count in pairs)
+    if total > MAX_COUNT:
+        raise BadRequest(f"strike COUNT is a whole number from 1 to {MAX_COUNT} (in all)")
+    return ",".join(kind for kind, _ in pairs), total
 
 
 class Strikes:

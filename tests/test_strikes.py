@@ -33,14 +33,22 @@ def test_strikes_count_and_deny_at_connect(start_lookupd: StartLookupd, tmp_path
     assert daemon.query("strike 192.0.2.9 auth\n") == "strikes=0"
     assert daemon.query("strike nonsense auth\n").startswith("error")
     assert daemon.query("strike 192.0.2.1 AUTH;x\n").startswith("error")
-    # COUNT: a connection's strikes of one kind at once.
+    # COUNT: a connection's strikes of one kind at once, and several kinds in one call.
     assert daemon.query("strike 192.0.2.3 rcpt 7\n") == "strikes=7"
     assert daemon.query("strike 192.0.2.3 auth 1\n") == "strikes=8"
-    for bad in ("0", "101", "-1", "x", "1.5", "1e2"):
+    assert daemon.query("strike 192.0.2.3 auth 2 rcpt 3 proto \n") == "strikes=14"
+    for bad in ("0", "101", "-1", "1.5", "1e2"):
         reply = daemon.query(f"strike 192.0.2.3 auth {bad}\n")
         assert reply == "error strike COUNT is a whole number from 1 to 100", (bad, reply)
+    pairs = "error strike takes KIND [COUNT] pairs: e.g. strike IP auth 3 rcpt 2"
+    assert daemon.query("strike 192.0.2.3 3\n") == pairs
+    assert daemon.query("strike 192.0.2.3 auth 2 3\n") == pairs
+    assert daemon.query("strike 192.0.2.3 a b c d e\n") == \
+        "error strike takes 1 to 4 KIND [COUNT] pairs"
+    assert daemon.query("strike 192.0.2.3 auth 60 rcpt 41\n") == \
+        "error strike COUNT is a whole number from 1 to 100 (in all)"
     assert daemon.query("strike 192.0.2.9 auth 5\n") == "strikes=0"
-    assert fields(daemon.query("connect 192.0.2.3 25\n"))["strikes"] == "8"
+    assert fields(daemon.query("connect 192.0.2.3 25\n"))["strikes"] == "14"
     assert daemon.stop() == 0
     daemon.start()  # the strikes survive a restart
     assert fields(daemon.query("connect 192.0.2.1 25\n"))["strikes"] == "3"
