@@ -23,7 +23,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,10 +93,30 @@ KNOT_BROKEN = ("broken.test", "202.2.0.192.bl.test")
 
 
 def free_udp_port() -> int:
-    """A UDP port nobody uses right now (bind port 0 and let the kernel choose)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nobody uses right now for UDP nor TCP on 127.0.0.1 (knot and dnsmasq listen on
+    both): bind UDP port 0, let the kernel choose, and keep it only if TCP is free too."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, \
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+def start_on_a_free_port(start: Callable[[], None], attempts: int = 3) -> None:
+    """`start` (which picks a free port itself) again when another process took the port
+    between the choice and the bind: tests run in parallel on one machine."""
+    for attempt in range(attempts):
+        try:
+            start()
+            return
+        except RuntimeError as exc:
+            if "in use" not in str(exc) or attempt == attempts - 1:
+                raise
 
 
 def wait_for_dns(port: int, qname: str, proc: subprocess.Popen[bytes] | None = None,
@@ -226,6 +246,10 @@ class Knot:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Knot:
+        start_on_a_free_port(self._start)
+        return self
+
+    def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "db").mkdir(exist_ok=True)
         self.port = free_udp_port()
@@ -271,7 +295,6 @@ zone:
             if time.monotonic() > limit:
                 raise RuntimeError(f"knotd did not load {first}: {out.read_text()}")
             time.sleep(0.05)
-        return self
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -307,6 +330,10 @@ class Dnsmasq:
         return self.workdir / "dnsmasq.log"
 
     def start(self) -> Dnsmasq:
+        start_on_a_free_port(self._start)
+        return self
+
+    def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_udp_port()
         args = [DNSMASQ, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
@@ -319,7 +346,6 @@ class Dnsmasq:
         with open(out, "wb") as fh:
             self.proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT)
         wait_for_dns(self.port, "example.test", self.proc, out)
-        return self
 
     def queries(self, qtype: str, qname: str) -> list[str]:
         """Logged client queries like `query[PTR] 1.2.0.192.in-addr.arpa from 127.0.0.1`."""
