@@ -32,6 +32,7 @@ FILES: dict[str, dict[str, str]] = {
         "conf.d/acl/35_lookupd_check_connect": "debian/conf.d/acl/35_lookupd_check_connect",
         "conf.d/acl/35_lookupd_check_auth": "debian/conf.d/acl/35_lookupd_check_auth",
         "conf.d/acl/35_lookupd_check_rcpt": "debian/conf.d/acl/35_lookupd_check_rcpt",
+        "conf.d/acl/35_lookupd_check_quit": "debian/conf.d/acl/35_lookupd_check_quit",
     },
     "sympl": {
         "sympl.d/00-main/45-lookupd-macros": "sympl/sympl.d/00-main/45-lookupd-macros",
@@ -39,6 +40,8 @@ FILES: dict[str, dict[str, str]] = {
             "sympl/sympl.d/10-acl/10-acl-check-connect/40-lookupd",
         "sympl.d/10-acl/45-acl-lookupd-check-auth/10-lookupd-auth":
             "sympl/sympl.d/10-acl/45-acl-lookupd-check-auth/10-lookupd-auth",
+        "sympl.d/10-acl/46-acl-lookupd-check-quit/10-lookupd-quit":
+            "sympl/sympl.d/10-acl/46-acl-lookupd-check-quit/10-lookupd-quit",
         "sympl.d/10-acl/50-acl-check-rcpt/05-lookupd-user":
             "sympl/sympl.d/10-acl/50-acl-check-rcpt/05-lookupd-user",
     },
@@ -49,7 +52,8 @@ ROOTS = {"debian": "conf.d", "sympl": "sympl.d", "single": ""}
 # sympl-email-changes' connect checks that lookupd's `connect` verdict does (DNSBL, PTR
 # required, the firewall database): two of them in one ACL would refuse twice.
 _REPLACED = re.compile(r"(2[1-9]-dnsbl-.*|2[1-9]-check-sender-host-name.*|30-check-.*-db.*)")
-_SETS = re.compile(r"(?m)^\s*(acl_smtp_connect|acl_smtp_auth)\s*=")
+_SETS = re.compile(
+    r"(?m)^\s*(acl_smtp_connect|acl_smtp_auth|acl_smtp_quit|acl_smtp_notquit)\s*=")
 # Sympl's Makefile takes only files named like this.
 _SYMPL_NAME = re.compile(r"[a-z0-9][a-z0-9-]+")
 SYMPL_LOCAL = "sympl.d/00-main/44-lookupd-install"
@@ -119,15 +123,23 @@ def plan(layout: Layout, etc: Path, snippets: Path) -> Plan:
         if "acl_smtp_connect" not in setters:
             result.notes.append("Sympl: no file sets acl_smtp_connect; the connect statements "
                                 "will not run")
-        if "acl_smtp_auth" in setters and not (etc / SYMPL_LOCAL).exists():
-            result.writes[SYMPL_LOCAL] = (
-                "# Written by `lookupd snippets install`: "
-                f"{setters['acl_smtp_auth'].relative_to(etc)} sets\n"
-                "# acl_smtp_auth already, so lookupd's 45-lookupd-macros must not.\n"
-                "LOOKUPD_NO_AUTH_ACL = yes\n")
-            result.notes.append(f"Sympl: {setters['acl_smtp_auth'].relative_to(etc)} sets "
-                                "acl_smtp_auth: LOOKUPD_NO_AUTH_ACL set in "
-                                f"{SYMPL_LOCAL} (lookupd's AUTH checks are then not hooked in)")
+        local = []
+        for options, macro, what in (
+                (("acl_smtp_auth",), "LOOKUPD_NO_AUTH_ACL", "AUTH checks"),
+                (("acl_smtp_quit", "acl_smtp_notquit"), "LOOKUPD_NO_QUIT_ACL",
+                 "strikes at the end of a connection")):
+            option = next((o for o in options if o in setters), None)
+            if option is None or (etc / SYMPL_LOCAL).exists():
+                continue
+            where = setters[option].relative_to(etc)
+            local.append(f"# {where} sets {option} already, so lookupd's 45-lookupd-macros "
+                         f"must not.\n{macro} = yes\n")
+            result.notes.append(f"Sympl: {where} sets {option}: {macro} set in {SYMPL_LOCAL} "
+                                f"(lookupd's {what} are then not hooked in; call its ACL "
+                                "from yours, see the README)")
+        if local:
+            result.writes[SYMPL_LOCAL] = ("# Written by `lookupd snippets install`.\n"
+                                          + "".join(local))
         rcpt = "sympl.d/10-acl/50-acl-check-rcpt/05-lookupd-user"
         for path in others:
             rel = str(path.relative_to(etc))

@@ -285,6 +285,11 @@ def test_the_three_flavours_carry_the_same_statements() -> None:
     assert auth == acl_body((sympl / "45-acl-lookupd-check-auth" / "10-lookupd-auth").read_text(),
                             "acl_lookupd_check_auth", "\nNONE")
     assert auth == acl_body(single, "acl_check_auth", "\nacl_check_rcpt:")
+    quit_ = acl_body((debian / "35_lookupd_check_quit").read_text(), "acl_lookupd_check_quit",
+                     "\nNONE")
+    assert quit_ == acl_body((sympl / "46-acl-lookupd-check-quit" / "10-lookupd-quit").read_text(),
+                             "acl_lookupd_check_quit", "\nNONE")
+    assert quit_ == acl_body(single, "acl_check_quit", "\nacl_check_data:")
 
 
 # --- connect ACL --------------------------------------------------------------------------------
@@ -397,6 +402,67 @@ def test_auth_refused_on_port_25_and_without_tls(configs: dict[str, Path], daemo
     kept = bh(config, CLEAN, smtp, port=25, sock=sock,
               defines=["LOOKUPD_NOAUTH_PORTS=", f"LOOKUPD_NOTLS_HOSTS=<; {CLEAN}"])
     assert "235 Authentication succeeded" in kept.out, kept.out
+
+
+# --- QUIT / not-QUIT ACL: strikes ------------------------------------------------------------
+
+def strikes_of(daemon: Lookupd, ip: str) -> int:
+    found = re.search(r" strikes=(\d+)$", daemon.query(f"connect {ip} 25"))
+    assert found, ip
+    return int(found.group(1))
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_strikes_are_sent_when_the_connection_ends(configs: dict[str, Path], daemon: Lookupd,
+                                                   flavour: str) -> None:
+    """Failed and refused AUTH, unknown local recipients and a protocol error reach lookupd
+    as strikes, one `strike` per connection; never for a client that authenticated in the
+    end, a relay host or an allowlisted client."""
+    config, sock = configs[flavour], daemon.socket
+    ip = {"debian": "81.2.69.161", "sympl": "81.2.69.162", "single": "81.2.69.163"}[flavour]  # GB
+    clear = [f"LOOKUPD_NOTLS_HOSTS=<; {ip} ; {ALLOWED} ; 127.0.0.1"]  # AUTH without TLS here
+    assert strikes_of(daemon, ip) == 0
+    bad = auth_plain("alice", "guess")
+
+    # Two wrong passwords, then QUIT: auth 2.
+    guesser = bh(config, ip, f"EHLO x\nAUTH PLAIN {bad}\nAUTH PLAIN {bad}\nQUIT\n", port=587,
+                 sock=sock, defines=clear)
+    assert guesser.codes() == ["220", "250", "535", "535", "221"], guesser.out
+    assert strikes_of(daemon, ip) == 2
+    # A wrong password, then the right one: authenticated in the end, not struck.
+    user = bh(config, ip, f"EHLO x\nAUTH PLAIN {bad}\nAUTH PLAIN {auth_plain('alice')}\nQUIT\n",
+              port=587, sock=sock, defines=clear)
+    assert user.codes() == ["220", "250", "535", "235", "221"], user.out
+    assert strikes_of(daemon, ip) == 2
+    # AUTH refused on port 25 (acl_lookupd_check_auth), then the client hangs up: auth 1.
+    refused = bh(config, ip, f"EHLO x\nAUTH PLAIN {bad}\n", port=25, sock=sock)
+    assert "503 AUTH is not accepted on port 25" in refused.out
+    assert strikes_of(daemon, ip) == 3
+    # Three unknown local recipients, one known: rcpt 3, refused by the ACL that decides.
+    rcpts = "".join(f"RCPT TO:<{r}@localhost>\n" for r in ("gone1", "gone2", "root", "gone3"))
+    dictionary = bh(config, ip, f"EHLO x\nMAIL FROM:<a@example.net>\n{rcpts}QUIT\n", port=25,
+                    sock=sock)
+    assert dictionary.codes() == ["220", "250", "250", "550", "550", "250", "550", "221"], \
+        dictionary.out
+    assert strikes_of(daemon, ip) == 6
+    # Dropped for too many unrecognised commands (not-QUIT ACL, bad-commands): proto 1.
+    junk = bh(config, ip, "EHLO x\n" + "FOO\n" * 4 + "QUIT\n", port=25, sock=sock)
+    assert "500 Too many unrecognized commands" in junk.out, junk.out
+    assert strikes_of(daemon, ip) == 7
+    # All at once, in one call.
+    both = bh(config, ip, f"EHLO x\nAUTH PLAIN {bad}\nMAIL FROM:<a@example.net>\n"
+              "RCPT TO:<gone4@localhost>\nQUIT\n", port=587, sock=sock, defines=clear)
+    assert both.codes() == ["220", "250", "535", "250", "550", "221"], both.out
+    assert strikes_of(daemon, ip) == 9
+    assert f"strike {ip} auth 1 rcpt 1" not in daemon.log()  # requests are not logged ...
+    assert both.logged("lookupd") == []  # ... nor strikes by Exim
+
+    # Never struck: a relay host, an allowlisted client.
+    for never in ("127.0.0.1", ALLOWED):
+        before = strikes_of(daemon, never)
+        bh(config, never, f"EHLO x\nAUTH PLAIN {bad}\nMAIL FROM:<a@example.net>\n"
+           "RCPT TO:<gone@localhost>\nQUIT\n", port=587, sock=sock, defines=clear)
+        assert strikes_of(daemon, never) == before == 0, never
 
 
 # --- RCPT ACL: blocked users -------------------------------------------------------------------

@@ -167,6 +167,27 @@ def test_a_changed_snippet_is_kept_and_a_conflict_stops_install(
     assert not (debian / "lookupd-snippets.json").exists()
 
 
+def test_a_tree_with_its_own_quit_acl(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                      ) -> None:
+    """Sympl: a tree that sets acl_smtp_notquit gets LOOKUPD_NO_QUIT_ACL beside
+    LOOKUPD_NO_AUTH_ACL and still builds; Debian: install stops, changing nothing."""
+    etc = sympl_etc(tmp_path)
+    (etc / "sympl.d/00-main/61-notquit").write_text("acl_smtp_notquit = acl_lookupd_check_quit\n")
+    code, out = run(capsys, "install", "--layout", "sympl", "--snippets", str(SNIPPETS),
+                    "--etc", str(etc))
+    assert code == 0, out
+    assert "sets acl_smtp_notquit: LOOKUPD_NO_QUIT_ACL set in " in out
+    local = (etc / "sympl.d/00-main/44-lookupd-install").read_text()
+    assert "LOOKUPD_NO_AUTH_ACL = yes" in local and "LOOKUPD_NO_QUIT_ACL = yes" in local
+    check_exim(build_sympl_tree(etc, tmp_path / "exim4.conf"))
+
+    debian = debian_etc(tmp_path / "d")
+    (debian / "conf.d/main/01_mine").write_text("acl_smtp_quit = acl_mine\n")
+    code, out = run(capsys, "install", "--layout", "debian", "--snippets", str(SNIPPETS),
+                    "--etc", str(debian))
+    assert code == os.EX_DATAERR and "sets acl_smtp_quit already" in out
+
+
 def test_sympl_settings_are_carried_over_into_lookupd_toml(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     etc = sympl_etc(tmp_path)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import StartLookupd
 from redisserver import PASSWORD, RedisServer
-from support import EXIM, EXIM_BASE, Exim, Lookupd, short_dir
+from support import EXIM, Lookupd, short_dir
 
 
 def fields(reply: str) -> dict[str, str]:
@@ -102,75 +102,48 @@ def _wait(condition: object, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-# Exim 4.96 raises no auth:fail event for a server's failed AUTH in -bh: the strike goes in
-# server_condition's "no" branch instead (a side effect of the expansion, on every version).
-EXIM_STRIKES = r"""
-domainlist local_domains = example.org
-acl_smtp_connect = acl_connect
-acl_smtp_rcpt = acl_rcpt
-auth_advertise_hosts = *
+@pytest.mark.skipif(not Path(EXIM).exists() or shutil.which("redis-server") is None,
+                    reason="needs exim4 and redis-server")
+def test_exim_strikes_on_host_a_refuse_the_client_on_host_c(tmp_path: Path) -> None:
+    """The shipped single-file snippets on two hosts sharing Redis: a password guesser's
+    failed AUTHs and dead recipients on host a (sent by the QUIT ACL), then its next
+    connection to host c is refused at connect; a real user is never struck."""
+    from test_snippets import auth_plain, bh, build_single
 
-begin acl
-acl_connect:
-  deny  set acl_c_l = ${readsocket{LOOKUPD_SOCKET}\
-                        {connect $sender_host_address $received_port\n}{3s}{}{}}
-        condition = ${if eq{${extract{action}{$acl_c_l}}}{deny}}
-        message   = ${extract{reason}{$acl_c_l}}
-  accept
-acl_rcpt:
-  accept authenticated = *
-  deny  !verify   = recipient
-        set acl_m_s = ${readsocket{LOOKUPD_SOCKET}{strike $sender_host_address rcpt\n}{3s}{}{}}
-        message   = no such user here
-  accept domains  = +local_domains
-
-begin routers
-known_users:
-  driver = accept
-  domains = +local_domains
-  local_parts = alice
-  transport = devnull
-
-begin transports
-devnull:
-  driver = appendfile
-  file = /dev/null
-
-begin authenticators
-plain:
-  driver = plaintext
-  public_name = PLAIN
-  server_prompts = :
-  server_condition = ${if and{{eq{$auth2}{alice}}{eq{$auth3}{secret}}}{yes}\
-    {${if eq{${readsocket{LOOKUPD_SOCKET}{strike $sender_host_address auth\n}{3s}{}{}}}{}\
-    {no}{no}}}}
-  server_set_id = $auth2
-"""
-
-
-@pytest.mark.skipif(not Path(EXIM).exists(), reason="exim4 is not installed")
-def test_exim_strikes_a_failed_auth_and_an_invalid_recipient(start_lookupd: StartLookupd
-                                                              ) -> None:
-    import base64
-
-    daemon = start_lookupd('[server]\nsocket_group = "Debian-exim"\n'
-                           '[connect]\nstrikes_threshold = 1\n')
-    workdir = short_dir("lkdx")
+    redis = RedisServer(tmp_path / "redis").start()
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD)
+    hosts: list[Lookupd] = []
     try:
-        exim = Exim(workdir, EXIM_BASE.format(workdir=workdir) + EXIM_STRIKES)
-        defines = [f"LOOKUPD_SOCKET={daemon.socket}"]
-        token = base64.b64encode(b"\0alice\0guess").decode()
-        out, _ = exim.bh("192.0.2.55", f"EHLO x\nAUTH PLAIN {token}\nQUIT\n", defines)
-        assert "535 Incorrect authentication data" in out
-        out, _ = exim.bh("192.0.2.55", "EHLO x\nMAIL FROM:<a@b.example>\n"
-                         "RCPT TO:<nobody@example.org>\nQUIT\n", defines)
-        assert "550 no such user here" in out
-        assert fields(daemon.query("connect 192.0.2.55 25\n"))["strikes"] == "2"
-        out, _ = exim.bh("192.0.2.55", "EHLO x\nQUIT\n", defines)
-        assert "550 Denied access - too many failed logins or invalid recipients" in out, out
-        # A good login is never struck.
-        ok = base64.b64encode(b"\0alice\0secret").decode()
-        exim.bh("192.0.2.56", f"EHLO x\nAUTH PLAIN {ok}\nQUIT\n", defines)
-        assert fields(daemon.query("connect 192.0.2.56 25\n"))["strikes"] == "0"
+        for name in "ac":
+            hosts.append(Lookupd(short_dir(), (
+                '[server]\nsocket_mode = "0666"\n[connect]\nstrikes_threshold = 2\n'
+                f'[cluster]\nredis = "{redis.url}"\npassword_file = "{pw}"\n'
+                f'host_name = "{name}"\ntimeout = "300ms"\n')).start())
+        for daemon in hosts:
+            _wait(lambda d=daemon: "sharing state through Redis" in d.log())  # type: ignore[misc]
+        a, c = hosts
+        config = build_single(tmp_path / "exim")
+        guesser, user = "192.0.2.55", "192.0.2.56"
+        clear = [f"LOOKUPD_NOTLS_HOSTS=<; {guesser} ; {user}"]
+        bad = auth_plain("alice", "guess")
+        on_a = bh(config, guesser, f"EHLO x\nAUTH PLAIN {bad}\nAUTH PLAIN {bad}\n"
+                  "MAIL FROM:<a@b.example>\nRCPT TO:<gone@localhost>\nQUIT\n",
+                  port=587, sock=a.socket, defines=clear)
+        assert on_a.codes() == ["220", "250", "535", "535", "250", "550", "221"], on_a.out
+        assert a.query(f"connect {guesser} 25").endswith(" strikes=3")
+        _wait(lambda: c.query(f"connect {guesser} 25").endswith(" strikes=3"), timeout=1.0)
+        on_c = bh(config, guesser, "EHLO x\nQUIT\n", port=25, sock=c.socket)
+        assert on_c.codes() == ["550"], on_c.out
+        assert on_c.logged(f"H=[{guesser}] rejected connection in \"connect\" ACL: lookupd "
+                           "deny rule=strikes")
+        # A real user: one typo, then the right password; never struck, on either host.
+        typo = bh(config, user, f"EHLO x\nAUTH PLAIN {bad}\nAUTH PLAIN {auth_plain('alice')}\n"
+                  "QUIT\n", port=587, sock=a.socket, defines=clear)
+        assert typo.codes() == ["220", "250", "535", "235", "221"], typo.out
+        assert c.query(f"connect {user} 25").endswith(" strikes=0")
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        for daemon in hosts:
+            daemon.stop()
+            shutil.rmtree(daemon.workdir, ignore_errors=True)
+        redis.stop()
