@@ -21,6 +21,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 from lookupd.outcome import Status
+from lookupd.regularfile import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ class ListFile:
                          "path right?")
             return
         try:
-            with open(self.path, encoding="utf-8", errors="replace") as fh:
+            with open(open_regular(self.path), encoding="utf-8", errors="replace") as fh:
                 parsed = parse_lines(fh)
         except OSError as exc:
             self._failed(f"cannot read it: {exc.strerror}")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lookupd.errors import ConfigError
+from lookupd.regularfile import open_regular
 
 DEFAULT_CONFIG_PATH = Path("/etc/lookupd/lookupd.toml")
 
@@ -587,7 +588,7 @@ def fallback_config(path: Path | None = None,
 
 def _read_toml(source: Path) -> dict[str, Any]:
     try:
-        with open(source, "rb") as fh:
+        with open(open_regular(source), "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(

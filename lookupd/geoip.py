@@ -48,6 +48,7 @@ from maxminddb.types import Record
 from lookupd.config import GEOIP_ASN_PATHS, GEOIP_COUNTRY_PATHS, GeoIPConfig, find_existing
 from lookupd.ipaddr import IPAddress, is_public
 from lookupd.outcome import Status
+from lookupd.regularfile import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def _private_copy(path: Path) -> tuple[int, Identity] | None:
     Sealed against writing, shrinking and growing, so no one, lookupd included, can change the
     copy or cut pages from under a mapping of it (the SIGBUS a shared mapping of the file risks).
     """
-    with open(path, "rb") as fh:
+    with open(open_regular(path), "rb") as fh:
         before = _identity(os.fstat(fh.fileno()))
         try:
             # The name shows in /proc/PID/maps; the kernel takes up to 249 bytes.

@@ -30,6 +30,7 @@ from typing import Literal, TypeVar
 from lookupd.config import FIREWALL_DB_PATHS, IncidentsConfig, find_existing
 from lookupd.ipaddr import IPAddress
 from lookupd.outcome import Status
+from lookupd.regularfile import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ class Loaded:
 
 def file_state(path: Path) -> FileState:
     """Stat the database (and its -wal) and read the header's change counter; raises OSError."""
-    with open(path, "rb") as fh:
+    with open(open_regular(path), "rb") as fh:
         st = os.fstat(fh.fileno())
         header = os.pread(fh.fileno(), 4, 24)
     try:
