@@ -153,12 +153,15 @@ class Dispatcher:
                                 (request.verb, *request.args))), peer.transport,
                             VERBS[request.verb][0])
             return error_reply(f"usage: {VERBS[request.verb][0]}")
-        if handler.exim_only and peer.transport == "tcp" and not self.trust.may_use_users(peer):
-            repeats.warning("user-state requests refused on TCP",
-                            "%s refused on TCP: the client (uid %s) is not Exim or root; only "
-                            "Exim may read or record user state (use the Unix socket, or run "
-                            "the command as root)", request.verb, peer.uid)
-            return error_reply("not permitted")
+        if handler.exim_only and peer.transport == "tcp":
+            allowed = self.trust.known_use(peer)
+            if allowed is None:  # the peer's groups are not known yet: looked up in a thread
+                return self._trusted_then(request, handler, peer)
+            if not allowed:
+                return self._not_trusted(request, peer)
+        return self._call(request, handler, peer)
+
+    def _call(self, request: Request, handler: Handler, peer: Peer) -> Reply:
         try:
             return handler.fn(request.args, peer)
         except BadRequest as exc:
@@ -166,6 +169,19 @@ class Dispatcher:
                             "bad request %r from %s client: %s",
                             shown(" ".join((request.verb, *request.args))), peer.transport, exc)
             return error_reply(str(exc))
+
+    async def _trusted_then(self, request: Request, handler: Handler, peer: Peer) -> str:
+        if not await self.trust.check_use(peer):
+            return self._not_trusted(request, peer)
+        reply = self._call(request, handler, peer)
+        return reply if isinstance(reply, str) else await reply
+
+    def _not_trusted(self, request: Request, peer: Peer) -> str:
+        repeats.warning("user-state requests refused on TCP",
+                        "%s refused on TCP: the client (uid %s) is not Exim or root; only "
+                        "Exim may read or record user state (use the Unix socket, or run "
+                        "the command as root)", request.verb, peer.uid)
+        return error_reply("not permitted")
 
     # --- GeoIP ---------------------------------------------------------------------------
 
@@ -320,7 +336,17 @@ class Dispatcher:
 
     def reload(self, args: tuple[str, ...], peer: Peer) -> Reply:
         """Reload now and say whether the new configuration was taken (systemctl reload)."""
-        if not self.trust.may_administer(peer):
+        allowed = self.trust.known_admin(peer)
+        if allowed is None:
+            return self._reload_after_check(peer)
+        return self._reload(peer, allowed)
+
+    async def _reload_after_check(self, peer: Peer) -> str:
+        reply = self._reload(peer, await self.trust.check_admin(peer))
+        return reply if isinstance(reply, str) else await reply
+
+    def _reload(self, peer: Peer, allowed: bool) -> Reply:
+        if not allowed:
             log.warning("reload refused: the %s client (uid %s, pid %s) is not root, lookupd's "
                         "user or in users.admin_group; use systemctl reload lookupd",
                         peer.transport, peer.uid, peer.pid)

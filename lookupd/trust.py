@@ -8,6 +8,7 @@ get that user's mail frozen) or read user state.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
 import os
@@ -54,36 +55,63 @@ def groups_of(uid: int, gid: int | None = None) -> frozenset[int]:
 
 
 class PeerTrust:
-    """Decides, per uid (cached a minute), whether a TCP peer may use the user verbs."""
+    """Decides whether a TCP peer may use the user verbs (per uid, cached a minute), and who
+    may run the control verbs. A uid's groups come from NSS, which may be LDAP and slow: the
+    lookup runs in a thread, never on the event loop; `known_*` answer from memory or None."""
 
     def __init__(self, socket_group: str = "auto", admin_group: str = "") -> None:
         self._gids = frozenset(gid for gid in (group_gid(socket_group), group_gid(admin_group))
                                if gid is not None)
         self._admin_gid = group_gid(admin_group) if admin_group else None
         self._own_uid = os.getuid()
-        self._cache: dict[int, tuple[float, bool]] = {}
+        self._cache: dict[int, tuple[float, frozenset[int]]] = {}
 
-    def may_use_users(self, peer: Peer) -> bool:
-        uid = peer.uid
-        if uid is None:  # the owner could not be found: never trust it
+    def known_use(self, peer: Peer) -> bool | None:
+        """May this TCP peer use the user verbs? None: its groups must be looked up first
+        (`check_use`)."""
+        if peer.uid is None:  # the owner could not be found: never trust it
             return False
-        if uid in (0, self._own_uid):
+        if peer.uid in (0, self._own_uid):
             return True
-        now = time.monotonic()
-        cached = self._cache.get(uid)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        allowed = bool(groups_of(uid) & self._gids)
-        if len(self._cache) > 1024:
-            self._cache.clear()
-        self._cache[uid] = (now + _CACHE_SECONDS, allowed)
-        return allowed
+        groups = self._cached(peer.uid)
+        return None if groups is None else bool(groups & self._gids)
 
-    def may_administer(self, peer: Peer) -> bool:
+    async def check_use(self, peer: Peer) -> bool:
+        known = self.known_use(peer)
+        if known is not None:
+            return known
+        assert peer.uid is not None
+        return bool(await self._groups(peer.uid) & self._gids)
+
+    def known_admin(self, peer: Peer) -> bool | None:
         """Control verbs (reload): on the Unix socket only, root, lookupd's own user (systemd's
-        ExecReload) or a member of users.admin_group."""
+        ExecReload) or a member of users.admin_group. None: look the groups up (`check_admin`).
+        """
         if peer.transport != "unix" or peer.uid is None:
             return False
         if peer.uid in (0, self._own_uid):
             return True
-        return self._admin_gid is not None and self._admin_gid in groups_of(peer.uid, peer.gid)
+        if self._admin_gid is None:
+            return False
+        if peer.gid == self._admin_gid:
+            return True
+        groups = self._cached(peer.uid)
+        return None if groups is None else self._admin_gid in groups
+
+    async def check_admin(self, peer: Peer) -> bool:
+        known = self.known_admin(peer)
+        if known is not None:
+            return known
+        assert peer.uid is not None
+        return self._admin_gid in await self._groups(peer.uid)
+
+    def _cached(self, uid: int) -> frozenset[int] | None:
+        cached = self._cache.get(uid)
+        return cached[1] if cached is not None and cached[0] > time.monotonic() else None
+
+    async def _groups(self, uid: int) -> frozenset[int]:
+        groups = await asyncio.to_thread(groups_of, uid)
+        if len(self._cache) > 1024:
+            self._cache.clear()
+        self._cache[uid] = (time.monotonic() + _CACHE_SECONDS, groups)
+        return groups

@@ -278,3 +278,53 @@ def test_parse_malformed() -> None:
     assert parse_reply(_message(20, bytes(20))) is None  # too short for inet_diag_msg
     assert parse_reply(struct.pack("=IHHII", 4, 20, 0, 1, 0) + bytes(72)) is None  # bad length
     assert parse_reply(_message(20, _diag_msg(uid=105, inode=99), seq=2)) is None  # not ours
+
+
+# --- PeerTrust: who may use the user verbs on TCP, and the control verbs ----------------------
+
+def test_peer_trust_looks_groups_up_off_the_loop_and_remembers_them() -> None:
+    """A uid's groups come from NSS in a thread (LDAP may be slow); until then `known_use`
+    says None, afterwards it answers from memory."""
+    import asyncio
+    import grp
+    import pwd
+    import threading
+
+    from lookupd import trust as trust_module
+    from lookupd.protocol import Peer
+    from lookupd.trust import PeerTrust
+
+    try:
+        exim_uid = pwd.getpwnam("Debian-exim").pw_uid
+        grp.getgrnam("Debian-exim")
+    except KeyError:
+        pytest.skip("no Debian-exim user")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    trust = PeerTrust(socket_group="Debian-exim", admin_group="Debian-exim")
+    looked_up_in: list[str] = []
+    real = trust_module.groups_of
+
+    def recording(uid: int, gid: int | None = None) -> frozenset[int]:
+        looked_up_in.append(threading.current_thread().name)
+        return real(uid, gid)
+
+    async def run() -> None:
+        loop_thread = threading.current_thread().name
+        exim, other = Peer("tcp", exim_uid), Peer("tcp", nobody)
+        assert trust.known_use(Peer("tcp", 0)) is True and trust.known_use(Peer("tcp")) is False
+        assert trust.known_use(exim) is None and trust.known_use(other) is None
+        assert await trust.check_use(exim) is True
+        assert await trust.check_use(other) is False
+        assert trust.known_use(exim) is True and trust.known_use(other) is False
+        assert loop_thread not in looked_up_in and len(looked_up_in) == 2
+        # Control verbs: Unix socket only; the admin group's members (cached the same way).
+        assert trust.known_admin(Peer("tcp", 0)) is False
+        assert trust.known_admin(Peer("unix", exim_uid)) is True
+        assert await trust.check_admin(Peer("unix", nobody)) is False
+        assert len(looked_up_in) == 2
+
+    trust_module.groups_of = recording  # type: ignore[assignment]
+    try:
+        asyncio.run(run())
+    finally:
+        trust_module.groups_of = real
