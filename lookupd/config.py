@@ -165,6 +165,10 @@ def _non_negative(value: Any) -> str | None:
     return None if value >= 0 else "must be 0 or more"
 
 
+def _ipv6_prefix(value: int) -> str | None:
+    return None if 16 <= value <= 128 else "must be a prefix length from 16 to 128 (e.g. 64)"
+
+
 def _port_list(value: tuple[int, ...]) -> str | None:
     bad = [p for p in value if not 1 <= p <= 65535]
     return f"ports out of range 1-65535: {bad}" if bad else None
@@ -438,6 +442,10 @@ class ConnectConfig:
     # in log_only first.
     strikes_threshold: int = field(default=0, metadata=_checked(_non_negative))
     strikes_window: float = field(default=3600.0, metadata=_parsed(parse_duration, _positive))
+    # IPv6 clients are struck and counted by network of this prefix length: one host's
+    # /64 (often a whole customer's) holds more addresses than anyone could strike one by
+    # one. 128 counts each address apart; IPv4 is always counted per address.
+    strikes_ipv6_prefix: int = field(default=64, metadata=_checked(_ipv6_prefix))
     # Rules that only say what they would do (action=accept would=deny|defer), to try them
     # out first: "incidents", "dnsbl", "helo_dbl", "country", "no_ptr", "submission",
     # "strikes".

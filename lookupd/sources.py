@@ -50,7 +50,8 @@ class Sources:
             incidents=IncidentsSource(config.incidents),
             dnsbl=DnsblSource(config.dnsbl, config.server.state_dir, cluster=cluster),
             users=UserState(config.users, config.server.state_dir, cluster=cluster),
-            strikes=Strikes(config.connect.strikes_window, config.server.state_dir, cluster),
+            strikes=Strikes(config.connect.strikes_window, config.server.state_dir, cluster,
+                            ipv6_prefix=config.connect.strikes_ipv6_prefix),
         )
         if previous is not None:
             sources.dnsbl.take_over(previous.dnsbl)

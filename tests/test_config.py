@@ -99,6 +99,8 @@ log_only = ["helo_dbl"]
         ("[dnsbl]\nmin_ttl = '2h'", 'dnsbl.min_ttl must be at most "1h"'),
         ("[connect]\ndeny_countries = ['gb']", "not ISO 3166-1 alpha-2 codes"),
         ("[connect]\nsubmission_ports = [0]", "ports out of range"),
+        ("[connect]\nstrikes_ipv6_prefix = 8", "connect.strikes_ipv6_prefix must be a prefix "
+         "length from 16 to 128"),
         ("server = 3", "server must be a table"),
         ("[server\n", "not valid TOML"),
     ],

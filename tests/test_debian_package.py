@@ -34,7 +34,7 @@ from lookupd.config import Config, load_config
 EXAMPLE_CONFIG = REPO / "etc" / "lookupd.toml"
 MAN = REPO / "man"
 # A commented-out setting: "#key = value", "#[section]" or "#[[dnsbl.list]]" (prose is "# ...").
-SETTING = re.compile(r"#(\[\[?[a-z.]+\]\]?$|[a-z_]+ = )")
+SETTING = re.compile(r"#(\[\[?[a-z.]+\]\]?$|[a-z_][a-z0-9_]* = )")
 # lookupd's Depends (debian/control): installed beforehand, so apt-get downloads nothing.
 RUNTIME_DEPENDS = ("python3-cachetools", "python3-dnspython", "python3-maxminddb",
                    "python3-msgpack", "python3-uvloop")
