@@ -159,7 +159,7 @@ class Cluster:
             self._task = None
         if self._client is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._client.aclose(), self.config.timeout)
+                await asyncio.wait_for(_aclose(self._client), self.config.timeout)
             self._client = None
 
     # --- requests --------------------------------------------------------------------------
@@ -248,7 +248,7 @@ class Cluster:
         finally:
             self._listener = None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(pubsub.aclose(), timeout)
+                await asyncio.wait_for(_aclose(pubsub), timeout)
 
     async def _listen(self, pubsub: Any) -> None:
         last_sync = time.monotonic()
@@ -276,8 +276,28 @@ class Cluster:
             log.exception("cluster: handling a %s message failed", op)
 
 
+# What a TLS failure most often means, for the admin reading the log.
+_TLS_HINTS = (
+    ("CERTIFICATE_VERIFY_FAILED", "Redis' certificate is not signed by cluster.ca_file (or "
+     "the system's CAs), or does not name the host in cluster.redis"),
+    ("CERTIFICATE_REQUIRED", "Redis wants this host's certificate (tls-auth-clients): set "
+     "cluster.cert_file and cluster.key_file"),
+    ("WRONG_VERSION_NUMBER", "is the port in cluster.redis Redis' tls-port?"),
+)
+
+
 def _why(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    hint = next((h for marker, h in _TLS_HINTS if marker in text.upper()), None)
+    return f"{text}; {hint}" if hint else text
+
+
+def _aclose(obj: Any) -> Awaitable[None]:
+    """redis-py 5 and later call it aclose() (close() is deprecated); Debian 12's 4.3 has
+    close() only."""
+    close = getattr(obj, "aclose", None) or obj.close
+    result: Awaitable[None] = close()
+    return result
 
 
 def _client(config: ClusterConfig, password: str | None) -> Any:
@@ -294,6 +314,16 @@ def _client(config: ClusterConfig, password: str | None) -> Any:
         "retry": Retry(NoBackoff(), 0),
         "decode_responses": True,
     }
+    if config.redis.startswith("rediss://"):
+        # Verify Redis' certificate and its name, whatever redis-py's defaults (Debian 12's
+        # 4.3 does not check the name).
+        options |= {
+            "ssl_cert_reqs": "required",
+            "ssl_check_hostname": True,
+            "ssl_ca_certs": str(config.ca_file) if config.ca_file else None,
+            "ssl_certfile": str(config.cert_file) if config.cert_file else None,
+            "ssl_keyfile": str(config.key_file) if config.key_file else None,
+        }
     if config.sentinels:
         from redis.asyncio.sentinel import Sentinel
 

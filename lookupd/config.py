@@ -533,6 +533,22 @@ class ClusterConfig:
     sentinel_service: str = "mymaster"
     # Longest wait for Redis on a request; past it the host decides alone (fail open).
     timeout: float = field(default=0.5, metadata=_parsed(parse_duration, _positive))
+    # rediss:// only. The CA certificate(s) that signed Redis' certificate (tls-ca-cert-file,
+    # PEM); unset: the system's CAs. Redis' certificate must name the host in the URL.
+    ca_file: Path | None = None
+    # rediss:// only. This host's certificate and key (PEM), for Redis' tls-auth-clients
+    # (on by default in Redis): both or neither.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        tls = [k for k in ("ca_file", "cert_file", "key_file") if getattr(self, k) is not None]
+        if tls and not self.redis.startswith("rediss://"):
+            raise ValueError(f"{' and '.join(tls)} only apply to a TLS connection: write "
+                             'redis = "rediss://HOST:PORT/DB" (Redis\' tls-port)')
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: give both (for Redis' "
+                             "tls-auth-clients) or neither")
 
     @property
     def enabled(self) -> bool:
@@ -748,6 +764,9 @@ def file_problems(config: Config) -> list[str]:
         ("incidents.db", config.incidents.db),
         ("connect.submission_access_file", config.connect.submission_access_file),
         ("cluster.password_file", config.cluster.password_file),
+        ("cluster.ca_file", config.cluster.ca_file),
+        ("cluster.cert_file", config.cluster.cert_file),
+        ("cluster.key_file", config.cluster.key_file),
         *((f"connect.allowlist_files[{i}]", p)
           for i, p in enumerate(config.connect.allowlist_files)),
     ]

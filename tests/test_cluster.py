@@ -4,6 +4,7 @@ while concurrent user-fail traffic goes on."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import statistics
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from redisserver import PASSWORD, RedisSentinel, RedisServer
+from redisserver import PASSWORD, RedisSentinel, RedisServer, make_tls_files, tls_problem
 from support import EXIM, EXIM_BASE, Exim, Lookupd, short_dir
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
@@ -257,6 +258,84 @@ def test_acl_user(tmp_path: Path) -> None:
         for daemon in hosts:
             daemon.stop()
             shutil.rmtree(daemon.workdir, ignore_errors=True)
+        redis.stop()
+
+
+@contextlib.contextmanager
+def _hosts(cluster: str, names: str = "ac", wait: str = "ac") -> Iterator[list[Lookupd]]:
+    """Hosts with this [cluster] body (HOST: the host's name); those in `wait` must connect."""
+    daemons: list[Lookupd] = []
+    try:
+        for name in names:
+            daemons.append(Lookupd(short_dir(), (
+                '[users]\nlimit = 2\nnotify_command = ""\n'
+                f'[cluster]\n{cluster.replace("HOST", name)}')).start(wait=False))
+        for daemon in daemons:
+            daemon.wait_ready()
+        for name, daemon in zip(names, daemons, strict=True):
+            if name in wait:
+                wait_for(_connected(daemon), 5)
+        yield daemons
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+            shutil.rmtree(daemon.workdir, ignore_errors=True)
+
+
+def _shares(a: Lookupd, c: Lookupd, redis: RedisServer, user: str, ip: str) -> None:
+    """A block and strikes made on one host are seen on the other, and are in `redis`."""
+    assert a.query(f"user-fail {user} x@example.org\n") == "ok"
+    assert c.query(f"user-fail {user} y@example.org\n").startswith("blocked")
+    wait_for(lambda: blocked(a, user), 1.0)
+    assert a.query(f"strike {ip} auth\n") == "strikes=1"
+    assert c.query(f"strike {ip} auth\n") == "strikes=2"
+    assert user in redis.cli("HKEYS", "lookupd:users:blocks")
+    assert redis.cli("ZCARD", f"lookupd:strikes:{ip}") == 2
+    for daemon in (a, c):
+        assert PASSWORD not in daemon.log() and "Traceback" not in daemon.log()
+
+
+def test_unix_socket(tmp_path: Path) -> None:
+    """redis = "unix:///...": a redis-server listening on a Unix socket only (no TCP)."""
+    sockdir = short_dir("lkdr")
+    redis = RedisServer(tmp_path / "redis", unixsocket=sockdir / "redis.sock").start()
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD)
+    try:
+        with _hosts(f'redis = "{redis.url}"\npassword_file = "{pw}"\nhost_name = "HOST"\n'
+                    ) as (a, c):
+            assert f"sharing state through Redis at unix://{sockdir}" in a.log()
+            _shares(a, c, redis, "ursula", "192.0.2.61")
+    finally:
+        redis.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+@pytest.mark.skipif(tls_problem() is not None, reason=tls_problem() or "")
+def test_tls(tmp_path: Path) -> None:
+    """redis = "rediss://..." with ca_file, cert_file and key_file: a redis-server with a
+    tls-port and tls-auth-clients (Redis' default). A Redis whose certificate the CA did not
+    sign, or a host without its client certificate, is not used: that host decides alone."""
+    tls = make_tls_files(tmp_path / "tls")
+    other = make_tls_files(tmp_path / "other", "other")
+    redis = RedisServer(tmp_path / "redis", tls=tls).start()
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD)
+    base = (f'redis = "{redis.tls_url}"\npassword_file = "{pw}"\nhost_name = "HOST"\n'
+            'timeout = "1s"\n')
+    good = f'ca_file = "{tls.ca}"\ncert_file = "{tls.client_cert}"\nkey_file = "{tls.client_key}"\n'
+    try:
+        with _hosts(base + good) as (a, c), \
+                _hosts(base + good.replace(str(tls.ca), str(other.ca)), "x", "") as (x,), \
+                _hosts(base + f'ca_file = "{tls.ca}"\n', "y", "") as (y,):
+            assert f"sharing state through Redis at {redis.tls_url}" in a.log()
+            _shares(a, c, redis, "tessa", "192.0.2.62")
+            for daemon in (x, y):
+                wait_for(lambda d=daemon: "cannot reach Redis" in d.log(), 5)  # type: ignore[misc]
+                assert daemon.query("user tessa\n") == "ok"  # alone: never heard of her
+            assert "not signed by cluster.ca_file" in x.log(), x.log()
+            assert "set cluster.cert_file and cluster.key_file" in y.log(), y.log()
+    finally:
         redis.stop()
 
 
