@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -62,6 +63,15 @@ class Keys:
 
     def strikes(self, address: str) -> str:
         return f"{self.prefix}strikes:{address}"
+
+
+def client_problem() -> str | None:
+    """Why [cluster] cannot work here (None when it can): the Redis client is an optional
+    dependency (Debian: Suggests), imported only when [cluster] is configured."""
+    if importlib.util.find_spec("redis") is None:
+        return ("[cluster] needs the Redis client for Python, which is not installed: "
+                "apt-get install python3-redis (or pip install 'lookupd[cluster]')")
+    return None
 
 
 def host_name(config: ClusterConfig) -> str:
@@ -135,18 +145,32 @@ class Cluster:
     async def open(self) -> None:
         """Build the client and start connecting in the background: an unreachable Redis
         never stops lookupd from starting."""
-        password = None
-        if self.config.password_file is not None:
-            try:
-                text = await asyncio.to_thread(self.config.password_file.read_text)
-            except OSError as exc:
-                log.warning("cluster: cannot read cluster.password_file %s (%s); connecting "
-                            "without a password", self.config.password_file,
-                            exc.strerror or type(exc).__name__)
-            else:
-                password = text.strip("\r\n") or None
-        self._client = _client(self.config, password)
+        self._client = _client(self.config, await self._password())
         self._task = asyncio.create_task(self._run(), name="lookupd-cluster")
+
+    async def connect_once(self) -> None:
+        """For a command such as `lookupd users block`: one connection now, no background
+        loop, no pub/sub; ClusterDown when Redis does not answer within the timeout."""
+        self._client = _client(self.config, await self._password())
+        try:
+            await asyncio.wait_for(self._client.ping(), self.config.timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise ClusterDown(_why(exc)) from exc
+        self._up = True
+
+    async def _password(self) -> str | None:
+        if self.config.password_file is None:
+            return None
+        try:
+            text = await asyncio.to_thread(self.config.password_file.read_text)
+        except OSError as exc:
+            log.warning("cluster: cannot read cluster.password_file %s (%s); connecting "
+                        "without a password", self.config.password_file,
+                        exc.strerror or type(exc).__name__)
+            return None
+        return text.strip("\r\n") or None
 
     async def close(self) -> None:
         self._closed = True

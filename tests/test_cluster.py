@@ -147,6 +147,57 @@ def test_admin_block_and_unblock_propagate(hosts: Hosts) -> None:
     wait_for(lambda: not blocked(a, "mallory"), 1.0)
 
 
+def _users_cli(daemon: Lookupd, *args: str) -> subprocess.CompletedProcess[str]:
+    """`lookupd users ...` on the daemon's own state and [cluster], as an admin runs it."""
+    config = daemon.workdir / "cli.toml"
+    config.write_text(daemon.config_text.replace(
+        "[server]\n", f'[server]\nstate_dir = "{daemon.workdir / "state"}"\n', 1))
+    return subprocess.run([sys.executable, "-m", "lookupd", "users", "--config", str(config),
+                           *args], capture_output=True, text=True, timeout=30)
+
+
+def test_cli_block_and_unblock_reach_the_other_hosts_at_once(hosts: Hosts,
+                                                             redis: RedisServer) -> None:
+    """`lookupd users block|unblock` on host a goes to Redis before it returns: host c answers
+    within a second of it (measured), not at a's next sync 30s later. With Redis down, the
+    command says so and a's lookupd shares the block once Redis is back."""
+    a, c = hosts(limit=5, names="ac")
+    after_return, whole = [], []
+    for i in range(5):
+        user = f"cli{i}"
+        start = time.monotonic()
+        out = _users_cli(a, "block", user, "--reason", "phished password")
+        assert out.returncode == 0, out.stderr
+        assert "every [cluster] host at once" in out.stdout, out.stdout
+        after_return.append(wait_for(lambda u=user: blocked(c, u), 1.0))  # type: ignore[misc]
+        whole.append(time.monotonic() - start)
+        assert 'reason="phished password"' in c.query(f"user {user}\n")
+        wait_for(lambda u=user: blocked(a, u), 1.5)  # type: ignore[misc]  # a: from its sqlite
+        start = time.monotonic()
+        out = _users_cli(a, "unblock", user)
+        assert out.returncode == 0 and "every [cluster] host at once" in out.stdout, out
+        after_return.append(wait_for(lambda u=user: not blocked(c, u), 1.0))  # type: ignore[misc]
+        whole.append(time.monotonic() - start)
+    print(f"\nCLI block/unblock on a -> c answers it: {max(after_return) * 1000:.1f} ms at "
+          f"most after the command returned (median {statistics.median(after_return) * 1000:.1f}"
+          f" ms); the whole command until c answers: median {statistics.median(whole):.2f} s "
+          "(mostly Python starting)")
+    # An unblock of a user blocked on another host only also reaches every host.
+    for i in range(5):
+        c.query(f"user-fail carl r{i}@example.org\n")
+    wait_for(lambda: blocked(a, "carl"), 1.0)
+    assert "every [cluster] host at once" in _users_cli(a, "unblock", "carl").stdout
+    wait_for(lambda: not blocked(c, "carl"), 1.0)
+    # Redis down: saved here, said so, shared by a's lookupd once Redis answers again.
+    redis.stop()
+    out = _users_cli(a, "block", "dora")
+    assert out.returncode == 0 and "blocked dora" in out.stdout, out
+    assert "is saved here, but Redis at redis://127.0.0.1" in out.stderr, out.stderr
+    assert "every [cluster] host" not in out.stdout and PASSWORD not in out.stderr
+    redis.start()
+    wait_for(lambda: blocked(c, "dora"), 10.0)
+
+
 def test_hostile_values_in_redis_are_ignored(hosts: Hosts, redis: RedisServer) -> None:
     a, b, _ = hosts(limit=3)
     redis.cli("HSET", "lookupd:users:blocks", "eve", "{not json")
