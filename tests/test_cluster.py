@@ -279,6 +279,33 @@ def test_wrong_password_decides_locally(hosts: Hosts, tmp_path: Path) -> None:
     assert "not-the-password" not in a.log()
 
 
+def test_without_the_redis_client_a_host_decides_alone(tmp_path: Path) -> None:
+    """[cluster] on a host without python3-redis (a Suggests of the Debian package): serve
+    says what to install and runs on the local store; check-config reports it."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    # As if redis were not installed: find_spec("redis") is None, `import redis` fails.
+    (hide / "sitecustomize.py").write_text('import sys\nsys.modules["redis"] = None\n')
+    env = {"PYTHONPATH": os.pathsep.join([str(hide), os.environ.get("PYTHONPATH", "")])}
+    config = ('[users]\nlimit = 2\nnotify_command = ""\n'
+              '[cluster]\nredis = "redis://127.0.0.1:9/0"\nhost_name = "a"\n')
+    daemon = Lookupd(short_dir(), config, env=env).start()
+    try:
+        assert daemon.query("user-fail nina x@example.org\n") == "ok"
+        assert daemon.query("user-fail nina y@example.org\n").startswith("blocked")
+        assert "cluster: [cluster] needs the Redis client for Python, which is not installed: " \
+               "apt-get install python3-redis" in daemon.log()
+        assert "Traceback" not in daemon.log()
+        check = subprocess.run([sys.executable, "-m", "lookupd", "check-config", "--config",
+                                str(daemon.config_path)], capture_output=True, text=True,
+                               timeout=30, env={**os.environ, **env})
+        assert check.returncode == os.EX_CONFIG
+        assert "apt-get install python3-redis" in check.stderr, check.stderr
+    finally:
+        daemon.stop()
+        shutil.rmtree(daemon.workdir, ignore_errors=True)
+
+
 ACL = "user lookupd on >acl-Secret-77 ~lookupd:* &lookupd:* +@all -@admin -@dangerous\n"
 
 
