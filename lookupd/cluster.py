@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -311,9 +312,22 @@ _TLS_HINTS = (
 
 
 def _why(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = _text(exc)
+    # redis-py 4.3 (Debian 12) words a failed TLS handshake "Error 1 connecting to HOST:PORT.
+    # 1.": the reason is in the SSLError it was raised from.
+    inner, depth = exc.__cause__ or exc.__context__, 0
+    while inner is not None and depth < 5:
+        if isinstance(inner, ssl.SSLError):
+            if str(inner) not in text:
+                text += f" ({_text(inner)})"
+            break
+        inner, depth = inner.__cause__ or inner.__context__, depth + 1
     hint = next((h for marker, h in _TLS_HINTS if marker in text.upper()), None)
     return f"{text}; {hint}" if hint else text
+
+
+def _text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _aclose(obj: Any) -> Awaitable[None]:
