@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lookupd import __version__
+from lookupd.cluster import client_problem
 from lookupd.config import (
     Config,
     HostPort,
@@ -234,6 +235,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         problems = exc.problems
     else:
         problems = file_problems(config)
+        if config.cluster.enabled and (missing := client_problem()) is not None:
+            problems.append(f"{config.source or 'embedded defaults'}: {missing}")
     for problem in problems:
         log.error("%s", problem)
     if problems:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import math
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -62,6 +64,15 @@ class Keys:
 
     def strikes(self, address: str) -> str:
         return f"{self.prefix}strikes:{address}"
+
+
+def client_problem() -> str | None:
+    """Why [cluster] cannot work here (None when it can): the Redis client is an optional
+    dependency (Debian: Suggests), imported only when [cluster] is configured."""
+    if importlib.util.find_spec("redis") is None:
+        return ("[cluster] needs the Redis client for Python, which is not installed: "
+                "apt-get install python3-redis (or pip install 'lookupd[cluster]')")
+    return None
 
 
 def host_name(config: ClusterConfig) -> str:
@@ -135,18 +146,32 @@ class Cluster:
     async def open(self) -> None:
         """Build the client and start connecting in the background: an unreachable Redis
         never stops lookupd from starting."""
-        password = None
-        if self.config.password_file is not None:
-            try:
-                text = await asyncio.to_thread(self.config.password_file.read_text)
-            except OSError as exc:
-                log.warning("cluster: cannot read cluster.password_file %s (%s); connecting "
-                            "without a password", self.config.password_file,
-                            exc.strerror or type(exc).__name__)
-            else:
-                password = text.strip("\r\n") or None
-        self._client = _client(self.config, password)
+        self._client = _client(self.config, await self._password())
         self._task = asyncio.create_task(self._run(), name="lookupd-cluster")
+
+    async def connect_once(self) -> None:
+        """For a command such as `lookupd users block`: one connection now, no background
+        loop, no pub/sub; ClusterDown when Redis does not answer within the timeout."""
+        self._client = _client(self.config, await self._password())
+        try:
+            await asyncio.wait_for(self._client.ping(), self.config.timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise ClusterDown(_why(exc)) from exc
+        self._up = True
+
+    async def _password(self) -> str | None:
+        if self.config.password_file is None:
+            return None
+        try:
+            text = await asyncio.to_thread(self.config.password_file.read_text)
+        except OSError as exc:
+            log.warning("cluster: cannot read cluster.password_file %s (%s); connecting "
+                        "without a password", self.config.password_file,
+                        exc.strerror or type(exc).__name__)
+            return None
+        return text.strip("\r\n") or None
 
     async def close(self) -> None:
         self._closed = True
@@ -159,7 +184,7 @@ class Cluster:
             self._task = None
         if self._client is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._client.aclose(), self.config.timeout)
+                await asyncio.wait_for(_aclose(self._client), self.config.timeout)
             self._client = None
 
     # --- requests --------------------------------------------------------------------------
@@ -248,7 +273,7 @@ class Cluster:
         finally:
             self._listener = None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(pubsub.aclose(), timeout)
+                await asyncio.wait_for(_aclose(pubsub), timeout)
 
     async def _listen(self, pubsub: Any) -> None:
         last_sync = time.monotonic()
@@ -276,8 +301,41 @@ class Cluster:
             log.exception("cluster: handling a %s message failed", op)
 
 
+# What a TLS failure most often means, for the admin reading the log.
+_TLS_HINTS = (
+    ("CERTIFICATE_VERIFY_FAILED", "Redis' certificate is not signed by cluster.ca_file (or "
+     "the system's CAs), or does not name the host in cluster.redis"),
+    ("CERTIFICATE_REQUIRED", "Redis wants this host's certificate (tls-auth-clients): set "
+     "cluster.cert_file and cluster.key_file"),
+    ("WRONG_VERSION_NUMBER", "is the port in cluster.redis Redis' tls-port?"),
+)
+
+
 def _why(exc: BaseException) -> str:
+    text = _text(exc)
+    # redis-py 4.3 (Debian 12) words a failed TLS handshake "Error 1 connecting to HOST:PORT.
+    # 1.": the reason is in the SSLError it was raised from.
+    inner, depth = exc.__cause__ or exc.__context__, 0
+    while inner is not None and depth < 5:
+        if isinstance(inner, ssl.SSLError):
+            if str(inner) not in text:
+                text += f" ({_text(inner)})"
+            break
+        inner, depth = inner.__cause__ or inner.__context__, depth + 1
+    hint = next((h for marker, h in _TLS_HINTS if marker in text.upper()), None)
+    return f"{text}; {hint}" if hint else text
+
+
+def _text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _aclose(obj: Any) -> Awaitable[None]:
+    """redis-py 5 and later call it aclose() (close() is deprecated); Debian 12's 4.3 has
+    close() only."""
+    close = getattr(obj, "aclose", None) or obj.close
+    result: Awaitable[None] = close()
+    return result
 
 
 def _client(config: ClusterConfig, password: str | None) -> Any:
@@ -294,6 +352,16 @@ def _client(config: ClusterConfig, password: str | None) -> Any:
         "retry": Retry(NoBackoff(), 0),
         "decode_responses": True,
     }
+    if config.redis.startswith("rediss://"):
+        # Verify Redis' certificate and its name, whatever redis-py's defaults (Debian 12's
+        # 4.3 does not check the name).
+        options |= {
+            "ssl_cert_reqs": "required",
+            "ssl_check_hostname": True,
+            "ssl_ca_certs": str(config.ca_file) if config.ca_file else None,
+            "ssl_certfile": str(config.cert_file) if config.cert_file else None,
+            "ssl_keyfile": str(config.key_file) if config.key_file else None,
+        }
     if config.sentinels:
         from redis.asyncio.sentinel import Sentinel
 

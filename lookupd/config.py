@@ -166,6 +166,10 @@ def _non_negative(value: Any) -> str | None:
     return None if value >= 0 else "must be 0 or more"
 
 
+def _ipv6_prefix(value: int) -> str | None:
+    return None if 16 <= value <= 128 else "must be a prefix length from 16 to 128 (e.g. 64)"
+
+
 def _port_list(value: tuple[int, ...]) -> str | None:
     bad = [p for p in value if not 1 <= p <= 65535]
     return f"ports out of range 1-65535: {bad}" if bad else None
@@ -439,6 +443,10 @@ class ConnectConfig:
     # in log_only first.
     strikes_threshold: int = field(default=0, metadata=_checked(_non_negative))
     strikes_window: float = field(default=3600.0, metadata=_parsed(parse_duration, _positive))
+    # IPv6 clients are struck and counted by network of this prefix length: one host's
+    # /64 (often a whole customer's) holds more addresses than anyone could strike one by
+    # one. 128 counts each address apart; IPv4 is always counted per address.
+    strikes_ipv6_prefix: int = field(default=64, metadata=_checked(_ipv6_prefix))
     # Rules that only say what they would do (action=accept would=deny|defer), to try them
     # out first: "incidents", "dnsbl", "helo_dbl", "country", "no_ptr", "submission",
     # "strikes".
@@ -526,6 +534,22 @@ class ClusterConfig:
     sentinel_service: str = "mymaster"
     # Longest wait for Redis on a request; past it the host decides alone (fail open).
     timeout: float = field(default=0.5, metadata=_parsed(parse_duration, _positive))
+    # rediss:// only. The CA certificate(s) that signed Redis' certificate (tls-ca-cert-file,
+    # PEM); unset: the system's CAs. Redis' certificate must name the host in the URL.
+    ca_file: Path | None = None
+    # rediss:// only. This host's certificate and key (PEM), for Redis' tls-auth-clients
+    # (on by default in Redis): both or neither.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        tls = [k for k in ("ca_file", "cert_file", "key_file") if getattr(self, k) is not None]
+        if tls and not self.redis.startswith("rediss://"):
+            raise ValueError(f"{' and '.join(tls)} only apply to a TLS connection: write "
+                             'redis = "rediss://HOST:PORT/DB" (Redis\' tls-port)')
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: give both (for Redis' "
+                             "tls-auth-clients) or neither")
 
     @property
     def enabled(self) -> bool:
@@ -741,6 +765,9 @@ def file_problems(config: Config) -> list[str]:
         ("incidents.db", config.incidents.db),
         ("connect.submission_access_file", config.connect.submission_access_file),
         ("cluster.password_file", config.cluster.password_file),
+        ("cluster.ca_file", config.cluster.ca_file),
+        ("cluster.cert_file", config.cluster.cert_file),
+        ("cluster.key_file", config.cluster.key_file),
         *((f"connect.allowlist_files[{i}]", p)
           for i, p in enumerate(config.connect.allowlist_files)),
     ]

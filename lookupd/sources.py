@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-from lookupd.cluster import Cluster
+from lookupd.cluster import Cluster, client_problem
 from lookupd.config import Config
 from lookupd.dnsbl import DnsblSource
 from lookupd.geoip import GeoIPSource
@@ -43,6 +43,13 @@ class Sources:
         """The sources of `config`, not yet open. On a reload, `previous` (still open) hands
         over what must not be lost or re-learnt: the DNS lists' health and answer cache."""
         cluster = Cluster(config.cluster) if config.cluster.enabled else None
+        missing = client_problem() if cluster is not None else None
+        if missing is not None:
+            # Fail open: this host decides alone, as while Redis is down, rather than refuse
+            # the whole configuration (which would check nothing at all).
+            log.error("cluster: %s; until then this host decides alone (everything local) "
+                      "and shares nothing", missing)
+            cluster = None
         sources = cls(
             config=config,
             cluster=cluster,
@@ -50,7 +57,8 @@ class Sources:
             incidents=IncidentsSource(config.incidents),
             dnsbl=DnsblSource(config.dnsbl, config.server.state_dir, cluster=cluster),
             users=UserState(config.users, config.server.state_dir, cluster=cluster),
-            strikes=Strikes(config.connect.strikes_window, config.server.state_dir, cluster),
+            strikes=Strikes(config.connect.strikes_window, config.server.state_dir, cluster,
+                            ipv6_prefix=config.connect.strikes_ipv6_prefix),
         )
         if previous is not None:
             sources.dnsbl.take_over(previous.dnsbl)

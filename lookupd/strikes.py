@@ -7,6 +7,10 @@ as `strikes=N` (rule `strikes_threshold`).
 (COUNT: how many such strikes at once, 1 to MAX_COUNT in all; the snippets send all of a
 connection's strikes in one call when it ends, e.g. `strike 192.0.2.1 auth 3 rcpt 12`.)
 
+An IPv6 client is struck and counted by its network (`connect.strikes_ipv6_prefix`, /64 by
+default): one end site has a /64 or more, and a guesser hopping through it would otherwise
+start every address at zero. IPv4 clients count per address.
+
 In memory on one host (a snapshot in the state directory keeps it across restarts); with
 [cluster], every strike also goes to Redis (a sorted set per address, members "HOST:ID") and
 to the other hosts by pub/sub, so each host's memory holds the strikes of all of them and
@@ -24,6 +28,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
+from ipaddress import IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +60,31 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
 return redis.call('ZCARD', KEYS[1])
 """
+
+
+def strike_key(ip: IPAddress, ipv6_prefix: int) -> str:
+    """What a strike of `ip` is counted under: the address, or its IPv6 network."""
+    if isinstance(ip, IPv6Address) and ipv6_prefix < 128:
+        return str(IPv6Network((ip, ipv6_prefix), strict=False))
+    return str(ip)
+
+
+def fit_key(text: str, ipv6_prefix: int) -> str | None:
+    """A key read back (the snapshot, Redis, another host's message) in the form this host
+    counts by: an address, or an IPv6 network that contains it. None when it is malformed,
+    or an IPv6 network wider than `ipv6_prefix` (it cannot be split into ours)."""
+    if "/" in text:
+        try:
+            net = IPv6Network(text) if len(text) <= 50 else None
+        except ValueError:
+            return None
+        if net is None or net.prefixlen < ipv6_prefix:
+            return None
+        return str(net.supernet(new_prefix=ipv6_prefix))
+    try:
+        return strike_key(parse_ip(text), ipv6_prefix)
+    except ValueError:
+        return None
 
 
 def check_kind(raw: str) -> str:
@@ -99,23 +129,32 @@ def parse_strikes(args: tuple[str, ...]) -> tuple[str, int]:
 class Strikes:
     """The strikes of every client address in the window, in memory."""
 
-    def __init__(self, window: float, state_dir: Path, cluster: Cluster | None = None) -> None:
+    def __init__(self, window: float, state_dir: Path, cluster: Cluster | None = None, *,
+                 ipv6_prefix: int = 64) -> None:
         self.window = window
+        self.ipv6_prefix = ipv6_prefix
         self.path = state_dir / SNAPSHOT_NAME
         self.cluster = cluster
-        # address -> {strike id: time}; ordered by the last strike, oldest first.
+        # strike_key -> {strike id: time}; ordered by the last strike, oldest first.
         self._seen: OrderedDict[str, dict[str, float]] = OrderedDict()
         self._taken_over = False
         # Strikes Redis did not take (down): published to the other hosts by the next merge.
         self._unsent: list[str] = []
+        self._misfit_logged = False
         if cluster is not None:
             cluster.subscribe("strike", self._remote)
             cluster.on_up(self._merge)
 
     def take_over(self, previous: Strikes) -> None:
-        """On a reload: the same memory (requests still in flight on the old set count)."""
-        self._seen = previous._seen
+        """On a reload: the same memory (requests still in flight on the old set count);
+        counted again by the new IPv6 prefix if it changed."""
         self._taken_over = True
+        if previous.ipv6_prefix == self.ipv6_prefix:
+            self._seen = previous._seen
+            return
+        for key, strikes in list(previous._seen.items()):
+            for sid, at in strikes.items():
+                self._add_fitted(key, sid, at)
 
     async def open(self) -> None:
         if self._taken_over:
@@ -128,10 +167,10 @@ class Strikes:
                             self.path, exc)
             return
         cutoff = time.time() - self.window
-        for address, strikes in rows:
+        for key, strikes in rows:
             for sid, at in strikes:
                 if at > cutoff:
-                    self._add(address, sid, at)
+                    self._add_fitted(key, sid, at)
 
     async def close(self) -> None:
         cutoff = time.time() - self.window
@@ -144,8 +183,8 @@ class Strikes:
                         self.path, exc)
 
     def count(self, ip: IPAddress) -> int:
-        """Strikes of `ip` in the window, from memory."""
-        strikes = self._seen.get(str(ip))
+        """Strikes of `ip` (or its IPv6 network) in the window, from memory."""
+        strikes = self._seen.get(strike_key(ip, self.ipv6_prefix))
         if not strikes:
             return 0
         cutoff = time.time() - self.window
@@ -155,7 +194,7 @@ class Strikes:
 
     async def strike(self, ip: IPAddress, kind: str, count: int = 1) -> int:
         """Record `count` strikes; the count after them (across hosts when Redis answers)."""
-        address = str(ip)
+        address = strike_key(ip, self.ipv6_prefix)
         now = time.time()
         host = self.cluster.host if self.cluster is not None else "local"
         sids = [f"{host}:{uuid.uuid4().hex[:16]}" for _ in range(max(1, min(count, MAX_COUNT)))]
@@ -185,6 +224,17 @@ class Strikes:
         if len(self._unsent) < MAX_ADDRESSES:  # past that, the others read them at the merge
             self._unsent.append(message)
 
+    def _add_fitted(self, text: str, sid: str, at: float) -> None:
+        """Add a strike whose key was read back; one that does not fit is left out."""
+        key = fit_key(text, self.ipv6_prefix)
+        if key is not None:
+            self._add(key, sid, at)
+        elif not self._misfit_logged:
+            self._misfit_logged = True
+            log.warning("strikes: ignoring strikes counted under %s: it is not an address or "
+                        "an IPv6 network of /%d or longer; give every host the same "
+                        "connect.strikes_ipv6_prefix", text[:60], self.ipv6_prefix)
+
     def _add(self, address: str, sid: str, at: float) -> None:
         strikes = self._seen.get(address)
         if strikes is None:
@@ -201,19 +251,15 @@ class Strikes:
         ip, at = message.get("ip"), finite(message.get("at"))
         # "ids" (several strikes at once); "id" from hosts before COUNT existed.
         sids = message.get("ids", [message.get("id")])
-        try:
-            address = str(parse_ip(ip)) if isinstance(ip, str) else None
-        except ValueError:
-            address = None
-        if (address is None or at is None or not isinstance(sids, list)
-                or not 1 <= len(sids) <= MAX_COUNT
+        if (not isinstance(ip, str) or fit_key(ip, 0) is None or at is None
+                or not isinstance(sids, list) or not 1 <= len(sids) <= MAX_COUNT
                 or not all(isinstance(sid, str) and len(sid) <= 100 for sid in sids)):
             assert self.cluster is not None
             self.cluster.bad_value("a strike message")
             return
         if at > time.time() - self.window:
             for sid in sids:
-                self._add(address, sid, at)
+                self._add_fitted(ip, sid, at)
 
     async def _merge(self, reconnected: bool) -> None:
         """Redis answers again: send the strikes recorded meanwhile, read the others'."""
@@ -254,16 +300,14 @@ class Strikes:
         for address, members in (await cluster.run(pull, timeout=10.0)).items():
             self._remote_rows(address, members)
 
-    def _remote_rows(self, address: str, members: list[tuple[str, float]]) -> None:
-        try:
-            address = str(parse_ip(address))
-        except ValueError:
+    def _remote_rows(self, key: str, members: list[tuple[str, float]]) -> None:
+        if fit_key(key, 0) is None:
             assert self.cluster is not None
             self.cluster.bad_value("a strikes key")
             return
         for sid, at in members:
             if isinstance(sid, str) and finite(at) is not None:
-                self._add(address, sid, float(at))
+                self._add_fitted(key, sid, float(at))
 
 
 def _load(path: Path) -> list[tuple[str, list[tuple[str, float]]]]:
@@ -276,11 +320,7 @@ def _load(path: Path) -> list[tuple[str, list[tuple[str, float]]]]:
         if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], str)
                 and isinstance(row[1], list)):
             continue
-        try:
-            address = str(parse_ip(row[0]))
-        except ValueError:
-            continue
-        rows.append((address, [(pair[0], float(pair[1])) for pair in row[1]
+        rows.append((row[0], [(pair[0], float(pair[1])) for pair in row[1]
                                if isinstance(pair, list) and len(pair) == 2
                                and isinstance(pair[0], str)
                                and isinstance(pair[1], int | float)]))

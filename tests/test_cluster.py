@@ -4,6 +4,7 @@ while concurrent user-fail traffic goes on."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import statistics
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from redisserver import PASSWORD, RedisSentinel, RedisServer
+from redisserver import PASSWORD, RedisSentinel, RedisServer, make_tls_files, tls_problem
 from support import EXIM, EXIM_BASE, Exim, Lookupd, short_dir
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
@@ -146,6 +147,57 @@ def test_admin_block_and_unblock_propagate(hosts: Hosts) -> None:
     wait_for(lambda: not blocked(a, "mallory"), 1.0)
 
 
+def _users_cli(daemon: Lookupd, *args: str) -> subprocess.CompletedProcess[str]:
+    """`lookupd users ...` on the daemon's own state and [cluster], as an admin runs it."""
+    config = daemon.workdir / "cli.toml"
+    config.write_text(daemon.config_text.replace(
+        "[server]\n", f'[server]\nstate_dir = "{daemon.workdir / "state"}"\n', 1))
+    return subprocess.run([sys.executable, "-m", "lookupd", "users", "--config", str(config),
+                           *args], capture_output=True, text=True, timeout=30)
+
+
+def test_cli_block_and_unblock_reach_the_other_hosts_at_once(hosts: Hosts,
+                                                             redis: RedisServer) -> None:
+    """`lookupd users block|unblock` on host a goes to Redis before it returns: host c answers
+    within a second of it (measured), not at a's next sync 30s later. With Redis down, the
+    command says so and a's lookupd shares the block once Redis is back."""
+    a, c = hosts(limit=5, names="ac")
+    after_return, whole = [], []
+    for i in range(5):
+        user = f"cli{i}"
+        start = time.monotonic()
+        out = _users_cli(a, "block", user, "--reason", "phished password")
+        assert out.returncode == 0, out.stderr
+        assert "every [cluster] host at once" in out.stdout, out.stdout
+        after_return.append(wait_for(lambda u=user: blocked(c, u), 1.0))  # type: ignore[misc]
+        whole.append(time.monotonic() - start)
+        assert 'reason="phished password"' in c.query(f"user {user}\n")
+        wait_for(lambda u=user: blocked(a, u), 1.5)  # type: ignore[misc]  # a: from its sqlite
+        start = time.monotonic()
+        out = _users_cli(a, "unblock", user)
+        assert out.returncode == 0 and "every [cluster] host at once" in out.stdout, out
+        after_return.append(wait_for(lambda u=user: not blocked(c, u), 1.0))  # type: ignore[misc]
+        whole.append(time.monotonic() - start)
+    print(f"\nCLI block/unblock on a -> c answers it: {max(after_return) * 1000:.1f} ms at "
+          f"most after the command returned (median {statistics.median(after_return) * 1000:.1f}"
+          f" ms); the whole command until c answers: median {statistics.median(whole):.2f} s "
+          "(mostly Python starting)")
+    # An unblock of a user blocked on another host only also reaches every host.
+    for i in range(5):
+        c.query(f"user-fail carl r{i}@example.org\n")
+    wait_for(lambda: blocked(a, "carl"), 1.0)
+    assert "every [cluster] host at once" in _users_cli(a, "unblock", "carl").stdout
+    wait_for(lambda: not blocked(c, "carl"), 1.0)
+    # Redis down: saved here, said so, shared by a's lookupd once Redis answers again.
+    redis.stop()
+    out = _users_cli(a, "block", "dora")
+    assert out.returncode == 0 and "blocked dora" in out.stdout, out
+    assert "is saved here, but Redis at redis://127.0.0.1" in out.stderr, out.stderr
+    assert "every [cluster] host" not in out.stdout and PASSWORD not in out.stderr
+    redis.start()
+    wait_for(lambda: blocked(c, "dora"), 10.0)
+
+
 def test_hostile_values_in_redis_are_ignored(hosts: Hosts, redis: RedisServer) -> None:
     a, b, _ = hosts(limit=3)
     redis.cli("HSET", "lookupd:users:blocks", "eve", "{not json")
@@ -227,6 +279,33 @@ def test_wrong_password_decides_locally(hosts: Hosts, tmp_path: Path) -> None:
     assert "not-the-password" not in a.log()
 
 
+def test_without_the_redis_client_a_host_decides_alone(tmp_path: Path) -> None:
+    """[cluster] on a host without python3-redis (a Suggests of the Debian package): serve
+    says what to install and runs on the local store; check-config reports it."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    # As if redis were not installed: find_spec("redis") is None, `import redis` fails.
+    (hide / "sitecustomize.py").write_text('import sys\nsys.modules["redis"] = None\n')
+    env = {"PYTHONPATH": os.pathsep.join([str(hide), os.environ.get("PYTHONPATH", "")])}
+    config = ('[users]\nlimit = 2\nnotify_command = ""\n'
+              '[cluster]\nredis = "redis://127.0.0.1:9/0"\nhost_name = "a"\n')
+    daemon = Lookupd(short_dir(), config, env=env).start()
+    try:
+        assert daemon.query("user-fail nina x@example.org\n") == "ok"
+        assert daemon.query("user-fail nina y@example.org\n").startswith("blocked")
+        assert "cluster: [cluster] needs the Redis client for Python, which is not installed: " \
+               "apt-get install python3-redis" in daemon.log()
+        assert "Traceback" not in daemon.log()
+        check = subprocess.run([sys.executable, "-m", "lookupd", "check-config", "--config",
+                                str(daemon.config_path)], capture_output=True, text=True,
+                               timeout=30, env={**os.environ, **env})
+        assert check.returncode == os.EX_CONFIG
+        assert "apt-get install python3-redis" in check.stderr, check.stderr
+    finally:
+        daemon.stop()
+        shutil.rmtree(daemon.workdir, ignore_errors=True)
+
+
 ACL = "user lookupd on >acl-Secret-77 ~lookupd:* &lookupd:* +@all -@admin -@dangerous\n"
 
 
@@ -257,6 +336,84 @@ def test_acl_user(tmp_path: Path) -> None:
         for daemon in hosts:
             daemon.stop()
             shutil.rmtree(daemon.workdir, ignore_errors=True)
+        redis.stop()
+
+
+@contextlib.contextmanager
+def _hosts(cluster: str, names: str = "ac", wait: str = "ac") -> Iterator[list[Lookupd]]:
+    """Hosts with this [cluster] body (HOST: the host's name); those in `wait` must connect."""
+    daemons: list[Lookupd] = []
+    try:
+        for name in names:
+            daemons.append(Lookupd(short_dir(), (
+                '[users]\nlimit = 2\nnotify_command = ""\n'
+                f'[cluster]\n{cluster.replace("HOST", name)}')).start(wait=False))
+        for daemon in daemons:
+            daemon.wait_ready()
+        for name, daemon in zip(names, daemons, strict=True):
+            if name in wait:
+                wait_for(_connected(daemon), 5)
+        yield daemons
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+            shutil.rmtree(daemon.workdir, ignore_errors=True)
+
+
+def _shares(a: Lookupd, c: Lookupd, redis: RedisServer, user: str, ip: str) -> None:
+    """A block and strikes made on one host are seen on the other, and are in `redis`."""
+    assert a.query(f"user-fail {user} x@example.org\n") == "ok"
+    assert c.query(f"user-fail {user} y@example.org\n").startswith("blocked")
+    wait_for(lambda: blocked(a, user), 1.0)
+    assert a.query(f"strike {ip} auth\n") == "strikes=1"
+    assert c.query(f"strike {ip} auth\n") == "strikes=2"
+    assert user in redis.cli("HKEYS", "lookupd:users:blocks")
+    assert redis.cli("ZCARD", f"lookupd:strikes:{ip}") == 2
+    for daemon in (a, c):
+        assert PASSWORD not in daemon.log() and "Traceback" not in daemon.log()
+
+
+def test_unix_socket(tmp_path: Path) -> None:
+    """redis = "unix:///...": a redis-server listening on a Unix socket only (no TCP)."""
+    sockdir = short_dir("lkdr")
+    redis = RedisServer(tmp_path / "redis", unixsocket=sockdir / "redis.sock").start()
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD)
+    try:
+        with _hosts(f'redis = "{redis.url}"\npassword_file = "{pw}"\nhost_name = "HOST"\n'
+                    ) as (a, c):
+            assert f"sharing state through Redis at unix://{sockdir}" in a.log()
+            _shares(a, c, redis, "ursula", "192.0.2.61")
+    finally:
+        redis.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+@pytest.mark.skipif(tls_problem() is not None, reason=tls_problem() or "")
+def test_tls(tmp_path: Path) -> None:
+    """redis = "rediss://..." with ca_file, cert_file and key_file: a redis-server with a
+    tls-port and tls-auth-clients (Redis' default). A Redis whose certificate the CA did not
+    sign, or a host without its client certificate, is not used: that host decides alone."""
+    tls = make_tls_files(tmp_path / "tls")
+    other = make_tls_files(tmp_path / "other", "other")
+    redis = RedisServer(tmp_path / "redis", tls=tls).start()
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD)
+    base = (f'redis = "{redis.tls_url}"\npassword_file = "{pw}"\nhost_name = "HOST"\n'
+            'timeout = "1s"\n')
+    good = f'ca_file = "{tls.ca}"\ncert_file = "{tls.client_cert}"\nkey_file = "{tls.client_key}"\n'
+    try:
+        with _hosts(base + good) as (a, c), \
+                _hosts(base + good.replace(str(tls.ca), str(other.ca)), "x", "") as (x,), \
+                _hosts(base + f'ca_file = "{tls.ca}"\n', "y", "") as (y,):
+            assert f"sharing state through Redis at {redis.tls_url}" in a.log()
+            _shares(a, c, redis, "tessa", "192.0.2.62")
+            for daemon in (x, y):
+                wait_for(lambda d=daemon: "cannot reach Redis" in d.log(), 5)  # type: ignore[misc]
+                assert daemon.query("user tessa\n") == "ok"  # alone: never heard of her
+            assert "not signed by cluster.ca_file" in x.log(), x.log()
+            assert "set cluster.cert_file and cluster.key_file" in y.log(), y.log()
+    finally:
         redis.stop()
 
 

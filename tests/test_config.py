@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lookupd.cli import main
-from lookupd.config import HostPort, load_config, parse_duration
+from lookupd.config import HostPort, file_problems, load_config, parse_duration
 from lookupd.errors import ConfigError
 
 
@@ -99,6 +99,8 @@ log_only = ["helo_dbl"]
         ("[dnsbl]\nmin_ttl = '2h'", 'dnsbl.min_ttl must be at most "1h"'),
         ("[connect]\ndeny_countries = ['gb']", "not ISO 3166-1 alpha-2 codes"),
         ("[connect]\nsubmission_ports = [0]", "ports out of range"),
+        ("[connect]\nstrikes_ipv6_prefix = 8", "connect.strikes_ipv6_prefix must be a prefix "
+         "length from 16 to 128"),
         ("server = 3", "server must be a table"),
         ("[server\n", "not valid TOML"),
     ],
@@ -215,6 +217,24 @@ def test_cluster_section_is_validated(tmp_path: Path) -> None:
     for key in ("cluster.password:", "cluster.timeout", "cluster.key_prefix",
                 "cluster.sentinels[0]", "cluster.redis2"):
         assert key in text, key
+
+
+def test_cluster_tls_files(tmp_path: Path) -> None:
+    """ca_file, cert_file, key_file: for rediss:// only; the client pair goes together."""
+    path = tmp_path / "l.toml"
+    path.write_text('[cluster]\nredis = "rediss://redis.example.org:6380/0"\n'
+                    'ca_file = "ca.pem"\ncert_file = "c.pem"\nkey_file = "c.key"\n')
+    config = load_config(path).cluster
+    assert (config.ca_file, config.key_file) == (tmp_path / "ca.pem", tmp_path / "c.key")
+    problems = file_problems(load_config(path))
+    assert any("cluster.ca_file" in p and "does not exist" in p for p in problems), problems
+    path.write_text('[cluster]\nredis = "redis://127.0.0.1:6379/0"\nca_file = "ca.pem"\n')
+    with pytest.raises(ConfigError, match=r"cluster: ca_file only apply to a TLS connection: "
+                                          r'write redis = "rediss://'):
+        load_config(path)
+    path.write_text('[cluster]\nredis = "rediss://127.0.0.1:6380/0"\ncert_file = "c.pem"\n')
+    with pytest.raises(ConfigError, match="cert_file and key_file go together"):
+        load_config(path)
 
 
 def test_a_group_may_be_given_by_number(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
 """The Debian package (debian/): what it ships is kept in step with the code (checked
 everywhere), and the package itself is built with dpkg-buildpackage from a copy of this tree,
 installed with apt-get, asked `lookupd query ping` and purged without leaving files behind.
+Where Debian's python3-redis (a Suggests) and redis-server are installed, the packaged daemon
+runs with a [cluster] on a test redis-server and answers user-fail and strike through it.
 
 The package test changes the system, so it runs only as root, where the build dependencies
 and lookupd's Debian dependencies are installed (it downloads nothing), and where no lookupd
@@ -25,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redisserver import PASSWORD, RedisServer
 from support import REPO, ask, short_dir, with_test_defaults
 
 from lookupd import __version__
@@ -34,7 +37,7 @@ from lookupd.config import Config, load_config
 EXAMPLE_CONFIG = REPO / "etc" / "lookupd.toml"
 MAN = REPO / "man"
 # A commented-out setting: "#key = value", "#[section]" or "#[[dnsbl.list]]" (prose is "# ...").
-SETTING = re.compile(r"#(\[\[?[a-z.]+\]\]?$|[a-z_]+ = )")
+SETTING = re.compile(r"#(\[\[?[a-z.]+\]\]?$|[a-z_][a-z0-9_]* = )")
 # lookupd's Depends (debian/control): installed beforehand, so apt-get downloads nothing.
 RUNTIME_DEPENDS = ("python3-cachetools", "python3-dnspython", "python3-maxminddb",
                    "python3-msgpack", "python3-uvloop")
@@ -243,7 +246,14 @@ def _check_runs(tmp_path: Path) -> None:
 
     sockdir = short_dir()
     config = tmp_path / "test.toml"
-    config.write_text(with_test_defaults(""))  # no Internet DNS, no mail
+    redis = _cluster_redis(tmp_path)
+    cluster = ""
+    if redis is not None:
+        pw = tmp_path / "redis.pw"
+        pw.write_text(PASSWORD + "\n")
+        cluster = (f'[users]\nlimit = 2\nnotify_command = ""\n[cluster]\nredis = "{redis.url}"\n'
+                   f'password_file = "{pw}"\nhost_name = "pkg"\ntimeout = "1s"\n')
+    config.write_text(with_test_defaults(cluster))  # no Internet DNS, no mail
     log = tmp_path / "serve.log"
     try:
         with open(log, "wb") as fh:
@@ -257,11 +267,46 @@ def _check_runs(tmp_path: Path) -> None:
             assert out.stdout == "pong\n"
             out = _run("lookupd", "query", "--socket", sockdir / "s", "version")
             assert out.stdout == f"lookupd {__version__}\n"
+            if redis is not None:
+                _check_cluster(sockdir / "s", redis, log)
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 0, log.read_text()
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
+        if redis is not None:
+            redis.stop()
+
+
+def _cluster_redis(tmp_path: Path) -> RedisServer | None:
+    """A test redis-server when the [cluster] part can run: Debian's python3-redis installed
+    (lookupd Suggests it; this test installs nothing) and redis-server there."""
+    if not _installed("python3-redis") or shutil.which("redis-server") is None:
+        print("package test: python3-redis or redis-server not installed, [cluster] not run")
+        return None
+    where = _run("/usr/bin/python3", "-I", "-c", "import redis; print(redis.__file__)")
+    assert where.stdout.startswith("/usr/lib/python3/dist-packages/"), where.stdout
+    return RedisServer(tmp_path / "redis").start()
+
+
+def _check_cluster(sock: Path, redis: RedisServer, log: Path) -> None:
+    """The packaged daemon shares through Redis with Debian's python3-redis: user-fail and
+    strike are counted there, as if another host had counted the rest."""
+    deadline = time.monotonic() + 10
+    while "sharing state through Redis" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    query = ("lookupd", "query", "--socket", sock)
+    assert _run(*query, "user-fail", "pat", "x@example.org").stdout == "ok\n"
+    assert _run(*query, "strike", "192.0.2.80", "auth").stdout == "strikes=1\n"
+    assert redis.cli("ZCARD", "lookupd:users:events:pat") == 1
+    assert redis.cli("ZCARD", "lookupd:strikes:192.0.2.80") == 1
+    # Another host's event in Redis makes this one the second: blocked.
+    redis.cli("ZADD", "lookupd:users:events:pat", str(time.time()), "other:1")
+    assert _run(*query, "user-fail", "pat", "y@example.org").stdout.startswith("blocked")
+    assert "pat" in redis.cli("HKEYS", "lookupd:users:blocks")
+    text = log.read_text()
+    assert "Traceback" not in text and PASSWORD not in text, text
 
 
 def _wait_for_ping(path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:

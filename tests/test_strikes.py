@@ -12,6 +12,9 @@ from conftest import StartLookupd
 from redisserver import PASSWORD, RedisServer
 from support import EXIM, Lookupd, short_dir
 
+from lookupd.ipaddr import parse_ip
+from lookupd.strikes import Strikes, fit_key, strike_key
+
 
 def fields(reply: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in reply.split(" ") if "=" in part)
@@ -62,6 +65,53 @@ def test_strikes_log_only(start_lookupd: StartLookupd) -> None:
     assert (got["action"], got["rule"], got["would"]) == ("accept", "strikes", "deny")
 
 
+def test_ipv6_clients_are_struck_by_their_64(start_lookupd: StartLookupd) -> None:
+    """A guesser hopping through the addresses of its /64 is one client; the next /64 and
+    IPv4 neighbours are others. Kept across a restart, and under IPv4-mapped IPv6 too."""
+    daemon = start_lookupd('[connect]\nstrikes_threshold = 2\n'
+                           '[dnsbl]\nlist = []\nnameservers = ["127.0.0.1:9"]\ndeadline = 0.2\n')
+    assert daemon.query("strike 2001:db8:1:2::1 auth\n") == "strikes=1"
+    assert daemon.query("strike 2001:db8:1:2:ffff:ffff:ffff:fffe auth\n") == "strikes=2"
+    assert daemon.query("strike 2001:db8:1:2:a::9 rcpt\n") == "strikes=3"
+    got = fields(daemon.query("connect 2001:db8:1:2::77 25\n"))
+    assert (got["action"], got["rule"], got["strikes"]) == ("deny", "strikes", "3")
+    assert fields(daemon.query("connect 2001:db8:1:3::1 25\n"))["strikes"] == "0"
+    assert daemon.query("strike 192.0.2.1 auth\n") == "strikes=1"
+    assert daemon.query("strike ::ffff:192.0.2.2 auth\n") == "strikes=1"
+    assert daemon.query("strike 192.0.2.2 auth\n") == "strikes=2"
+    assert daemon.stop() == 0
+    daemon.start()
+    assert fields(daemon.query("connect 2001:db8:1:2:dead::1 25\n"))["strikes"] == "3"
+
+
+def test_ipv6_prefix_128_counts_each_address(start_lookupd: StartLookupd) -> None:
+    daemon = start_lookupd("[connect]\nstrikes_ipv6_prefix = 128\n")
+    assert daemon.query("strike 2001:db8:1:2::1 auth\n") == "strikes=1"
+    assert daemon.query("strike 2001:db8:1:2::2 auth\n") == "strikes=1"
+    assert daemon.query("strike 2001:db8:1:2::1 auth\n") == "strikes=2"
+
+
+def test_strike_keys_and_a_changed_prefix(tmp_path: Path) -> None:
+    """What a strike counts under, and what a key read back (snapshot, Redis, another host)
+    becomes under this host's prefix: a reload to a shorter prefix folds the addresses into
+    their networks; a wider network cannot be split and is left out."""
+    ip = parse_ip("2001:db8:1:2:3:4:5:6")
+    assert strike_key(ip, 64) == "2001:db8:1:2::/64"
+    assert strike_key(ip, 128) == "2001:db8:1:2:3:4:5:6"
+    assert strike_key(parse_ip("::ffff:192.0.2.1"), 64) == "192.0.2.1"
+    assert fit_key("2001:db8:1:2:3::/80", 64) == "2001:db8:1:2::/64"
+    assert fit_key("2001:db8:1:2::5", 48) == "2001:db8:1::/48"
+    assert fit_key("2001:db8::/48", 64) is None
+    assert fit_key("192.0.2.0/24", 64) is None and fit_key("nonsense", 64) is None
+    before = Strikes(3600, tmp_path, ipv6_prefix=128)
+    before._add("2001:db8:1:2::1", "x:1", time.time())
+    before._add("2001:db8:1:2::2", "x:2", time.time())
+    assert before.count(parse_ip("2001:db8:1:2::1")) == 1
+    after = Strikes(3600, tmp_path, ipv6_prefix=64)
+    after.take_over(before)
+    assert after.count(parse_ip("2001:db8:1:2::3")) == 2
+
+
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_strikes_shared_across_hosts(tmp_path: Path) -> None:
     redis = RedisServer(tmp_path / "redis").start()
@@ -88,6 +138,13 @@ def test_strikes_shared_across_hosts(tmp_path: Path) -> None:
             _wait(lambda d=daemon: fields(  # type: ignore[misc]
                 d.query("connect 203.0.113.5 25\n"))["strikes"] == "5")
         assert redis.cli("ZCARD", "lookupd:strikes:203.0.113.5") == 5
+        # IPv6: one /64 across the hosts, under one key in Redis.
+        assert a.query("strike 2001:db8:5:6::1 auth\n") == "strikes=1"
+        assert b.query("strike 2001:db8:5:6::2 auth\n") == "strikes=2"
+        assert c.query("strike 2001:db8:5:6:ab::3 rcpt\n") == "strikes=3"
+        _wait(lambda: fields(a.query("connect 2001:db8:5:6::99 25\n"))["strikes"] == "3")
+        assert redis.cli("ZCARD", "lookupd:strikes:2001:db8:5:6::/64") == 3
+        assert fields(b.query("connect 2001:db8:5:7::1 25\n"))["strikes"] == "0"
     finally:
         for daemon in hosts:
             daemon.stop()

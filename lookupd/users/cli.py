@@ -4,24 +4,32 @@ It works whether the daemon runs or not: sqlite's WAL lets this process write be
 daemon's writer, and the daemon notices the change through PRAGMA data_version (on its next
 write, or on a `user` lookup at most a second later) and reloads its blocked set. Nothing is
 sent over the socket, so it needs no admin_group membership, only write access to the state.
+
+With [cluster], block, unblock and import also go to Redis at once (published to every host),
+as the daemon's own blocks do; if Redis does not answer, this host's lookupd shares them at
+its next sync with Redis (within 30 seconds of Redis answering).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import logging
 import os
 import pwd
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from lookupd.cluster import RESYNC_EVERY, ClusterDown, client_problem
 from lookupd.config import Config
 from lookupd.errors import BadRequest
 from lookupd.users import lsearch, store
-from lookupd.users.decide import check_name, clean_reason, iso_utc, window_text
+from lookupd.users.decide import Block, check_name, clean_reason, iso_utc, window_text
+from lookupd.users.shared import SharedUsers, share_now
 
 log = logging.getLogger("lookupd.users")
 
@@ -204,13 +212,40 @@ def _write(path: Path, config: Config, fn: Any) -> Any:
     return result
 
 
+# Added to the confirmation when the change went to Redis.
+SHARED = ", and every [cluster] host at once (shared through Redis)"
+
+
+def _share(config: Config, what: str,
+           change: Callable[[SharedUsers], Awaitable[object]]) -> str:
+    """[cluster]: send an admin's change to Redis now, so that every host answers it within
+    moments. SHARED when it went; "" without [cluster], or when it failed (logged)."""
+    if not config.cluster.enabled:
+        return ""
+    missing = client_problem()
+    if missing is not None:
+        log.warning("%s is saved here but not shared with the other hosts: %s", what, missing)
+        return ""
+    try:
+        asyncio.run(share_now(config, change))
+    except ClusterDown as exc:
+        log.warning("%s is saved here, but Redis at %s did not answer (%s): the other hosts "
+                    "hear of it when this host's lookupd next reaches Redis (every %gs while "
+                    "Redis answers)", what, config.cluster.redis or "the sentinels' primary",
+                    exc, RESYNC_EVERY)
+        return ""
+    return SHARED
+
+
 def _block(path: Path, config: Config, user: str, reason: str) -> int:
     why = clean_reason(reason.split()) or "blocked by an administrator"
     by = _by()
     block, new = _write(path, config,
                         lambda conn: store.set_block(conn, user, why, now=time.time(), by=by))
+    # Shared even when it was there already: a block made here while Redis was down.
+    shared = _share(config, f"the block of {user}", lambda s: s.block(block))
     if new:
-        print(f"blocked {user}; a running lookupd follows within a second")
+        print(f"blocked {user}; a running lookupd follows within a second{shared}")
     else:
         print(f"{user} was already blocked since {iso_utc(block.since)}: {block.reason}")
     return os.EX_OK
@@ -218,12 +253,15 @@ def _block(path: Path, config: Config, user: str, reason: str) -> int:
 
 def _unblock(path: Path, config: Config, user: str) -> int:
     by = _by()
+    now = time.time()
     removed = _write(path, config,
-                     lambda conn: store.clear_block(conn, user, now=time.time(), by=by))
+                     lambda conn: store.clear_block(conn, user, now=now, by=by))
+    # Shared even when this host had no block: another host may have one.
+    shared = _share(config, f"the unblock of {user}", lambda s: s.unblock(user, now, by))
     if removed:
-        print(f"unblocked {user}; a running lookupd follows within a second")
+        print(f"unblocked {user}; a running lookupd follows within a second{shared}")
     else:
-        print(f"{user} was not blocked (its invalid-recipient count is reset)")
+        print(f"{user} was not blocked here (its invalid-recipient count is reset){shared}")
     return os.EX_OK
 
 
@@ -247,13 +285,22 @@ def _import(path: Path, config: Config, source: Path) -> int:
     reason = clean_reason(["imported from", str(source)])
     by = _by()
 
-    def add_all(conn: sqlite3.Connection) -> int:
+    def add_all(conn: sqlite3.Connection) -> list[Block]:
         now = time.time()
-        return sum(store.set_block(conn, u, reason, now=now, by=by)[1] for u in users)
+        made = [store.set_block(conn, u, reason, now=now, by=by) for u in users]
+        return [block for block, new in made if new]
 
     added = _write(path, config, add_all)
-    print(f"imported {added} new block(s) from {source}; {len(users) - added} already "
-          f"blocked; {skipped} line(s) skipped")
+
+    async def share_all(shared: SharedUsers) -> None:
+        for block in added:
+            await shared.block(block)
+
+    shared = _share(config, f"{len(added)} imported block(s)", share_all) if added else ""
+    print(f"imported {len(added)} new block(s) from {source}; {len(users) - len(added)} "
+          f"already blocked; {skipped} line(s) skipped")
+    if shared:
+        print(f"the new blocks hold on this host within a second{shared}")
     return os.EX_DATAERR if skipped else os.EX_OK
 
 

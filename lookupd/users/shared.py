@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from lookupd.cluster import Cluster, decode, finite
-from lookupd.config import UsersConfig
+from lookupd.config import Config, UsersConfig
 from lookupd.errors import BadRequest
 from lookupd.users.decide import MAX_REASON_CHARS, Block, check_name, clean_text, window_text
 
@@ -76,6 +77,19 @@ return 1
 
 # How long reading every block may take (a merge, not a request).
 SNAPSHOT_TIMEOUT = 10.0
+
+T = TypeVar("T")
+
+
+async def share_now(config: Config, change: Callable[[SharedUsers], Awaitable[T]]) -> T:
+    """For `lookupd users`: connect to Redis, make `change` (published to every host at once),
+    disconnect. ClusterDown when Redis does not answer in cluster.timeout."""
+    cluster = Cluster(config.cluster)
+    try:
+        await cluster.connect_once()
+        return await change(SharedUsers(cluster, config.users))
+    finally:
+        await cluster.close()
 
 
 class SharedUsers:
