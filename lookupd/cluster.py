@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from lookupd.config import ClusterConfig
+from lookupd.regularfile import read_regular_text
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ class Cluster:
         if self.config.password_file is None:
             return None
         try:
-            text = await asyncio.to_thread(self.config.password_file.read_text)
+            text = await asyncio.to_thread(read_regular_text, self.config.password_file)
         except OSError as exc:
             log.warning("cluster: cannot read cluster.password_file %s (%s); connecting "
                         "without a password", self.config.password_file,

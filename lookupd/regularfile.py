@@ -29,3 +29,9 @@ def open_regular(path: Path | str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def read_regular_text(path: Path | str, limit: int = 1024 * 1024) -> str:
+    """The text (UTF-8) of a small regular file, at most `limit` bytes; OSError as above."""
+    with open(open_regular(path), encoding="utf-8", errors="replace") as fh:
+        return fh.read(limit)
