@@ -83,7 +83,8 @@ class Dispatcher:
             on_verdict=control.metrics.verdict if control is not None else None,
             strikes=sources.strikes)
         self.helo_checker = None if sources is None else HeloChecker(
-            sources.config.helo, sources.dnsbl, ListFiles(sources.config.connect.allowlist_files))
+            sources.config.helo, sources.dnsbl, ListFiles(sources.config.connect.allowlist_files),
+            on_verdict=control.metrics.helo_verdict if control is not None else None)
         self.table: dict[str, Handler] = {
             "ping": Handler(lambda a, p: "pong", 0, 0),
             "version": Handler(lambda a, p: f"lookupd {__version__}", 0, 0),

@@ -16,6 +16,7 @@ import asyncio
 import ipaddress
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -226,15 +227,19 @@ class HeloDns(Protocol):
 class HeloChecker:
     """Fetches the HELO name's DNS facts, decides, and logs what it refuses (or would)."""
 
-    def __init__(self, config: HeloConfig, dns: HeloDns, allowlist: ListFiles) -> None:
+    def __init__(self, config: HeloConfig, dns: HeloDns, allowlist: ListFiles, *,
+                 on_verdict: Callable[[str, str, str], None] | None = None) -> None:
         self.config = config
         self.dns = dns
         self.allowlist = allowlist
+        self.on_verdict = on_verdict  # the metrics' count of verdicts
 
     async def answer(self, request: HeloRequest) -> str:
         facts = await self.facts(request)
         allowlisted = self.allowlist.match(request.ip).status is Status.FOUND
         verdict = decide(facts, self.config, allowlisted=allowlisted)
+        if self.on_verdict is not None:
+            self.on_verdict(verdict.action, verdict.check, verdict.would)
         if verdict.check != "none":
             what = "deny" if verdict.action == "deny" else "would deny (log-only)"
             log.info("helo %s: [%s] helo %s check=%s", what, request.ip,

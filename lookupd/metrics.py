@@ -48,6 +48,7 @@ class Metrics:
         # and list stores a reply.
         self.by_verb: dict[str, list[float]] = {}
         self.verdicts: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self.helo_verdicts: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.unknown_facts = {"country": 0, "incidents": 0, "dnsbl": 0, "ptr": 0}
         self.reloads: defaultdict[str, int] = defaultdict(int)
 
@@ -71,6 +72,11 @@ class Metrics:
             self.unknown_facts["dnsbl"] += 1
         if facts.ptr.status is UNKNOWN:
             self.unknown_facts["ptr"] += 1
+
+
+    def helo_verdict(self, action: str, check: str, would: str) -> None:
+        """One `helo` verdict: its action, the check that decided, and a log-only would."""
+        self.helo_verdicts[action, check, would] += 1
 
 
 class _Collector:
@@ -120,6 +126,12 @@ class _Collector:
         for (action, rule, would), n in sorted(m.verdicts.items()):
             verdicts.add_metric([action, rule, would], n)
         yield verdicts
+        helo = CounterMetricFamily("lookupd_helo_verdicts", "helo verdicts by action, the "
+                                   "check that decided and what a log-only policy would have "
+                                   "done", labels=["action", "check", "would"])
+        for (action, check, would), n in sorted(m.helo_verdicts.items()):
+            helo.add_metric([action, check, would], n)
+        yield helo
         unknown = CounterMetricFamily("lookupd_connect_unknown_facts", "connect answers with "
                                       "a fact its source could not give", labels=["fact"])
         for name, n in sorted(m.unknown_facts.items()):

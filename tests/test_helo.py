@@ -120,11 +120,15 @@ def test_helo_verb_through_dns(lab: ConnectLab, tmp_path: Path, policy: str,
     )).start()
     try:
         reply = daemon.query(f"helo {request_args}")
+        metrics = daemon.query("metrics").splitlines()
     finally:
         daemon.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     got = dict(pair.split("=", 1) for pair in reply.split() if "=" in pair)
     assert (got["action"], got["check"]) == expected, reply
+    action, check = expected
+    assert f'lookupd_helo_verdicts_total{{action="{action}",check="{check}",would="none"}} 1.0' \
+        in metrics, [m for m in metrics if "helo" in m]
 
 
 def test_helo_fails_open_without_a_configuration() -> None:
