@@ -68,6 +68,7 @@ from lookupd.dnsbl.special import NUMERIC_TLD, numeric_tld, smtp_name, special_a
 from lookupd.dnsbl.stats import DnsblStats, ListCounters, list_stats
 from lookupd.dnsbl.verdict import (
     DnsblResult,
+    KeptVerdict,
     ListAnswer,
     ListSpec,
     PtrResult,
@@ -413,18 +414,23 @@ class DnsblSource:
     def peek_ptr(self, ip: str | IPAddress) -> Cached[PtrResult] | None:
         """`ptr`'s result when the PTR answer and every forward answer it leads to are cached,
         else None (see `peek_ip`)."""
+        if self._client is None:
+            return None  # before open() and after close(): the DNS path says why
         address = _address(ip)
-        ptr = self._cached("", "PTR", _ptr_label(address))
-        if ptr is None:
+        cache = self._cache
+        now = self._clock()
+        entry = cache.entry(("", "PTR", _ptr_label(address)), now)
+        if entry is None:
             return None
+        ptr = entry.answer
         forwards: dict[str, DnsAnswer] = {}
         if ptr.status is Status.FOUND:
             rdtype = _forward_type(address)
             for name in ptr_names(ptr):
-                forward = self._cached("", rdtype, name)
-                if forward is None:
+                found = cache.entry(("", rdtype, name), now)
+                if found is None:
                     return None
-                forwards[name] = forward
+                forwards[name] = found.answer
         result = decide_fcrdns(address, ptr, forwards)
 
         def count() -> None:
@@ -453,6 +459,10 @@ class DnsblSource:
 
     def _peek_check(self, lists: Sequence[_ListState], label: str,
                     skipped: str = "") -> Cached[DnsblResult] | None:
+        if self._client is None:
+            return None  # before open() and after close(): the DNS path says why
+        cache = self._cache
+        now = self._clock()
         answers: list[ListAnswer] = []
         asked: list[_ListState] = []
         for state in lists:
@@ -461,19 +471,26 @@ class DnsblSource:
                 return None  # `_check` waits for its first probe, within the deadline
             if reason:
                 continue  # out of service: it leaves the decision to the others
-            asked.append(state)
-            zone = state.spec.zone
-            found = self._cached(zone, "A", label)
-            if found is None:
+            spec = state.spec
+            entry = cache.entry((spec.zone, "A", label), now)
+            if entry is None:
                 return None
-            answer = interpret(state.spec, found)
-            if answer.status is Status.FOUND:
+            # The list's verdict on this answer is kept with it: decided once, not again on
+            # every request (codes classified, the TXT's text cleaned).
+            kept = entry.verdict
+            if kept is None or kept.spec is not spec:
+                bare = interpret(spec, entry.answer)
+                kept = entry.verdict = KeptVerdict(spec, bare, bare)
+            if kept.bare.status is Status.FOUND:
                 # `_check` asks a hit's TXT too, and waits for it within the deadline.
-                txt = self._cached(zone, "TXT", label)
+                txt = cache.entry((spec.zone, "TXT", label), now)
                 if txt is None:
                     return None
-                answer = with_text(state.spec, answer, txt)
-            answers.append(answer)
+                if kept.txt is not txt.answer:
+                    kept = entry.verdict = KeptVerdict(
+                        spec, kept.bare, with_text(spec, kept.bare, txt.answer), txt.answer)
+            asked.append(state)
+            answers.append(kept.answer)
 
         def count() -> None:
             # As `_check` counts answers without a packet: a query and a cache hit per list
@@ -484,12 +501,6 @@ class DnsblSource:
             self._account_all(asked, answers)
 
         return Cached(combine(answers, self._config.threshold, skipped), count)
-
-    def _cached(self, zone: str, rdtype: str, label: str) -> DnsAnswer | None:
-        # Before open() and after close() nothing is "cached": the DNS path then raises.
-        if self._client is None:
-            return None
-        return self._cache.get((zone, rdtype, label))
 
     # -- lookups through DNS -----------------------------------------------------------------
 
