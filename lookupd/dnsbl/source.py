@@ -109,7 +109,7 @@ _FAILURE_ADVICE = {
 }
 
 
-@dataclass
+@dataclass(eq=False)  # one per list: compared by identity
 class _ListState:
     spec: ListSpec
     qzone: str  # the zone actually asked; holds the DQS key: never log it
@@ -174,6 +174,15 @@ class Cached(Generic[R]):
         return self.result
 
 
+# What `_peek_check` decided from cached answers, reused while the same lists (in service)
+# give the same verdicts: the lists asked, their verdicts, the result, and its count.
+_Combined = tuple[tuple["_ListState", ...], tuple[ListAnswer, ...], DnsblResult,
+                  Callable[[], None]]
+# What `peek_ptr` decided: the PTR answer and the forward answers (by name) it came from,
+# the result, and its count.
+_PtrMemo = tuple[DnsAnswer, tuple[tuple[str, DnsAnswer], ...], PtrResult, Callable[[], None]]
+
+
 class DnsblSource:
     """DNSBL verdicts for IPs (`check_ip`), domains (`check_domain`) and reverse DNS (`ptr`)."""
 
@@ -203,6 +212,10 @@ class DnsblSource:
         self._special_domain_lists = [s for s in self._domain_lists if s.spec.query_special]
         self._ptr_counters = ListCounters()
         self._cache = AnswerCache(config.cache_size, clock)
+        # What was decided from cached answers, reused while they are the same (issue 15);
+        # each bounded as the cache is.
+        self._combined: dict[tuple[str, str], _Combined] = {}
+        self._ptr_memo: dict[str, _PtrMemo] = {}
         # Repeated warnings (a list's failures, the lists out of service) once per period.
         self._once = OncePer(log_period)
         self._client: DnsClient | None = None
@@ -417,15 +430,26 @@ class DnsblSource:
         if self._client is None:
             return None  # before open() and after close(): the DNS path says why
         address = _address(ip)
+        label = _ptr_label(address)
         cache = self._cache
         now = self._clock()
-        entry = cache.entry(("", "PTR", _ptr_label(address)), now)
+        entry = cache.entry(("", "PTR", label), now)
         if entry is None:
             return None
         ptr = entry.answer
+        rdtype = _forward_type(address)
+        known = self._ptr_memo.get(label)
+        if known is not None and known[0] is ptr:
+            # Decided from this very PTR answer before: the same result while the forward
+            # answers are the very ones it was decided from, too.
+            for name, forward in known[1]:
+                found = cache.entry(("", rdtype, name), now)
+                if found is None or found.answer is not forward:
+                    break
+            else:
+                return Cached(known[2], known[3])
         forwards: dict[str, DnsAnswer] = {}
         if ptr.status is Status.FOUND:
-            rdtype = _forward_type(address)
             for name in ptr_names(ptr):
                 found = cache.entry(("", rdtype, name), now)
                 if found is None:
@@ -439,6 +463,10 @@ class DnsblSource:
             self._ptr_counters.cache_hits += 1
             self._account_ptr(result)
 
+        memo = self._ptr_memo
+        if len(memo) >= self._config.cache_size:
+            memo.clear()  # bounded as the cache is; what is still cached is decided again
+        memo[label] = (ptr, tuple(forwards.items()), result, count)
         return Cached(result, count)
 
     def cached_ip(self, ip: str | IPAddress) -> DnsblResult | None:
@@ -463,8 +491,8 @@ class DnsblSource:
             return None  # before open() and after close(): the DNS path says why
         cache = self._cache
         now = self._clock()
-        answers: list[ListAnswer] = []
         asked: list[_ListState] = []
+        verdicts: list[ListAnswer] = []
         for state in lists:
             reason = standing(state.health)
             if reason == UNPROBED:
@@ -490,17 +518,30 @@ class DnsblSource:
                     kept = entry.verdict = KeptVerdict(
                         spec, kept.bare, with_text(spec, kept.bare, txt.answer), txt.answer)
             asked.append(state)
-            answers.append(kept.answer)
+            verdicts.append(kept.answer)
+
+        # The same lists with the same verdicts as last time: the same result, and the same
+        # count (the identical result lets the `dnsbl` reply be reused as well).
+        who, said = tuple(asked), tuple(verdicts)
+        key = (label, skipped)
+        known = self._combined.get(key)
+        if known is not None and known[0] == who and known[1] == said:
+            return Cached(known[2], known[3])
 
         def count() -> None:
             # As `_check` counts answers without a packet: a query and a cache hit per list
             # asked (one out of service is not asked), and each answer's hit or failure.
-            for state in asked:
+            for state in who:
                 state.counters.queries += 1
                 state.counters.cache_hits += 1
-            self._account_all(asked, answers)
+            self._account_all(who, said)
 
-        return Cached(combine(answers, self._config.threshold, skipped), count)
+        result = combine(said, self._config.threshold, skipped)
+        memo = self._combined
+        if len(memo) >= self._config.cache_size:
+            memo.clear()  # bounded as the cache is; what is still cached is decided again
+        memo[key] = (who, said, result, count)
+        return Cached(result, count)
 
     # -- lookups through DNS -----------------------------------------------------------------
 
