@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from lookupd import __version__
 from lookupd.allowlist import ListFiles
@@ -44,6 +44,8 @@ repeats = Repeats(log)
 
 Reply = str | Awaitable[str]
 HandlerFn = Callable[[tuple[str, ...], Peer], Reply]
+R = TypeVar("R")
+_RENDERED_MAX = 4096  # replies from the DNS cache kept rendered
 
 
 
@@ -78,6 +80,8 @@ class Dispatcher:
         self.problem = problem  # why lookupd runs fail-open ("" when it does not)
         self.trust = trust or PeerTrust()
         self.pending = 0  # coroutine answers in flight (the server closes a retired set at 0)
+        # (verb, argument) -> the result from the DNS cache last answered, and its text.
+        self._replies: dict[tuple[str, str], tuple[object, str]] = {}
         self.connect_checker = None if sources is None else ConnectChecker(
             sources.config.connect, sources.geoip, sources.incidents, sources.dnsbl,
             on_verdict=control.metrics.verdict if control is not None else None,
@@ -191,7 +195,7 @@ class Dispatcher:
             return render_dnsbl(DnsblResult(Status.NOT_FOUND))
         cached = self.live.dnsbl.cached_ip(ip)
         if cached is not None:
-            return render_dnsbl(cached)
+            return self._rendered("dnsbl", args[0], cached, render_dnsbl)
         return self._dnsbl(ip)
 
     async def _dnsbl(self, ip: IPv4Address | IPv6Address) -> str:
@@ -206,7 +210,7 @@ class Dispatcher:
             raise BadRequest(f'not a domain name: "{shown(args[0])}"') from None
         cached = self.live.dnsbl.cached_domain(domain)
         if cached is not None:
-            return render_dnsbl(cached)
+            return self._rendered("dbl", domain, cached, render_dnsbl)
         return self._dbl(domain)
 
     async def _dbl(self, domain: str) -> str:
@@ -218,7 +222,7 @@ class Dispatcher:
         text = " ".join(args)
         cached = self.live.dnsbl.cached_smtp_name(text)
         if cached is not None:
-            return render_dnsbl(cached)
+            return self._rendered("sender", text, cached, render_dnsbl)
         return self._sender(text)
 
     async def _sender(self, text: str) -> str:
@@ -230,11 +234,24 @@ class Dispatcher:
             return render_ptr(PtrResult(Status.UNKNOWN, fcrdns="unknown"))
         cached = self.live.dnsbl.cached_ptr(ip)
         if cached is not None:
-            return render_ptr(cached)
+            return self._rendered("ptr", args[0], cached, render_ptr)
         return self._ptr(ip)
 
     async def _ptr(self, ip: IPv4Address | IPv6Address) -> str:
         return render_ptr(await self.live.dnsbl.ptr(ip))
+
+    def _rendered(self, verb: str, key: str, result: R, render: Callable[[R], str]) -> str:
+        """The reply text of a result from the DNS cache. The cache gives back the very same
+        result object while nothing it came from changed (its answers, the lists' verdicts
+        and standing): its text is rendered once, not on every request (issue 15)."""
+        known = self._replies.get((verb, key))
+        if known is not None and known[0] is result:
+            return known[1]
+        reply = render(result)
+        if len(self._replies) >= _RENDERED_MAX:
+            self._replies.clear()
+        self._replies[verb, key] = (result, reply)
+        return reply
 
     def stats(self, args: tuple[str, ...], peer: Peer) -> str:
         return render_stats(self.live.dnsbl.stats())
