@@ -663,34 +663,58 @@ async def test_cached_answers_follow_health_changes_and_expiry(
             assert change(mid, before) == change(mid2, mid) == change(figures(source), mid2)
             return fast
 
+        def peeked() -> tuple[int, float]:
+            """The generation and the expiry that say how long a result from the cache alone
+            holds (what the `connect` reply cache keeps), and that it holds now."""
+            generation = source.generation
+            taken = source.peek_ip(ip)
+            assert taken is not None and source.holds(generation, taken.expires)
+            return generation, taken.expires
+
         assert source.cached_ip(ip) is None
         await source.check_ip(ip)
         trusted = await both_ways()
         assert [a.name for a in trusted.answers] == ["bl.test", "cop.test"]
+        held = peeked()
+        await source.probe()  # a probe round that changes no list's standing changes nothing
+        assert source.holds(*held)
 
         # cop.test's must-not-list test point goes unanswered: nothing shows it does not
         # list everything, so it is out of service, left out of the verdict.
         proxy.withheld = {"1.0.0.127.cop.test."}
         await source.probe()
         assert source.stats().lists[1].quarantine == "not-answering"
+        assert not source.holds(*held)
         alone = await both_ways()
         assert [a.name for a in alone.answers] == ["bl.test"]
         assert alone.score == sum(a.weight for a in alone.listed)
+        held = peeked()
 
         proxy.withheld = set()
         await source.probe()
         assert source.stats().lists[1].quarantine == ""
+        assert not source.holds(*held)
         assert await both_ways() == trusted
+        held = peeked()
 
         # Every answer expired (a day is longer than any TTL): nothing comes from the
         # cache, the lists are asked again, and the answers are decided again.
         qname = ".".join(reversed(ip.split("."))) + ".bl.test"
         asked = len(lab.rbldnsd.queries(qname, "A"))
         now[0] += 86400 + 1
+        assert not source.holds(*held)
         assert source.peek_ip(ip) is None
         await source.check_ip(ip)
         assert len(lab.rbldnsd.queries(qname, "A")) == asked + 1
         assert await both_ways() == trusted
+        held = peeked()
+        # An unexpired answer replaced (or evicted from a full cache): no longer holds.
+        key = ("bl.test", "A", qname.removesuffix(".bl.test"))
+        source._cache.put(key, source._cache.get(key))  # type: ignore[arg-type]
+        assert not source.holds(*held)
+        held = peeked()
+        await source.close()  # closed: nothing is answered from the cache
+        assert not source.holds(*held) and source.peek_ip(ip) is None
     finally:
         proxy.stop()
 

@@ -160,12 +160,19 @@ def _counted() -> None:
 class Cached(Generic[R]):
     """A result found whole in the cache, not yet counted. `take()` counts it in the stats
     (and logs a failing list's warning) exactly as the lookup through DNS would, once, and
-    returns it; dropping it untaken leaves no trace (the caller then asks through DNS)."""
+    returns it; dropping it untaken leaves no trace (the caller then asks through DNS).
 
-    __slots__ = ("_count", "result")
+    `expires`: the earliest expiry of the cached answers it was decided from. While that has
+    not passed and the source's `generation` is the same, the same lookup gives this result
+    again, and `counter` counts it again as `take()` did (the `connect` reply cache)."""
 
-    def __init__(self, result: R, count: Callable[[], None]) -> None:
+    __slots__ = ("_count", "counter", "expires", "result")
+
+    def __init__(self, result: R, count: Callable[[], None],
+                 expires: float = math.inf) -> None:
         self.result = result
+        self.counter = count
+        self.expires = expires
         self._count = count
 
     def take(self) -> R:
@@ -216,6 +223,9 @@ class DnsblSource:
         # each bounded as the cache is.
         self._combined: dict[tuple[str, str], _Combined] = {}
         self._ptr_memo: dict[str, _PtrMemo] = {}
+        # Bumped when a list's standing (in service, quarantined, unprobed) changes, and
+        # when the source closes: see `generation`.
+        self._changes = 0
         # Repeated warnings (a list's failures, the lists out of service) once per period.
         self._once = OncePer(log_period)
         self._client: DnsClient | None = None
@@ -289,7 +299,7 @@ class DnsblSource:
                 client.resume(handover.nameservers)
                 self._fault, self._silent = handover.fault, handover.silent
                 for i, (health, out_since) in handover.health.items():
-                    self._lists[i].set_health(health)
+                    self._set_health(self._lists[i], health)
                     self._lists[i].out_since = out_since
                 self._cache.load(handover.answers)
             else:
@@ -312,6 +322,18 @@ class DnsblSource:
             self._snapshot_settled = True
         self._tasks.append(asyncio.create_task(self._snapshot_loop()))
 
+    @property
+    def generation(self) -> int:
+        """Changes when a result from the cache alone could change before the earliest
+        expiry of the answers it came from (`Cached.expires`): a list's standing changed, an
+        unexpired answer left the cache or was replaced, or the source closed."""
+        return self._changes + self._cache.changes
+
+    def holds(self, generation: int, expires: float) -> bool:
+        """Whether results from the cache alone taken at `generation`, from answers whose
+        earliest expiry is `expires` (`Cached.expires`), are still what a lookup gives."""
+        return generation == self._changes + self._cache.changes and self._clock() < expires
+
     async def close(self) -> None:
         """Stop the periodic jobs and the questions on the wire, write the snapshot."""
         tasks, self._tasks = self._tasks, []
@@ -325,6 +347,7 @@ class DnsblSource:
             if self._snapshot_settled:
                 await self.save_snapshot()
             self._client = None
+            self._changes += 1  # nothing is answered from the cache any more
 
     async def _probe_loop(self) -> None:
         while True:
@@ -437,6 +460,7 @@ class DnsblSource:
         if entry is None:
             return None
         ptr = entry.answer
+        expires = ptr.expires
         rdtype = _forward_type(address)
         known = self._ptr_memo.get(label)
         if known is not None and known[0] is ptr:
@@ -446,8 +470,10 @@ class DnsblSource:
                 found = cache.entry(("", rdtype, name), now)
                 if found is None or found.answer is not forward:
                     break
+                expires = min(expires, forward.expires)
             else:
-                return Cached(known[2], known[3])
+                return Cached(known[2], known[3], expires)
+            expires = ptr.expires
         forwards: dict[str, DnsAnswer] = {}
         if ptr.status is Status.FOUND:
             for name in ptr_names(ptr):
@@ -455,6 +481,7 @@ class DnsblSource:
                 if found is None:
                     return None
                 forwards[name] = found.answer
+                expires = min(expires, found.answer.expires)
         result = decide_fcrdns(address, ptr, forwards)
 
         def count() -> None:
@@ -467,7 +494,7 @@ class DnsblSource:
         if len(memo) >= self._config.cache_size:
             memo.clear()  # bounded as the cache is; what is still cached is decided again
         memo[label] = (ptr, tuple(forwards.items()), result, count)
-        return Cached(result, count)
+        return Cached(result, count, expires)
 
     def cached_ip(self, ip: str | IPAddress) -> DnsblResult | None:
         """`check_ip`'s result, counted, when the cache holds all of it; else None."""
@@ -491,6 +518,7 @@ class DnsblSource:
             return None  # before open() and after close(): the DNS path says why
         cache = self._cache
         now = self._clock()
+        expires = math.inf
         asked: list[_ListState] = []
         verdicts: list[ListAnswer] = []
         for state in lists:
@@ -503,6 +531,7 @@ class DnsblSource:
             entry = cache.entry((spec.zone, "A", label), now)
             if entry is None:
                 return None
+            expires = min(expires, entry.answer.expires)
             # The list's verdict on this answer is kept with it: decided once, not again on
             # every request (codes classified, the TXT's text cleaned).
             kept = entry.verdict
@@ -514,6 +543,7 @@ class DnsblSource:
                 txt = cache.entry((spec.zone, "TXT", label), now)
                 if txt is None:
                     return None
+                expires = min(expires, txt.answer.expires)
                 if kept.txt is not txt.answer:
                     kept = entry.verdict = KeptVerdict(
                         spec, kept.bare, with_text(spec, kept.bare, txt.answer), txt.answer)
@@ -526,7 +556,7 @@ class DnsblSource:
         key = (label, skipped)
         known = self._combined.get(key)
         if known is not None and known[0] == who and known[1] == said:
-            return Cached(known[2], known[3])
+            return Cached(known[2], known[3], expires)
 
         def count() -> None:
             # As `_check` counts answers without a packet: a query and a cache hit per list
@@ -541,7 +571,7 @@ class DnsblSource:
         if len(memo) >= self._config.cache_size:
             memo.clear()  # bounded as the cache is; what is still cached is decided again
         memo[key] = (who, said, result, count)
-        return Cached(result, count)
+        return Cached(result, count, expires)
 
     # -- lookups through DNS -----------------------------------------------------------------
 
@@ -835,6 +865,11 @@ class DnsblSource:
             # Said when it starts (or changes), not every round: a list that merely lacks
             # its positive test point would otherwise nag forever.
             logger.warning("DNSBL %s: %s", name, health.note)
+        self._set_health(state, health)
+
+    def _set_health(self, state: _ListState, health: Health) -> None:
+        if standing(health) != standing(state.health):
+            self._changes += 1  # what was decided with it in or out of service is stale
         state.set_health(health)
 
     def _track(self, state: _ListState, answer: DnsAnswer, started: float) -> None:
