@@ -315,6 +315,38 @@ def test_list_file_reloads_when_it_changes(tmp_path: Path) -> None:
     assert listed.status is NOT_FOUND
 
 
+def test_list_files_version_changes_with_what_they_list(tmp_path: Path) -> None:
+    """ListFiles.version() changes whenever `match` may answer differently, and only then:
+    a file still missing, or unchanged, keeps it."""
+    now = [100.0]
+    missing, hosts = tmp_path / "imap_before_submission", tmp_path / "hosts"
+    hosts.write_text("192.0.2.1\n")
+    files = ListFiles((hosts, missing), check_interval=1.0, clock=lambda: now[0])
+    seen = [files.version()]
+    for _ in range(3):  # looked at again: nothing changed
+        now[0] += 1.0
+        assert files.version() == seen[-1]
+    hosts.write_text("192.0.2.2\n")
+    now[0] += 1.0
+    seen.append(files.version())
+    missing.write_text("192.0.2.3\n")
+    now[0] += 1.0
+    seen.append(files.version())
+    missing.unlink()
+    now[0] += 1.0
+    seen.append(files.version())
+    hosts.unlink()
+    hosts.mkdir()  # unreadable now: it keeps its entries, so `match` answers the same
+    now[0] += 1.0
+    seen.append(files.version())
+    missing.mkdir()  # a missing file that cannot be read: `match` may not say "not listed"
+    now[0] += 1.0
+    seen.append(files.version())
+    assert seen[:4] == sorted(set(seen[:4])) and seen[4] == seen[3] and seen[5] > seen[4]
+    assert files.match(ip_address("192.0.2.2")).status is FOUND
+    assert files.match(ip_address("192.0.2.9")).status is UNKNOWN
+
+
 def test_list_file_looks_for_changes_once_per_interval(tmp_path: Path) -> None:
     now = [100.0]
     path = tmp_path / "hosts"
