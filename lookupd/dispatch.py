@@ -259,9 +259,13 @@ class Dispatcher:
     # --- connect: every fact and the policy's verdict (at once when DNS is cached) ----------
 
     def connect(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        checker = self.connect_checker
+        assert checker is not None
+        reply = checker.replay(args)  # the same request, and no source would say otherwise
+        if reply is not None:
+            return reply
         request = parse_args(args)
-        assert self.connect_checker is not None
-        reply = self.connect_checker.answer_now(request)
+        reply = checker.answer_now(request, args)
         if reply is not None:
             return reply
         return self._connect(request)
