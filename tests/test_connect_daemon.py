@@ -387,8 +387,8 @@ async def test_a_warm_connect_follows_strikes_and_the_firewall_database(
 
 async def test_a_warm_connect_follows_the_lists_health(tmp_path: Path) -> None:
     """A list that starts listing its must-not-list test point is out of service at the
-    next probe round: the very next connect, reused until then, no longer counts it; back in
-    service, it counts again."""
+    next probe round: the very next connect and dnsbl replies, reused until then, no longer
+    count it; back in service, it counts again."""
     for tool in ("knotd", "dnsmasq"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
             pytest.skip(f"{tool} is not installed")
@@ -405,15 +405,24 @@ async def test_a_warm_connect_follows_the_lists_health(tmp_path: Path) -> None:
                 await asyncio.sleep(0.02)
             await sources.dnsbl.probe()
 
+        def dnsbl() -> str:
+            reply = dispatcher.handle(Request("dnsbl", (LISTED,)), PEER)
+            assert isinstance(reply, str)  # from the cache: reused, or decided again
+            return reply
+
         try:
             listed = await _warm(dispatcher, LISTED, "25")
             assert (listed["action"], listed["dnsbl"]) == ("deny", "listed")
+            check = dnsbl()
+            assert check.startswith("verdict=listed score=1 ") and dnsbl() == check
             await serve(BL_ZONE + "127.0.0.1\n", True)
             assert sources.dnsbl.stats().lists[0].quarantine == "lists-everything"
             out = _inline(dispatcher, LISTED, "25")
             assert (out["action"], out["dnsbl"], out["dnsbl_lists"]) == ("accept", "clean", '""')
+            assert dnsbl() == 'verdict=clean score=0 lists="" unknown="" text="" skipped=""'
             await serve(BL_ZONE, False)
             assert sources.dnsbl.stats().lists[0].quarantine == ""
             assert _inline(dispatcher, LISTED, "25") == listed
+            assert dnsbl() == check
         finally:
             await sources.close()
