@@ -266,6 +266,9 @@ class IncidentsLookup(Protocol):
 class StrikesLookup(Protocol):
     def count(self, ip: IPAddress) -> int: ...
 
+    def count_address(self, address: str) -> int:
+        """`count` of str(ip)."""
+
 
 class DnsblLookup(Protocol):
     async def check_ip(self, ip: str | IPAddress) -> DnsblResult: ...
@@ -300,6 +303,7 @@ class _Warm:
     every source says it would answer the same (see `ConnectChecker.replay`)."""
 
     facts: Facts
+    address: str  # str() of the client's address, for its strikes
     verdict: Verdict
     line: str | None
     reply: str
@@ -350,8 +354,6 @@ class ConnectChecker:
         if warm is None:
             return None
         facts = warm.facts
-        ip = facts.request.ip
-        assert ip is not None  # only clients with an address are kept
         strikes = self.strikes
         try:
             if (time.time() >= warm.until
@@ -360,7 +362,8 @@ class ConnectChecker:
                     or self.incidents.version() != warm.incidents
                     or self.allowlist.version() != warm.allowlist
                     or (self.access is not None and self.access.version() != warm.access)
-                    or (strikes is not None and strikes.count(ip) != facts.strikes)):
+                    or (strikes is not None
+                        and strikes.count_address(warm.address) != facts.strikes)):
                 return None
         except Exception:
             return None  # `answer_now` looks again, and says what went wrong
@@ -403,7 +406,7 @@ class ConnectChecker:
         if len(self._warm) >= _CONCLUDED_MAX:
             self._warm.clear()
         self._warm[words] = _Warm(
-            facts, verdict, line, reply, (dnsbl.counter, ptr.counter, helo.counter),
+            facts, str(ip), verdict, line, reply, (dnsbl.counter, ptr.counter, helo.counter),
             dns, min(dnsbl.expires, ptr.expires, helo.expires), facts.incidents.until,
             geoip, incidents, allowlist, access)
         return reply

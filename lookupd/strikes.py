@@ -107,7 +107,11 @@ class Strikes:
 
     def count(self, ip: IPAddress) -> int:
         """Strikes of `ip` in the window, from memory."""
-        strikes = self._seen.get(str(ip))
+        return self.count_address(str(ip))
+
+    def count_address(self, address: str) -> int:
+        """`count` of an address given as str(ip) (the connect reply cache keeps it so)."""
+        strikes = self._seen.get(address)
         if not strikes:
             return 0
         cutoff = time.time() - self.window

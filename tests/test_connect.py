@@ -469,6 +469,9 @@ class FakeStrikes:
     def count(self, ip: object) -> int:
         return self.strikes
 
+    def count_address(self, address: str) -> int:
+        return self.strikes
+
 
 def test_a_warm_reply_is_reused_only_while_every_source_would_say_the_same(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
