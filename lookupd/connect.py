@@ -11,7 +11,9 @@ address literal, a numeric TLD). The sources are asked together under [connect] 
 one that cannot answer leaves its field unknown (`??`, `unknown`) and never makes a deny or a
 defer by itself. `decide()` is the policy: a pure function of the facts and ConnectConfig.
 `ConnectChecker` only fetches: at once (`answer_now`) when the DNSBL, PTR and HELO answers are
-all in the DNS cache, as they are for a client seen lately, else through DNS (`answer`).
+all in the DNS cache, as they are for a client seen lately, else through DNS (`answer`). The
+reply `answer_now` gave is given again (`replay`) while every source it came from says it
+would answer the same; counted and logged every time.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """One answer cache for every client: TTL-bounded, size-bounded, with in-flight merging.
 
 Keys are (zone, type, label) with the configured zone (never the DQS one, so the key stays
-out of the snapshot) or "" for reverse DNS. Values are DnsAnswer with a wall-clock expiry.
-Identical questions asked while one is on the wire wait for that one (one DNS packet).
-The cache is saved to and loaded from state_dir by snapshot.py.
+out of the snapshot) or "" for reverse DNS. Values are DnsAnswer with a wall-clock expiry,
+each in an Entry that also carries a list's verdict on it. Identical questions asked while
+one is on the wire wait for that one (one DNS packet). The cache is saved to and loaded from
+state_dir by snapshot.py.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ list's (a dead resolver quarantines no list: every list is unknown until it answ
 The decisions (codes, verdicts, health, FCrDNS) live in the pure modules beside this one;
 this class only fetches, times, counts and logs. When every answer a query needs is already
 in the cache, `peek_*` / `cached_*` give the same result synchronously: the server then
-answers from its read callback, without a task and a timed wait per request.
+answers from its read callback, without a task and a timed wait per request. What they
+decide is kept with the answers it came from (each list's verdict in the cache entry, the
+combined and reverse-DNS results beside), and `generation` with `Cached.expires` says how
+long a result holds.
 """
 
 from __future__ import annotations
