@@ -155,6 +155,8 @@ class ListFile:
         self._nets = NetSet()
         self.status = Status.UNKNOWN
         self._problem = ""
+        # Bumped whenever what the file lists (or whether it can tell) may have changed.
+        self.changes = 0
 
     @property
     def nets(self) -> NetSet:
@@ -208,6 +210,9 @@ class ListFile:
                  "loaded" if first_load else "reloaded", parsed.nets.size)
 
     def _set(self, nets: NetSet, signature: _Signature | None, status: Status) -> None:
+        # A file still missing is set again (to nothing) at every check: no change.
+        if status is Status.FOUND or status is not self.status:
+            self.changes += 1
         self._nets, self._signature, self.status, self._problem = nets, signature, status, ""
 
     def _failed(self, problem: str) -> None:
@@ -218,6 +223,8 @@ class ListFile:
                         problem, kept)
         self._problem = problem
         if self.status is not Status.FOUND:
+            if self.status is not Status.UNKNOWN:
+                self.changes += 1
             self.status = Status.UNKNOWN
             self._signature = None
 
@@ -241,6 +248,15 @@ class ListFiles:
 
     def __bool__(self) -> bool:
         return bool(self.files)
+
+    def version(self) -> int:
+        """Changes whenever `match` may answer differently (a file re-read, gone, unreadable);
+        looks for changes as `match` does."""
+        total = 0
+        for listed in self.files:
+            listed.refresh()
+            total += listed.changes
+        return total
 
     def match(self, ip: IPAddress) -> Match:
         unknown = False

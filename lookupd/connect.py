@@ -11,13 +11,16 @@ address literal, a numeric TLD). The sources are asked together under [connect] 
 one that cannot answer leaves its field unknown (`??`, `unknown`) and never makes a deny or a
 defer by itself. `decide()` is the policy: a pure function of the facts and ConnectConfig.
 `ConnectChecker` only fetches: at once (`answer_now`) when the DNSBL, PTR and HELO answers are
-all in the DNS cache, as they are for a client seen lately, else through DNS (`answer`).
+all in the DNS cache, as they are for a client seen lately, else through DNS (`answer`). The
+reply `answer_now` gave is given again (`replay`) while every source it came from says it
+would answer the same; counted and logged every time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
@@ -251,13 +254,25 @@ class GeoIPLookup(Protocol):
 
     def asn(self, ip: IPAddress | None) -> AsnResult: ...
 
+    def version(self) -> object:
+        """Equal while every answer stays the same."""
+
 
 class IncidentsLookup(Protocol):
     def count(self, ip: IPAddress) -> IncidentsResult: ...
 
+    def version(self) -> object:
+        """Equal while every answer stays the same (within each answer's `until`)."""
+
 
 class StrikesLookup(Protocol):
     def count(self, ip: IPAddress) -> int: ...
+
+    def key(self, ip: IPAddress) -> str:
+        """What `ip`'s strikes are counted under (an IPv6 client's network)."""
+
+    def count_key(self, key: str) -> int:
+        """`count` by `key(ip)`."""
 
 
 class DnsblLookup(Protocol):
@@ -275,11 +290,37 @@ class DnsblLookup(Protocol):
     def peek_smtp_name(self, text: str,
                        client: IPAddress | None = None) -> Cached[DnsblResult] | None: ...
 
+    @property
+    def generation(self) -> int: ...
+
+    def holds(self, generation: int, expires: float) -> bool: ...
+
 
 T = TypeVar("T")
 
 
 _CONCLUDED_MAX = 4096  # clients whose last verdict is kept beside its facts
+
+
+@dataclass(frozen=True, slots=True)
+class _Warm:
+    """A reply `answer_now` gave, and what it depended on: reused for the same request while
+    every source says it would answer the same (see `ConnectChecker.replay`)."""
+
+    facts: Facts
+    strike_key: str  # what the client's strikes are counted under
+    verdict: Verdict
+    line: str | None
+    reply: str
+    # What taking the DNSBL, PTR and HELO results counted: counted again for each reuse.
+    counts: tuple[Callable[[], None], ...]
+    dns: int  # the DNS source's generation, and the earliest expiry of the answers used
+    dns_until: float
+    until: float  # the incidents count holds until then (time.time(); a Sympl window)
+    geoip: object
+    incidents: object
+    allowlist: int
+    access: int
 
 
 class ConnectChecker:
@@ -302,15 +343,53 @@ class ConnectChecker:
             if config.submission_access_file is not None else None)
         # request -> (its last facts, the verdict, log line and reply they gave)
         self._concluded: dict[ConnectRequest, tuple[Facts, Verdict, str | None, str]] = {}
+        # The request's words -> the reply `answer_now` gave them, and what it came from.
+        self._warm: dict[tuple[str, ...], _Warm] = {}
+        self._broken = 0  # from-memory lookups that failed (their facts are not reused)
 
-    def answer_now(self, request: ConnectRequest) -> str | None:
+    def replay(self, words: tuple[str, ...]) -> str | None:
+        """The reply `answer_now` gave the same request words, when no source it came from
+        could answer differently now; None: ask `answer_now`. Counted (DNSBL figures,
+        metrics) and logged (a deny's line) as a new answer is.
+
+        Every fact is checked, not guessed: the DNS results' generation and earliest expiry,
+        the GeoIP files and the incidents index answering (and a Sympl window's next
+        expiry), the list files' versions, and the client's strikes, counted again now."""
+        warm = self._warm.get(words)
+        if warm is None:
+            return None
+        facts = warm.facts
+        strikes = self.strikes
+        try:
+            if (time.time() >= warm.until
+                    or not self.dnsbl.holds(warm.dns, warm.dns_until)
+                    or self.geoip.version() != warm.geoip
+                    or self.incidents.version() != warm.incidents
+                    or self.allowlist.version() != warm.allowlist
+                    or (self.access is not None and self.access.version() != warm.access)
+                    or (strikes is not None
+                        and strikes.count_key(warm.strike_key) != facts.strikes)):
+                return None
+        except Exception:
+            return None  # `answer_now` looks again, and says what went wrong
+        for count in warm.counts:
+            count()
+        self._announce(warm.verdict, facts, warm.line)
+        return warm.reply
+
+    def answer_now(self, request: ConnectRequest,
+                   words: tuple[str, ...] | None = None) -> str | None:
         """The reply without waiting when the DNS cache holds the whole DNSBL, PTR and HELO
         answers (GeoIP, incidents and the list files answer from memory anyway); None: use
-        `answer`. Replies, log lines and DNSBL stats are the same as `answer` gives."""
+        `answer`. Replies, log lines and DNSBL stats are the same as `answer` gives. With
+        the request's `words`, the reply is kept for `replay`."""
         ip = request.ip
         if ip is None:
             return self._conclude(_no_address(request))
         try:
+            # What the reply depends on, read before the facts: a change in between shows
+            # at the next `replay` as a change, never the other way round.
+            versions = self._versions() if words is not None else None
             dnsbl = self.dnsbl.peek_ip(ip)
             ptr = self.dnsbl.peek_ptr(ip) if dnsbl is not None else None
             helo = (self._peek_helo(request.helo, ip) if dnsbl is not None and ptr is not None
@@ -319,8 +398,29 @@ class ConnectChecker:
             return None  # `answer` looks again, and says what went wrong
         if dnsbl is None or ptr is None or helo is None:
             return None  # nothing taken, nothing counted: `answer` counts it
-        return self._conclude(self._with_memory(request, ip, dnsbl.take(), ptr.take(),
-                                                helo.take()))
+        broken = self._broken
+        facts = self._with_memory(request, ip, dnsbl.take(), ptr.take(), helo.take())
+        verdict, line, reply = self._decided(facts)
+        self._announce(verdict, facts, line)
+        if words is None or versions is None:
+            return reply
+        if self._broken != broken:
+            self._warm.pop(words, None)  # asked again, so that the next request logs it too
+            return reply
+        dns, geoip, incidents, allowlist, access = versions
+        if len(self._warm) >= _CONCLUDED_MAX:
+            self._warm.clear()
+        self._warm[words] = _Warm(
+            facts, "" if self.strikes is None else self.strikes.key(ip), verdict, line, reply,
+            (dnsbl.counter, ptr.counter, helo.counter),
+            dns, min(dnsbl.expires, ptr.expires, helo.expires), facts.incidents.until,
+            geoip, incidents, allowlist, access)
+        return reply
+
+    def _versions(self) -> tuple[int, object, object, int, int]:
+        access = self.access
+        return (self.dnsbl.generation, self.geoip.version(), self.incidents.version(),
+                self.allowlist.version(), access.version() if access is not None else 0)
 
     def _peek_helo(self, helo: str, ip: IPAddress) -> Cached[DnsblResult] | None:
         """The domain lists' verdict on the HELO from the cache; no HELO: clean at once. A
@@ -333,25 +433,32 @@ class ConnectChecker:
         return self._conclude(await self.facts(request))
 
     def _conclude(self, facts: Facts) -> str:
-        # The verdict, its log line and the reply are pure functions of the facts (and this
-        # checker's config): decided once for a client whose facts did not change since its
-        # last connection, Exim's usual case. Counted and logged on every connection.
+        verdict, line, reply = self._decided(facts)
+        self._announce(verdict, facts, line)
+        return reply
+
+    def _decided(self, facts: Facts) -> tuple[Verdict, str | None, str]:
+        """The verdict, its log line and the reply: pure functions of the facts (and this
+        checker's config), decided once for a client whose facts did not change since its
+        last connection, Exim's usual case."""
         concluded = self._concluded.get(facts.request)
         if concluded is not None and concluded[0] == facts:
-            _, verdict, line, reply = concluded
-        else:
-            verdict = decide(facts, self.config)
-            line = log_line(verdict, facts)
-            reply = render(verdict, facts)
-            if len(self._concluded) >= _CONCLUDED_MAX:
-                self._concluded.clear()
-            self._concluded[facts.request] = (facts, verdict, line, reply)
+            return concluded[1:]
+        verdict = decide(facts, self.config)
+        line = log_line(verdict, facts)
+        reply = render(verdict, facts)
+        if len(self._concluded) >= _CONCLUDED_MAX:
+            self._concluded.clear()
+        self._concluded[facts.request] = (facts, verdict, line, reply)
+        return verdict, line, reply
+
+    def _announce(self, verdict: Verdict, facts: Facts, line: str | None) -> None:
+        """Count the verdict and log a refusal: for every answer, new or reused."""
         if self.on_verdict is not None:
             self.on_verdict(verdict, facts)
         if line is not None:
             # One line per refusal: the admin's record of why (Exim logs the SMTP side).
             log.info("%s", line)
-        return reply
 
     async def facts(self, request: ConnectRequest) -> Facts:
         """Everything known about the client within [connect] deadline. GeoIP, incidents and
@@ -391,21 +498,34 @@ class ConnectChecker:
                      ptr: PtrResult, helo: DnsblResult) -> Facts:
         """The facts: the DNS ones given, the rest looked up in memory (GeoIP, incidents,
         the list files: each a bounded, in-memory or indexed read)."""
-        country = _guarded(lambda: self.geoip.country(ip), CountryResult(Status.UNKNOWN),
-                           "GeoIP country")
-        asn = _guarded(lambda: self.geoip.asn(ip), AsnResult(Status.UNKNOWN), "GeoIP ASN")
-        incidents = _guarded(lambda: self.incidents.count(ip),
-                             IncidentsResult(Status.UNKNOWN), "incidents")
-        allowlist = _guarded(lambda: self.allowlist.match(ip), Match(Status.UNKNOWN),
-                             "allowlist")
+        guarded = self._guarded
+        country = guarded(lambda: self.geoip.country(ip), CountryResult(Status.UNKNOWN),
+                          "GeoIP country")
+        asn = guarded(lambda: self.geoip.asn(ip), AsnResult(Status.UNKNOWN), "GeoIP ASN")
+        incidents = guarded(lambda: self.incidents.count(ip),
+                            IncidentsResult(Status.UNKNOWN), "incidents")
+        allowlist = guarded(lambda: self.allowlist.match(ip), Match(Status.UNKNOWN),
+                            "allowlist")
         access_files = self.access
         access = (None if access_files is None else
-                  _guarded(lambda: access_files.match(ip), Match(Status.UNKNOWN),
-                           "submission access file"))
+                  guarded(lambda: access_files.match(ip), Match(Status.UNKNOWN),
+                          "submission access file"))
         strikes = self.strikes
-        count = 0 if strikes is None else _guarded(lambda: strikes.count(ip), 0, "strikes")
+        count = 0 if strikes is None else guarded(lambda: strikes.count(ip), 0, "strikes")
         return Facts(request, country, asn, incidents, dnsbl, ptr, allowlist, access, helo,
                      count)
+
+    def _guarded(self, lookup: Callable[[], T | None], failed: T, what: str) -> T:
+        """A from-memory lookup; a bug in it makes its fact unknown instead of failing the
+        reply (and the reply is not kept for `replay`: the next request logs it again)."""
+        try:
+            result = lookup()
+        except Exception:
+            self._broken += 1
+            log.exception("connect: the %s lookup failed unexpectedly; please report this",
+                          what)
+            return failed
+        return failed if result is None else result
 
 
 def _nothing() -> None:
@@ -438,16 +558,6 @@ def _taken(peek: Callable[[], Cached[T] | None], what: str) -> T | None:
                       "unexpectedly; asking DNS instead. Please report this", what)
         return None
     return None if cached is None else cached.take()
-
-
-def _guarded(lookup: Callable[[], T | None], failed: T, what: str) -> T:
-    """A from-memory lookup; a bug in it makes its fact unknown instead of failing the reply."""
-    try:
-        result = lookup()
-    except Exception:
-        log.exception("connect: the %s lookup failed unexpectedly; please report this", what)
-        return failed
-    return failed if result is None else result
 
 
 async def _settled(task: asyncio.Task[T], failed: T, what: str) -> T:

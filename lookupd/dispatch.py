@@ -13,13 +13,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from lookupd import __version__
 from lookupd.allowlist import ListFiles
 from lookupd.connect import ConnectChecker, ConnectRequest, Verdict, parse_args, unknown_facts
 from lookupd.connect import render as render_connect
-from lookupd.dnsbl import DnsblResult, render_dnsbl, render_ptr, render_stats
+from lookupd.dnsbl import Cached, DnsblResult, render_dnsbl, render_ptr, render_stats
 from lookupd.dnsbl.names import normalize_domain
 from lookupd.dnsbl.verdict import PtrResult
 from lookupd.errors import BadRequest
@@ -44,6 +44,20 @@ repeats = Repeats(log)
 
 Reply = str | Awaitable[str]
 HandlerFn = Callable[[tuple[str, ...], Peer], Reply]
+R = TypeVar("R")
+_REPLIES_MAX = 4096  # replies from the DNS cache kept
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    """A reply from the DNS cache alone: the source's generation and the earliest expiry of
+    the answers it came from (how long it holds), what taking it counted, the result."""
+
+    generation: int
+    expires: float
+    counter: Callable[[], None]
+    result: object
+    reply: str
 
 
 
@@ -78,6 +92,8 @@ class Dispatcher:
         self.problem = problem  # why lookupd runs fail-open ("" when it does not)
         self.trust = trust or PeerTrust()
         self.pending = 0  # coroutine answers in flight (the server closes a retired set at 0)
+        # (verb, arguments) -> the reply last answered from the DNS cache alone.
+        self._replies: dict[tuple[str, tuple[str, ...]], _Kept] = {}
         self.connect_checker = None if sources is None else ConnectChecker(
             sources.config.connect, sources.geoip, sources.incidents, sources.dnsbl,
             on_verdict=control.metrics.verdict if control is not None else None,
@@ -203,55 +219,93 @@ class Dispatcher:
     # --- DNSBL, DBL, reverse DNS (from the DNS cache at once; else a coroutine) ------------
 
     def dnsbl(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        reply = self._replay("dnsbl", args)
+        if reply is not None:
+            return reply
         ip = _optional_ip(args)
         if ip is None:
             return render_dnsbl(DnsblResult(Status.NOT_FOUND))
-        cached = self.live.dnsbl.cached_ip(ip)
-        if cached is not None:
-            return render_dnsbl(cached)
-        return self._dnsbl(ip)
+        dnsbl = self.live.dnsbl
+        reply = self._answered("dnsbl", args, lambda: dnsbl.peek_ip(ip), render_dnsbl)
+        return self._dnsbl(ip) if reply is None else reply
 
     async def _dnsbl(self, ip: IPv4Address | IPv6Address) -> str:
         return render_dnsbl(await self.live.dnsbl.check_ip(ip))
 
     def dbl(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        reply = self._replay("dbl", args)
+        if reply is not None:
+            return reply
         if not args:
             return render_dnsbl(DnsblResult(Status.NOT_FOUND))
         try:
             domain = normalize_domain(args[0])
         except ValueError:
             raise BadRequest(f'not a domain name: "{shown(args[0])}"') from None
-        cached = self.live.dnsbl.cached_domain(domain)
-        if cached is not None:
-            return render_dnsbl(cached)
-        return self._dbl(domain)
+        dnsbl = self.live.dnsbl
+        reply = self._answered("dbl", args, lambda: dnsbl.peek_domain(domain), render_dnsbl)
+        return self._dbl(domain) if reply is None else reply
 
     async def _dbl(self, domain: str) -> str:
         return render_dnsbl(await self.live.dnsbl.check_domain(domain))
 
     def sender(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        reply = self._replay("sender", args)
+        if reply is not None:
+            return reply
         # The rest of the line: a quoted local part may hold spaces; the domain is what
         # follows the last "@".
         text = " ".join(args)
-        cached = self.live.dnsbl.cached_smtp_name(text)
-        if cached is not None:
-            return render_dnsbl(cached)
-        return self._sender(text)
+        dnsbl = self.live.dnsbl
+        reply = self._answered("sender", args, lambda: dnsbl.peek_smtp_name(text),
+                               render_dnsbl)
+        return self._sender(text) if reply is None else reply
 
     async def _sender(self, text: str) -> str:
         return render_dnsbl(await self.live.dnsbl.check_smtp_name(text))
 
     def ptr(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        reply = self._replay("ptr", args)
+        if reply is not None:
+            return reply
         ip = _optional_ip(args)
         if ip is None:
             return render_ptr(PtrResult(Status.UNKNOWN, fcrdns="unknown"))
-        cached = self.live.dnsbl.cached_ptr(ip)
-        if cached is not None:
-            return render_ptr(cached)
-        return self._ptr(ip)
+        dnsbl = self.live.dnsbl
+        reply = self._answered("ptr", args, lambda: dnsbl.peek_ptr(ip), render_ptr)
+        return self._ptr(ip) if reply is None else reply
 
     async def _ptr(self, ip: IPv4Address | IPv6Address) -> str:
         return render_ptr(await self.live.dnsbl.ptr(ip))
+
+    def _replay(self, verb: str, args: tuple[str, ...]) -> str | None:
+        """The reply last given to the same request from the DNS cache alone, while the
+        DNS source says every answer it came from is still there, unexpired, and the lists'
+        standing is the same (issue 15); counted in the lists' figures as a new one is."""
+        kept = self._replies.get((verb, args))
+        if kept is None or not self.live.dnsbl.holds(kept.generation, kept.expires):
+            return None
+        kept.counter()
+        return kept.reply
+
+    def _answered(self, verb: str, args: tuple[str, ...], peek: Callable[[], Cached[R] | None],
+                  render: Callable[[R], str]) -> str | None:
+        """The reply from the DNS cache alone, counted, and kept for `_replay`; None when the
+        cache does not hold every answer (ask DNS). The text of the same result object as
+        last time is not rendered again (the source reuses results while their answers and
+        the lists' verdicts are the same: a listed client's text is cleaned once)."""
+        generation = self.live.dnsbl.generation  # before the lookup: a change shows after
+        cached = peek()
+        if cached is None:
+            return None
+        result = cached.take()
+        kept = self._replies.get((verb, args))
+        reply = kept.reply if kept is not None and kept.result is result else render(result)
+        if len(self._replies) >= _REPLIES_MAX:
+            self._replies.clear()
+        self._replies[verb, args] = _Kept(generation, cached.expires, cached.counter, result,
+                                          reply)
+        return reply
 
     def stats(self, args: tuple[str, ...], peer: Peer) -> str:
         return render_stats(self.live.dnsbl.stats())
@@ -259,9 +313,13 @@ class Dispatcher:
     # --- connect: every fact and the policy's verdict (at once when DNS is cached) ----------
 
     def connect(self, args: tuple[str, ...], peer: Peer) -> Reply:
+        checker = self.connect_checker
+        assert checker is not None
+        reply = checker.replay(args)  # the same request, and no source would say otherwise
+        if reply is not None:
+            return reply
         request = parse_args(args)
-        assert self.connect_checker is not None
-        reply = self.connect_checker.answer_now(request)
+        reply = checker.answer_now(request, args)
         if reply is not None:
             return reply
         return self._connect(request)

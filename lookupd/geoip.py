@@ -672,6 +672,12 @@ class GeoIPSource:
     def asn_problem(self) -> str:
         return self._asn.problem()
 
+    def version(self) -> tuple[object, ...]:
+        """Equal while every answer stays the same: the same database files answer (or the
+        same reason why none does). Looks for newer files as a lookup does."""
+        country, asn = self._country, self._asn
+        return (country.current(), country.reason, asn.current(), asn.reason)
+
     def country(self, ip: IPAddress | None) -> CountryResult:
         """Country of `ip`; None (empty argument) and non-public addresses have none."""
         return _answer(ip, self._country, self._country_cache, _NO_COUNTRY, CountryResult,

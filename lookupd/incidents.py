@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import sqlite3
@@ -45,11 +46,14 @@ _RACY_NS = 1_000_000_000  # a file modified this recently may change again withi
 
 @dataclass(frozen=True)
 class IncidentsResult:
-    """FOUND with the count; NOT_FOUND means a count of 0; UNKNOWN: the database cannot tell."""
+    """FOUND with the count; NOT_FOUND means a count of 0; UNKNOWN: the database cannot tell.
+    `until`: the count holds until then (time.time()) while the same index answers; a Sympl
+    window lets older rows go (the index's `count_until`)."""
 
     status: Status
     count: int = 0
     reason: str = ""
+    until: float = field(default=math.inf, compare=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,12 +94,6 @@ def parse_stored(value: object) -> tuple[int, int, int] | None:
 Timeline = tuple[tuple[float, ...], tuple[int, ...]]
 
 
-def _since(line: Timeline, cutoff: float) -> int:
-    stamps, sums_from = line
-    i = bisect_left(stamps, cutoff)
-    return sums_from[i] if i < len(stamps) else 0
-
-
 @dataclass(frozen=True)
 class Index:
     """Counts by network: per IP version, (prefix length, {network number: count}) pairs.
@@ -111,17 +109,27 @@ class Index:
 
     def count(self, ip: IPAddress, now: float) -> int:
         """Sum over every stored network containing `ip`, its own host entry included."""
+        return self.count_until(ip, now)[0]
+
+    def count_until(self, ip: IPAddress, now: float) -> tuple[int, float]:
+        """`count`, and until when it holds: with a window, the count drops when the oldest
+        row counted leaves it (at its timestamp + window); without one, never."""
         version = 4 if isinstance(ip, IPv4Address) else 6
         bits, number = _BITS[version], int(ip)
         total = 0
         for plen, nets in self.totals.get(version, ()):
             total += nets.get(number >> (bits - plen), 0)
+        until = math.inf
         cutoff = now - self.window
         for plen, lines in self.timelines.get(version, ()):
             line = lines.get(number >> (bits - plen))
             if line is not None:
-                total += _since(line, cutoff)
-        return total
+                stamps, sums_from = line
+                i = bisect_left(stamps, cutoff)
+                if i < len(stamps):
+                    total += sums_from[i]
+                    until = min(until, stamps[i] + self.window)
+        return total, until
 
 
 def build_index(rows: Iterable[tuple[object, object, object]], window: float = 0.0) -> Index:
@@ -382,15 +390,24 @@ class IncidentsSource:
 
     def count(self, ip: IPAddress) -> IncidentsResult:
         """How many incidents the firewall counted for `ip` (0 is NOT_FOUND)."""
+        loaded = self._current()
+        if loaded is None:
+            return IncidentsResult(Status.UNKNOWN, reason=self._reason)
+        n, until = loaded.index.count_until(ip, time.time())
+        return IncidentsResult(Status.FOUND if n else Status.NOT_FOUND, n, until=until)
+
+    def version(self) -> tuple[object, ...]:
+        """Equal while the same index answers (or the same reason why none does); a count
+        with a window holds only `until` its result says. Looks for changes as `count` does."""
+        return (self._current(), self._reason)
+
+    def _current(self) -> Loaded | None:
+        """The index answering now; at most once per check_interval, look for a change."""
         now = time.monotonic()
         if now >= self._watch.next_check:
             self._watch.next_check = now + self._config.check_interval
             self._poll()
-        loaded = self._loaded
-        if loaded is None:
-            return IncidentsResult(Status.UNKNOWN, reason=self._reason)
-        n = loaded.index.count(ip, time.time())
-        return IncidentsResult(Status.FOUND if n else Status.NOT_FOUND, n)
+        return self._loaded
 
     def _find(self) -> Path | None:
         return find_existing(self._config.db, FIREWALL_DB_PATHS)

@@ -184,7 +184,15 @@ class Strikes:
 
     def count(self, ip: IPAddress) -> int:
         """Strikes of `ip` (or its IPv6 network) in the window, from memory."""
-        strikes = self._seen.get(strike_key(ip, self.ipv6_prefix))
+        return self.count_key(self.key(ip))
+
+    def key(self, ip: IPAddress) -> str:
+        """What `ip`'s strikes are counted under (the connect reply cache keeps it)."""
+        return strike_key(ip, self.ipv6_prefix)
+
+    def count_key(self, key: str) -> int:
+        """`count` by `key(ip)`."""
+        strikes = self._seen.get(key)
         if not strikes:
             return 0
         cutoff = time.time() - self.window

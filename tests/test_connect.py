@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import shlex
 import subprocess
+import time
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import EXIM
@@ -15,6 +19,7 @@ from lookupd.allowlist import ListFile, ListFiles, Match, parse_key, parse_lines
 from lookupd.config import ConnectConfig
 from lookupd.connect import (
     INCIDENTS_MESSAGE,
+    ConnectChecker,
     ConnectRequest,
     Facts,
     Verdict,
@@ -23,6 +28,7 @@ from lookupd.connect import (
     parse_args,
     render,
 )
+from lookupd.dnsbl.source import Cached
 from lookupd.dnsbl.verdict import DnsblResult, ListAnswer, PtrResult
 from lookupd.errors import BadRequest
 from lookupd.geoip import AsnResult, CountryResult
@@ -315,6 +321,38 @@ def test_list_file_reloads_when_it_changes(tmp_path: Path) -> None:
     assert listed.status is NOT_FOUND
 
 
+def test_list_files_version_changes_with_what_they_list(tmp_path: Path) -> None:
+    """ListFiles.version() changes whenever `match` may answer differently, and only then:
+    a file still missing, or unchanged, keeps it."""
+    now = [100.0]
+    missing, hosts = tmp_path / "imap_before_submission", tmp_path / "hosts"
+    hosts.write_text("192.0.2.1\n")
+    files = ListFiles((hosts, missing), check_interval=1.0, clock=lambda: now[0])
+    seen = [files.version()]
+    for _ in range(3):  # looked at again: nothing changed
+        now[0] += 1.0
+        assert files.version() == seen[-1]
+    hosts.write_text("192.0.2.2\n")
+    now[0] += 1.0
+    seen.append(files.version())
+    missing.write_text("192.0.2.3\n")
+    now[0] += 1.0
+    seen.append(files.version())
+    missing.unlink()
+    now[0] += 1.0
+    seen.append(files.version())
+    hosts.unlink()
+    hosts.mkdir()  # unreadable now: it keeps its entries, so `match` answers the same
+    now[0] += 1.0
+    seen.append(files.version())
+    missing.mkdir()  # a missing file that cannot be read: `match` may not say "not listed"
+    now[0] += 1.0
+    seen.append(files.version())
+    assert seen[:4] == sorted(set(seen[:4])) and seen[4] == seen[3] and seen[5] > seen[4]
+    assert files.match(ip_address("192.0.2.2")).status is FOUND
+    assert files.match(ip_address("192.0.2.9")).status is UNKNOWN
+
+
 def test_list_file_looks_for_changes_once_per_interval(tmp_path: Path) -> None:
     now = [100.0]
     path = tmp_path / "hosts"
@@ -361,3 +399,156 @@ def test_strikes_rule_denies_above_the_threshold_log_only_first() -> None:
     logged = decide(struck, ConnectConfig(strikes_threshold=5, log_only=("strikes",)))
     assert (logged.action, logged.rule, logged.would) == ("accept", "strikes", "deny")
     assert decide(struck, ConnectConfig()).action == "accept"  # 0: off
+
+
+# --- warm replies: reused only while no source would answer differently ------------------------
+
+
+class FakeDns:
+    """The DNS source's answers from its cache, with its generation and its own clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.generation = 0
+        self.expires = 2000.0  # the earliest expiry of the cached answers
+        self.dnsbl = DnsblResult(NOT_FOUND)
+        self.counted = 0
+
+    def _cached(self, result: Any) -> Cached[Any]:
+        def count() -> None:
+            self.counted += 1
+
+        return Cached(result, count, self.expires)
+
+    def peek_ip(self, ip: object) -> Cached[DnsblResult]:
+        return self._cached(self.dnsbl)
+
+    def peek_ptr(self, ip: object) -> Cached[PtrResult]:
+        return self._cached(PtrResult(FOUND, "mail.example.net", "yes"))
+
+    def peek_smtp_name(self, text: str, client: object = None) -> Cached[DnsblResult]:
+        return self._cached(DnsblResult(NOT_FOUND))
+
+    def holds(self, generation: int, expires: float) -> bool:
+        return generation == self.generation and self.now < expires
+
+
+class FakeGeoIP:
+    def __init__(self) -> None:
+        self.code, self.file = "GB", 1
+        self.broken = False
+
+    def country(self, ip: object) -> CountryResult:
+        if self.broken:
+            raise RuntimeError("a bug")
+        return CountryResult(FOUND, self.code)
+
+    def asn(self, ip: object) -> AsnResult:
+        return AsnResult(FOUND, 64496, "Example Net")
+
+    def version(self) -> object:
+        return self.file
+
+
+class FakeIncidents:
+    def __init__(self) -> None:
+        self.count_, self.index, self.until = 0, 1, float("inf")
+
+    def count(self, ip: object) -> IncidentsResult:
+        return IncidentsResult(FOUND if self.count_ else NOT_FOUND, self.count_,
+                               until=self.until)
+
+    def version(self) -> object:
+        return self.index
+
+
+class FakeStrikes:
+    def __init__(self) -> None:
+        self.strikes = 0
+
+    def count(self, ip: object) -> int:
+        return self.strikes
+
+    def key(self, ip: object) -> str:
+        return str(ip)
+
+    def count_key(self, key: str) -> int:
+        return self.strikes
+
+
+def test_a_warm_reply_is_reused_only_while_every_source_would_say_the_same(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`replay` gives the reply `answer_now` gave the same words, counted and logged again,
+    until any source it came from changes: the DNS results' generation or expiry, the GeoIP
+    file, the incidents index or its window, the allowlist or access file, the strikes. Then
+    it gives nothing, and `answer_now` decides again from the sources."""
+    caplog.set_level(logging.INFO, logger="lookupd.connect")
+    dns, geoip, incidents, strikes = FakeDns(), FakeGeoIP(), FakeIncidents(), FakeStrikes()
+    allow, access = tmp_path / "allowlist", tmp_path / "imap_before_submission"
+    config = ConnectConfig(allowlist_files=(allow,), submission_access_file=access,
+                           deny_countries=("KR",), strikes_threshold=1,
+                           submission_countries=("SE",))
+    actions: list[str] = []
+    checker = ConnectChecker(config, geoip, incidents, dns, strikes=strikes,
+                             on_verdict=lambda verdict, facts: actions.append(verdict.action))
+    # The list files are looked at on every request here, not once a second.
+    checker.allowlist = ListFiles((allow,), check_interval=0)
+    checker.access = ListFiles((access,), check_interval=0)
+    words = ("81.2.69.142", "25")
+
+    def fresh(words: tuple[str, ...] = words) -> dict[str, str]:
+        """After a change: no reuse; decided again, then reused."""
+        assert checker.replay(words) is None
+        reply = checker.answer_now(parse_args(words), words)
+        assert reply is not None and checker.replay(words) == reply
+        return dict(pair.split("=", 1) for pair in shlex.split(reply))
+
+    assert checker.replay(words) is None
+    first = checker.answer_now(parse_args(words), words)
+    assert first is not None and dns.counted == 2  # DNSBL and PTR taken (no HELO yet)
+    assert [checker.replay(words) for _ in range(3)] == [first] * 3
+    assert dns.counted == 8 and actions == ["accept"] * 4  # counted for every reply
+
+    dns.generation += 1  # a list quarantined, an answer evicted or replaced
+    dns.dnsbl = LISTED
+    assert fresh()["dnsbl"] == "listed"
+    dns.now = dns.expires  # the earliest DNS answer expired: asked again, a new expiry
+    dns.dnsbl, dns.expires = DnsblResult(NOT_FOUND), dns.expires + 1000
+    assert fresh()["dnsbl"] == "clean"
+
+    geoip.code, geoip.file = "KR", 2  # a new database file
+    assert fresh()["action"] == "deny"
+    denies = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith("connect deny: [81.2.69.142] port 25 rule=country ")]
+    assert len(denies) == 2  # each deny, new or reused, logs its line
+    geoip.code, geoip.file = "GB", 3
+
+    incidents.count_, incidents.index = 42, 2  # the firewall wrote the database
+    assert fresh()["incidents"] == "42"
+    # A Sympl window: the count holds until its oldest row leaves the window.
+    incidents.until, incidents.index = time.time() + 0.2, 3
+    assert fresh()["incidents"] == "42"
+    time.sleep(0.25)
+    assert checker.replay(words) is None
+    incidents.count_, incidents.until, incidents.index = 0, float("inf"), 4
+    assert fresh()["incidents"] == "0"
+
+    allow.write_text("81.2.69.0/24\n")
+    assert fresh()["allowlisted"] == "yes"
+    allow.unlink()
+    assert fresh()["allowlisted"] == "no"
+    submission = ("81.2.69.142", "587")  # a GB client, submission open to SE only
+    assert fresh(submission)["action"] == "defer"
+    access.write_text("81.2.69.142\n")  # in the IMAP-before-submission file now
+    assert fresh(submission)["action"] == "accept"
+
+    strikes.strikes = 2  # struck meanwhile: not a file, counted again on every request
+    assert fresh()["rule"] == "strikes"
+    strikes.strikes = 0
+    assert fresh()["action"] == "accept"
+
+    geoip.broken = True  # a lookup that fails: its fact unknown, the reply not kept
+    broken = checker.answer_now(parse_args(words), words)
+    assert broken is not None and "country=??" in broken and checker.replay(words) is None
+    geoip.broken = False
+    assert fresh()["country"] == "GB"

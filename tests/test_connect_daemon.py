@@ -7,8 +7,11 @@ test_fail2ban.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import shutil
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, contextmanager
@@ -17,13 +20,14 @@ from pathlib import Path
 
 import pytest
 from conftest import StartLookupd
-from dnsservers import RBLDNSD, Dnsmasq, Knot, Rbldnsd, SilentServer
+from dnsservers import RBLDNSD, Dnsmasq, Knot, Rbldnsd, SilentServer, ask
 from support import FIREWALL, MAXMIND
 
 from lookupd.config import load_config
 from lookupd.connect import parse_args
 from lookupd.dispatch import Dispatcher
 from lookupd.dnsbl.stats import ListStats
+from lookupd.ipaddr import parse_ip
 from lookupd.protocol import Peer, Request
 from lookupd.sources import Sources
 
@@ -316,3 +320,109 @@ async def test_warm_answers_kept_beside_the_cache_still_count_and_log(
     assert (ptr2.queries, figures(ptr2)[1]) == (ptr.queries + 3, figures(ptr)[1] + 3)
     denies = [r.getMessage() for r in caplog.records if r.getMessage().startswith("connect ")]
     assert len(denies) == 4 and len(set(denies)) == 1
+
+
+async def _open_dispatcher(resolver_port: int, tmp_path: Path, text: str = "",
+                           ) -> tuple[Sources, Dispatcher]:
+    path = tmp_path / "lookupd.toml"
+    path.write_text(text or lookupd_config(resolver_port, tmp_path))
+    sources = Sources.from_config(load_config(
+        path, overrides={"server.state_dir": str(tmp_path / "state")}))
+    await sources.open()
+    return sources, Dispatcher(sources)
+
+
+def _inline(dispatcher: Dispatcher, *words: str) -> dict[str, str]:
+    """A connect answered at once (from the caches), as key=value pairs."""
+    reply = dispatcher.handle(Request("connect", words), PEER)
+    assert isinstance(reply, str), words
+    return fields(reply)
+
+
+async def _warm(dispatcher: Dispatcher, *words: str) -> dict[str, str]:
+    """Ask until the reply is kept and reused (DNS, then the caches, then the reply cache)."""
+    replies = []
+    for _ in range(3):
+        pending = dispatcher.handle(Request("connect", words), PEER)
+        replies.append(pending if isinstance(pending, str) else await pending)
+    assert replies[1] == replies[2]
+    return fields(replies[2])
+
+
+async def test_a_warm_connect_follows_strikes_and_the_firewall_database(
+        lab: ConnectLab, tmp_path: Path) -> None:
+    """A connect reused from the reply cache is never staler than its sources: a strike
+    counts in the very next reply, and so does a change the firewall writes, as soon as
+    lookupd has read it."""
+    db = tmp_path / "firewall.db"
+    shutil.copyfile(FIREWALL / "nftfw-firewall.db", db)
+    past = time.time() - 10
+    os.utime(db, (past, past))
+    text = lookupd_config(lab.resolver_port, tmp_path, extra="strikes_threshold = 1\n")
+    text = text.replace(f'db = "{FIREWALL / "nftfw-firewall.db"}"',
+                        f'db = "{db}"\ncheck_interval = "50ms"')
+    sources, dispatcher = await _open_dispatcher(lab.resolver_port, tmp_path, text)
+    try:
+        assert (await _warm(dispatcher, CLEAN, "25"))["strikes"] == "0"
+        for count in ("1", "2"):
+            pending = dispatcher.handle(Request("strike", (CLEAN, "auth")), PEER)
+            assert not isinstance(pending, str) and await pending == f"strikes={count}"
+            after = _inline(dispatcher, CLEAN, "25")
+            assert after["strikes"] == count
+        assert (after["action"], after["rule"]) == ("deny", "strikes")
+
+        denied = await _warm(dispatcher, INCIDENTS, "25")
+        assert (denied["action"], denied["incidents"]) == ("deny", "42")
+        with sqlite3.connect(db) as con:
+            con.execute("UPDATE blacklist SET matchcount = 5 WHERE ip = ?", (INCIDENTS,))
+        deadline = time.monotonic() + 5
+        while sources.incidents.count(parse_ip(INCIDENTS)).count != 5:
+            assert time.monotonic() < deadline, "the firewall's change was not read"
+            await asyncio.sleep(0.02)
+        accepted = _inline(dispatcher, INCIDENTS, "25")
+        assert (accepted["action"], accepted["incidents"]) == ("accept", "5")
+    finally:
+        await sources.close()
+
+
+async def test_a_warm_connect_follows_the_lists_health(tmp_path: Path) -> None:
+    """A list that starts listing its must-not-list test point is out of service at the
+    next probe round: the very next connect and dnsbl replies, reused until then, no longer
+    count it; back in service, it counts again."""
+    for tool in ("knotd", "dnsmasq"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            pytest.skip(f"{tool} is not installed")
+    with connect_lab(tmp_path / "lab") as own:
+        sources, dispatcher = await _open_dispatcher(own.resolver_port, tmp_path)
+        zone = own.rbldnsd.zone_file("connect-bl.zone")
+
+        async def serve(text: str, test_point_listed: bool) -> None:
+            zone.write_text(text)
+            own.rbldnsd.reload()
+            deadline = time.monotonic() + 5
+            while bool(ask(own.rbldnsd.port, "1.0.0.127.bl.test").answer) != test_point_listed:
+                assert time.monotonic() < deadline, "rbldnsd did not reload the zone"
+                await asyncio.sleep(0.02)
+            await sources.dnsbl.probe()
+
+        def dnsbl() -> str:
+            reply = dispatcher.handle(Request("dnsbl", (LISTED,)), PEER)
+            assert isinstance(reply, str)  # from the cache: reused, or decided again
+            return reply
+
+        try:
+            listed = await _warm(dispatcher, LISTED, "25")
+            assert (listed["action"], listed["dnsbl"]) == ("deny", "listed")
+            check = dnsbl()
+            assert check.startswith("verdict=listed score=1 ") and dnsbl() == check
+            await serve(BL_ZONE + "127.0.0.1\n", True)
+            assert sources.dnsbl.stats().lists[0].quarantine == "lists-everything"
+            out = _inline(dispatcher, LISTED, "25")
+            assert (out["action"], out["dnsbl"], out["dnsbl_lists"]) == ("accept", "clean", '""')
+            assert dnsbl() == 'verdict=clean score=0 lists="" unknown="" text="" skipped=""'
+            await serve(BL_ZONE, False)
+            assert sources.dnsbl.stats().lists[0].quarantine == ""
+            assert _inline(dispatcher, LISTED, "25") == listed
+            assert dnsbl() == check
+        finally:
+            await sources.close()

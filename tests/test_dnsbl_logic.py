@@ -27,6 +27,7 @@ from lookupd.dnsbl.special import numeric_tld, smtp_name, special_address, speci
 from lookupd.dnsbl.stats import DnsblStats, ListStats, percentile
 from lookupd.dnsbl.verdict import (
     DnsblResult,
+    KeptVerdict,
     ListAnswer,
     ListSpec,
     PtrResult,
@@ -524,6 +525,49 @@ def test_absorb_takes_a_loaded_cache_under_the_newer_answers() -> None:
                                   ("bl.test", "A", "2"): old}
     with pytest.raises(ValueError):
         live.absorb(AnswerCache(4, clock=lambda: 0.0))
+
+
+def test_a_full_cache_drops_the_expired_then_the_least_recently_used() -> None:
+    """What a full cache lets go, and `changes`: it counts only the answers that leave (or
+    are replaced) before their expiry, which is what makes results decided from cached
+    answers stale before the earliest expiry of those answers."""
+    now = [0.0]
+    cache = AnswerCache(3, clock=lambda: now[0])
+    short, long = DnsAnswer(NOT_FOUND, expires=10), DnsAnswer(NOT_FOUND, expires=100)
+    cache.put(("z", "A", "short"), short)
+    cache.put(("z", "A", "a"), long)
+    cache.put(("z", "A", "b"), long)
+    assert cache.changes == 0
+    now[0] = 20  # "short" has expired: it goes first, the others are kept
+    cache.put(("z", "A", "c"), long)
+    assert sorted(k[2] for k, _ in cache.items()) == ["a", "b", "c"] and cache.changes == 0
+    assert cache.get(("z", "A", "a")) is long  # now the most recently used
+    cache.put(("z", "A", "d"), long)  # none expired: "b", the least recently used, goes
+    assert sorted(k[2] for k, _ in cache.items()) == ["a", "c", "d"] and cache.changes == 1
+    cache.put(("z", "A", "a"), DnsAnswer(FOUND, ("127.0.0.2",), expires=100))  # replaced
+    assert cache.changes == 2
+    cache.put(("z", "A", "c"), DnsAnswer(UNKNOWN, reason="timeout", expires=0))  # removed
+    assert cache.get(("z", "A", "c")) is None and cache.changes == 3
+    now[0] = 100  # expiring changes nothing: results end at the answers' expiry anyway
+    assert len(cache) == 0 and cache.changes == 3
+
+
+def test_a_cached_answer_keeps_what_a_list_decided_from_it() -> None:
+    """The entry of an answer carries a list's verdict on it; a new answer for the same key
+    (refreshed, replaced) comes in a new entry, without it."""
+    cache = AnswerCache(10, clock=lambda: 0.0)
+    key = ("bl.test", "A", "4.2.0.192")
+    cache.put(key, DnsAnswer(FOUND, ("127.0.0.2",), expires=100))
+    entry = cache.entry(key, 0.0)
+    assert entry is not None and entry.verdict is None
+    spec = ListSpec.from_config(DnsblListConfig(zone="bl.test"))
+    listed = interpret(spec, entry.answer)
+    entry.verdict = KeptVerdict(spec, listed, listed)
+    assert cache.entry(key, 50.0) is entry and entry.verdict.answer is listed
+    assert cache.entry(key, 100.0) is None  # expired: gone with its verdict
+    cache.put(key, DnsAnswer(FOUND, ("127.0.0.2",), expires=200))
+    again = cache.entry(key, 100.0)
+    assert again is not None and again is not entry and again.verdict is None
 
 
 def test_snapshot_round_trip_drops_expired_entries() -> None:

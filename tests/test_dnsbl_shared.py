@@ -4,6 +4,8 @@ by the others within its TTL; without Redis each host asks for itself."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -13,6 +15,11 @@ import pytest
 from dnsservers import Rbldnsd
 from redisserver import PASSWORD, RedisServer
 from support import Lookupd, short_dir
+
+from lookupd.cluster import Cluster
+from lookupd.config import ClusterConfig, DnsblConfig, DnsblListConfig, HostPort
+from lookupd.dnsbl import DnsblSource
+from lookupd.outcome import Status
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None or
                                 shutil.which("rbldnsd") is None,
@@ -81,3 +88,47 @@ def test_three_hosts_ask_each_question_once(rbldnsd: Rbldnsd, tmp_path: Path) ->
           f"{shared} with the shared cache")
     assert shared == len(CLIENTS)
     assert len(keys) == len(CLIENTS)
+
+
+async def test_an_answer_shared_by_another_host_replaces_what_was_decided(
+        rbldnsd: Rbldnsd, tmp_path: Path) -> None:
+    """What this host decided from its cached answers holds only while they are cached:
+    once its answer expired, another host's newer answer from Redis (here: the client got
+    listed meanwhile) is what the next lookup takes, no DNS question asked, and what the
+    answers from the cache alone say from then on."""
+    redis = RedisServer(tmp_path / "redis").start()
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD)
+    cluster = Cluster(ClusterConfig(redis=redis.url, password_file=pw, host_name="a"))
+    now = [time.time()]
+    config = DnsblConfig(lists=(DnsblListConfig(zone="bl.test", query_special=True),),
+                         nameservers=(HostPort("127.0.0.1", rbldnsd.port),), deadline=1.0)
+    source = DnsblSource(config, tmp_path / "state", clock=lambda: now[0], cluster=cluster)
+    try:
+        await source.open()
+        await source.probe()
+        await cluster.open()
+        for _ in range(100):
+            if cluster.up:
+                break
+            await asyncio.sleep(0.05)
+        assert cluster.up
+        clean = await source.check_ip("192.0.2.99")
+        assert clean.status is Status.NOT_FOUND and source.cached_ip("192.0.2.99") == clean
+        # Another host learnt meanwhile that the client is listed.
+        later = now[0] + 86400 + 1
+        redis.cli("SET", "lookupd:dns:A:99.2.0.192.bl.test",
+                  json.dumps({"s": "found", "r": ["127.0.0.2"], "e": later + 600}),
+                  "PX", "600000")
+        assert source.cached_ip("192.0.2.99") == clean  # this host's answer is still valid
+        asked = len(rbldnsd.queries("99.2.0.192.bl.test", "A"))
+        now[0] = later  # this host's answer expired
+        assert source.peek_ip("192.0.2.99") is None
+        listed = await source.check_ip("192.0.2.99")
+        assert listed.status is Status.FOUND
+        assert len(rbldnsd.queries("99.2.0.192.bl.test", "A")) == asked
+        assert source.cached_ip("192.0.2.99") == listed
+    finally:
+        await source.close()
+        await cluster.close()
+        redis.stop()

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import dns.message
 import pytest
 from dnsservers import DQS_KEY, DelayProxy, DnsLab, Rbldnsd, ask, dns_lab
 
@@ -606,14 +607,141 @@ async def test_a_cached_answer_is_the_answer_through_dns(
     warm = figures(source)
     fast = from_cache(source, kind, key)
     after_fast = figures(source)
+    # Asked again: what was decided from the same cached answers is reused (issue 15), the
+    # very same result, counted as the first was.
+    again = from_cache(source, kind, key)
+    after_again = figures(source)
     slow = await through_dns(source, kind, key)
     after_slow = figures(source)
     assert fast is not None
-    assert fast == slow
-    assert change(after_fast, warm) == change(after_slow, after_fast)
+    assert fast == slow and again is fast
+    assert change(after_fast, warm) == change(after_again, after_fast) == \
+        change(after_slow, after_again)
     # One query counted per list asked (per PTR lookup), each answered from the cache.
     asked = len(fast.answers) if isinstance(fast, DnsblResult) else 1
     assert asked >= 1 and sum(c[0] for c in change(after_fast, warm)) == asked
+
+
+class Withheld(DelayProxy):
+    """Relays every question to rbldnsd at once, but never answers the names in `withheld`
+    (while there are any): a list whose must-not-list test point goes unanswered."""
+
+    def __init__(self, upstream: int) -> None:
+        super().__init__(upstream, 0.0)
+        self.withheld: set[str] = set()
+
+    def _relay(self, data: bytes, client: tuple[str, int]) -> None:
+        qname = dns.message.from_wire(data).question[0].name.to_text().lower()
+        if qname not in self.withheld:
+            super()._relay(data, client)
+
+
+@pytest.mark.parametrize("ip", ["192.0.2.4", "192.0.2.20", "192.0.2.99"],
+                         ids=["listed-by-both", "listed-by-one", "clean"])
+async def test_cached_answers_follow_health_changes_and_expiry(
+        open_source: OpenSource, lab: DnsLab, ip: str) -> None:
+    """What is decided from cached answers is reused only while it is still what the DNS
+    path says: a list that stops being trusted (its must-not-list test point unanswered)
+    leaves the verdict at once and comes back when probed right again; expired answers are
+    asked again, never answered from what was decided on them."""
+    proxy = Withheld(lab.rbldnsd.port)
+    now = [time.time()]
+    try:
+        source = await open_source(BL, COP, port=proxy.port, clock=lambda: now[0],
+                                   deadline=0.3)
+
+        async def both_ways() -> DnsblResult:
+            """The answer from the cache (taken twice: the second from the memos) and
+            through DNS: the same, counted the same."""
+            before = figures(source)
+            fast = source.cached_ip(ip)
+            mid = figures(source)
+            again = source.cached_ip(ip)
+            mid2 = figures(source)
+            slow = await source.check_ip(ip)
+            assert fast is not None and fast == again == slow
+            assert change(mid, before) == change(mid2, mid) == change(figures(source), mid2)
+            return fast
+
+        def peeked() -> tuple[int, float]:
+            """The generation and the expiry that say how long a result from the cache alone
+            holds (what the `connect` reply cache keeps), and that it holds now."""
+            generation = source.generation
+            taken = source.peek_ip(ip)
+            assert taken is not None and source.holds(generation, taken.expires)
+            return generation, taken.expires
+
+        assert source.cached_ip(ip) is None
+        await source.check_ip(ip)
+        trusted = await both_ways()
+        assert [a.name for a in trusted.answers] == ["bl.test", "cop.test"]
+        held = peeked()
+        await source.probe()  # a probe round that changes no list's standing changes nothing
+        assert source.holds(*held)
+
+        # cop.test's must-not-list test point goes unanswered: nothing shows it does not
+        # list everything, so it is out of service, left out of the verdict.
+        proxy.withheld = {"1.0.0.127.cop.test."}
+        await source.probe()
+        assert source.stats().lists[1].quarantine == "not-answering"
+        assert not source.holds(*held)
+        alone = await both_ways()
+        assert [a.name for a in alone.answers] == ["bl.test"]
+        assert alone.score == sum(a.weight for a in alone.listed)
+        held = peeked()
+
+        proxy.withheld = set()
+        await source.probe()
+        assert source.stats().lists[1].quarantine == ""
+        assert not source.holds(*held)
+        assert await both_ways() == trusted
+        held = peeked()
+
+        # Every answer expired (a day is longer than any TTL): nothing comes from the
+        # cache, the lists are asked again, and the answers are decided again.
+        qname = ".".join(reversed(ip.split("."))) + ".bl.test"
+        asked = len(lab.rbldnsd.queries(qname, "A"))
+        now[0] += 86400 + 1
+        assert not source.holds(*held)
+        assert source.peek_ip(ip) is None
+        await source.check_ip(ip)
+        assert len(lab.rbldnsd.queries(qname, "A")) == asked + 1
+        assert await both_ways() == trusted
+        held = peeked()
+        # An unexpired answer replaced (or evicted from a full cache): no longer holds.
+        key = ("bl.test", "A", qname.removesuffix(".bl.test"))
+        source._cache.put(key, source._cache.get(key))  # type: ignore[arg-type]
+        assert not source.holds(*held)
+        held = peeked()
+        await source.close()  # closed: nothing is answered from the cache
+        assert not source.holds(*held) and source.peek_ip(ip) is None
+    finally:
+        proxy.stop()
+
+
+async def test_cached_reverse_dns_follows_its_answers(open_source: OpenSource) -> None:
+    """The reverse-DNS result decided from cached PTR and forward answers is reused while
+    they are the very answers cached, and decided again from new answers (expired and asked
+    again, or replaced)."""
+    now = [time.time()]
+    source = await open_source(clock=lambda: now[0])
+    for ip in ("192.0.2.1", "192.0.2.7"):
+        await source.ptr(ip)
+        first = source.cached_ptr(ip)
+        assert first is not None and source.cached_ptr(ip) is first
+    now[0] += 86400 + 1
+    assert source.peek_ptr("192.0.2.1") is None and source.peek_ptr("192.0.2.7") is None
+    fresh = await source.ptr("192.0.2.7")
+    again = source.cached_ptr("192.0.2.7")
+    assert again == fresh == first and again is not first
+    assert render_ptr(again) == "name=mail7.example.test fcrdns=yes"
+    # A PTR answer that changes while the forward answers stay cached (a refresh with other
+    # records, as a shared answer from another host may bring): decided again.
+    source._cache.put(("", "PTR", "7.2.0.192.in-addr.arpa"), DnsAnswer(
+        FOUND, ("other.example.test",), expires=now[0] + 300))
+    changed = source.cached_ptr("192.0.2.7")
+    assert changed == await source.ptr("192.0.2.7")
+    assert render_ptr(changed) == "name=other.example.test fcrdns=no"  # type: ignore[arg-type]
 
 
 async def test_a_quarantined_list_needs_nothing_cached(open_source: OpenSource) -> None:

@@ -359,14 +359,19 @@ async def test_sighup_reload_retries_and_picks_up(make_source: Callable[[GeoIPCo
     shutil.copyfile(MAXMIND / BEFORE_DB, path)
     src = await make_source(config(tmp_path, path, check_interval=3600))
     replace(MAXMIND / AFTER_DB, path)
+    before = src.version()  # what answers were kept beside (the connect reply cache)
     assert src.country(parse_ip(MARKER)).code == MARKER_BEFORE  # next check is an hour away
+    assert src.version() == before
     await src.reload()
     assert src.country(parse_ip(MARKER)).code == MARKER_AFTER
+    after = src.version()
+    assert after != before
     replace(BAD[1], path)
     await src.reload()
     await src.reload()  # asked twice: tried (and reported) twice
     assert len(warnings_about(caplog, "refused")) == 2
     assert src.country(parse_ip(MARKER)).code == MARKER_AFTER
+    assert src.version() == after  # refused: the same database answers
 
 
 async def test_lookup_without_running_loop_does_not_fail(tmp_path: Path) -> None:

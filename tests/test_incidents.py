@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import shutil
@@ -162,6 +163,42 @@ async def test_sympl_window(make_source: MakeSource, tmp_path: Path) -> None:
     narrow = await make_source(IncidentsConfig(db=db, sympl_window=15))
     assert count(narrow, "192.0.2.1") == 3
     assert count(narrow, "2001:db8:7::8") == 0
+    # Each count says until when it holds: till its oldest counted row leaves the window.
+    assert windowed.count(parse_ip("192.0.2.1")).until == now - 100 + 1000
+    assert windowed.count(parse_ip("2001:db8:7::9")).until == now - 30 + 1000
+    assert narrow.count(parse_ip("2001:db8:7::8")).until == math.inf  # nothing left to go
+    assert everything.count(parse_ip("192.0.2.1")).until == math.inf
+
+
+def test_a_windowed_count_holds_until_its_oldest_row_leaves_the_window() -> None:
+    rows: list[tuple[object, object, object]] = [
+        ("192.0.2.1", 3, 1000.0), ("192.0.2.1", 4, 1100.0), ("192.0.2.0/24", 5, 1050.0)]
+    index = build_index(rows, window=100)
+    ip = parse_ip("192.0.2.1")
+    assert index.count_until(ip, 1090) == (12, 1100)  # every row in the window
+    assert index.count_until(ip, 1100) == (12, 1100)  # the cutoff is inclusive
+    assert index.count_until(ip, 1100.5) == (9, 1150)  # 1000 left: (1100, 4) and (1050, 5)
+    assert index.count_until(ip, 1151) == (4, 1200)
+    assert index.count_until(ip, 1201) == (0, math.inf)
+    assert all(index.count_until(ip, t)[0] == index.count(ip, t) for t in (1090, 1151, 1201))
+
+
+async def test_version_follows_the_index_answering(make_source: MakeSource,
+                                                   tmp_path: Path) -> None:
+    """version() stays the same while the same index answers, and changes when the firewall
+    writes (the connect reply cache keeps its answers beside it)."""
+    db = tmp_path / "firewall.db"
+    shutil.copyfile(NFTFW, db)
+    past = time.time() - 10
+    os.utime(db, (past, past))  # not just written: read once, not again to be sure
+    src = await make_source(IncidentsConfig(db=db, check_interval=0.02))
+    first = src.version()
+    await asyncio.sleep(0.05)
+    assert src.version() == first
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE blacklist SET matchcount = matchcount + 1")
+    await eventually(lambda: src.version() != first)
+    assert src.count(parse_ip("203.0.113.7")).count == 43
 
 
 async def test_networks_of_any_length_and_odd_forms(make_source: MakeSource, tmp_path: Path,

@@ -156,6 +156,10 @@ def test_sighup_swaps_every_verb_and_keeps_answering_after_the_old_set_closes(
     }
     assert before["user-block"].startswith("blocked")
     assert before["user-unblock"].startswith("ok")
+    # Asked again, connect and dnsbl come from their reply caches: a reload must not keep them.
+    for _ in range(2):
+        assert fields(daemon.query(f"connect {CLEAN} 25"))["action"] == "accept"
+        assert fields(daemon.query(f"dnsbl {LISTED}"))["verdict"] == "listed"
 
     daemon.config_path.write_text(config_b(lab, sockdir))
     daemon.signal(signal.SIGHUP)

@@ -52,6 +52,11 @@ def test_strikes_count_and_deny_at_connect(start_lookupd: StartLookupd, tmp_path
         "error strike COUNT is a whole number from 1 to 100 (in all)"
     assert daemon.query("strike 192.0.2.9 auth 5\n") == "strikes=0"
     assert fields(daemon.query("connect 192.0.2.3 25\n"))["strikes"] == "14"
+    # A warm connect reply of an IPv6 client is not reused past a strike on its /64.
+    for _ in range(2):
+        assert fields(daemon.query("connect 2001:db8:1:2::20 25\n"))["strikes"] == "0"
+    assert daemon.query("strike 2001:db8:1:2::10 auth\n") == "strikes=1"
+    assert fields(daemon.query("connect 2001:db8:1:2::20 25\n"))["strikes"] == "1"
     assert daemon.stop() == 0
     daemon.start()  # the strikes survive a restart
     assert fields(daemon.query("connect 192.0.2.1 25\n"))["strikes"] == "3"

@@ -7,7 +7,10 @@ list's (a dead resolver quarantines no list: every list is unknown until it answ
 The decisions (codes, verdicts, health, FCrDNS) live in the pure modules beside this one;
 this class only fetches, times, counts and logs. When every answer a query needs is already
 in the cache, `peek_*` / `cached_*` give the same result synchronously: the server then
-answers from its read callback, without a task and a timed wait per request.
+answers from its read callback, without a task and a timed wait per request. What they
+decide is kept with the answers it came from (each list's verdict in the cache entry, the
+combined and reverse-DNS results beside), and `generation` with `Cached.expires` says how
+long a result holds.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from lookupd.dnsbl.special import NUMERIC_TLD, numeric_tld, smtp_name, special_a
 from lookupd.dnsbl.stats import DnsblStats, ListCounters, list_stats
 from lookupd.dnsbl.verdict import (
     DnsblResult,
+    KeptVerdict,
     ListAnswer,
     ListSpec,
     PtrResult,
@@ -108,7 +112,7 @@ _FAILURE_ADVICE = {
 }
 
 
-@dataclass
+@dataclass(eq=False)  # one per list: compared by identity
 class _ListState:
     spec: ListSpec
     qzone: str  # the zone actually asked; holds the DQS key: never log it
@@ -159,18 +163,34 @@ def _counted() -> None:
 class Cached(Generic[R]):
     """A result found whole in the cache, not yet counted. `take()` counts it in the stats
     (and logs a failing list's warning) exactly as the lookup through DNS would, once, and
-    returns it; dropping it untaken leaves no trace (the caller then asks through DNS)."""
+    returns it; dropping it untaken leaves no trace (the caller then asks through DNS).
 
-    __slots__ = ("_count", "result")
+    `expires`: the earliest expiry of the cached answers it was decided from. While that has
+    not passed and the source's `generation` is the same, the same lookup gives this result
+    again, and `counter` counts it again as `take()` did (the `connect` reply cache)."""
 
-    def __init__(self, result: R, count: Callable[[], None]) -> None:
+    __slots__ = ("_count", "counter", "expires", "result")
+
+    def __init__(self, result: R, count: Callable[[], None],
+                 expires: float = math.inf) -> None:
         self.result = result
+        self.counter = count
+        self.expires = expires
         self._count = count
 
     def take(self) -> R:
         count, self._count = self._count, _counted
         count()
         return self.result
+
+
+# What `_peek_check` decided from cached answers, reused while the same lists (in service)
+# give the same verdicts: the lists asked, their verdicts, the result, and its count.
+_Combined = tuple[tuple["_ListState", ...], tuple[ListAnswer, ...], DnsblResult,
+                  Callable[[], None]]
+# What `peek_ptr` decided: the PTR answer and the forward answers (by name) it came from,
+# the result, and its count.
+_PtrMemo = tuple[DnsAnswer, tuple[tuple[str, DnsAnswer], ...], PtrResult, Callable[[], None]]
 
 
 class DnsblSource:
@@ -202,6 +222,13 @@ class DnsblSource:
         self._special_domain_lists = [s for s in self._domain_lists if s.spec.query_special]
         self._ptr_counters = ListCounters()
         self._cache = AnswerCache(config.cache_size, clock)
+        # What was decided from cached answers, reused while they are the same (issue 15);
+        # each bounded as the cache is.
+        self._combined: dict[tuple[str, str], _Combined] = {}
+        self._ptr_memo: dict[str, _PtrMemo] = {}
+        # Bumped when a list's standing (in service, quarantined, unprobed) changes, and
+        # when the source closes: see `generation`.
+        self._changes = 0
         # Repeated warnings (a list's failures, the lists out of service) once per period.
         self._once = OncePer(log_period)
         self._client: DnsClient | None = None
@@ -275,7 +302,7 @@ class DnsblSource:
                 client.resume(handover.nameservers)
                 self._fault, self._silent = handover.fault, handover.silent
                 for i, (health, out_since) in handover.health.items():
-                    self._lists[i].set_health(health)
+                    self._set_health(self._lists[i], health)
                     self._lists[i].out_since = out_since
                 self._cache.load(handover.answers)
             else:
@@ -298,6 +325,18 @@ class DnsblSource:
             self._snapshot_settled = True
         self._tasks.append(asyncio.create_task(self._snapshot_loop()))
 
+    @property
+    def generation(self) -> int:
+        """Changes when a result from the cache alone could change before the earliest
+        expiry of the answers it came from (`Cached.expires`): a list's standing changed, an
+        unexpired answer left the cache or was replaced, or the source closed."""
+        return self._changes + self._cache.changes
+
+    def holds(self, generation: int, expires: float) -> bool:
+        """Whether results from the cache alone taken at `generation`, from answers whose
+        earliest expiry is `expires` (`Cached.expires`), are still what a lookup gives."""
+        return generation == self._changes + self._cache.changes and self._clock() < expires
+
     async def close(self) -> None:
         """Stop the periodic jobs and the questions on the wire, write the snapshot."""
         tasks, self._tasks = self._tasks, []
@@ -311,6 +350,7 @@ class DnsblSource:
             if self._snapshot_settled:
                 await self.save_snapshot()
             self._client = None
+            self._changes += 1  # nothing is answered from the cache any more
 
     async def _probe_loop(self) -> None:
         while True:
@@ -413,18 +453,38 @@ class DnsblSource:
     def peek_ptr(self, ip: str | IPAddress) -> Cached[PtrResult] | None:
         """`ptr`'s result when the PTR answer and every forward answer it leads to are cached,
         else None (see `peek_ip`)."""
+        if self._client is None:
+            return None  # before open() and after close(): the DNS path says why
         address = _address(ip)
-        ptr = self._cached("", "PTR", _ptr_label(address))
-        if ptr is None:
+        label = _ptr_label(address)
+        cache = self._cache
+        now = self._clock()
+        entry = cache.entry(("", "PTR", label), now)
+        if entry is None:
             return None
+        ptr = entry.answer
+        expires = ptr.expires
+        rdtype = _forward_type(address)
+        known = self._ptr_memo.get(label)
+        if known is not None and known[0] is ptr:
+            # Decided from this very PTR answer before: the same result while the forward
+            # answers are the very ones it was decided from, too.
+            for name, forward in known[1]:
+                found = cache.entry(("", rdtype, name), now)
+                if found is None or found.answer is not forward:
+                    break
+                expires = min(expires, forward.expires)
+            else:
+                return Cached(known[2], known[3], expires)
+            expires = ptr.expires
         forwards: dict[str, DnsAnswer] = {}
         if ptr.status is Status.FOUND:
-            rdtype = _forward_type(address)
             for name in ptr_names(ptr):
-                forward = self._cached("", rdtype, name)
-                if forward is None:
+                found = cache.entry(("", rdtype, name), now)
+                if found is None:
                     return None
-                forwards[name] = forward
+                forwards[name] = found.answer
+                expires = min(expires, found.answer.expires)
         result = decide_fcrdns(address, ptr, forwards)
 
         def count() -> None:
@@ -433,7 +493,11 @@ class DnsblSource:
             self._ptr_counters.cache_hits += 1
             self._account_ptr(result)
 
-        return Cached(result, count)
+        memo = self._ptr_memo
+        if len(memo) >= self._config.cache_size:
+            memo.clear()  # bounded as the cache is; what is still cached is decided again
+        memo[label] = (ptr, tuple(forwards.items()), result, count)
+        return Cached(result, count, expires)
 
     def cached_ip(self, ip: str | IPAddress) -> DnsblResult | None:
         """`check_ip`'s result, counted, when the cache holds all of it; else None."""
@@ -453,43 +517,64 @@ class DnsblSource:
 
     def _peek_check(self, lists: Sequence[_ListState], label: str,
                     skipped: str = "") -> Cached[DnsblResult] | None:
-        answers: list[ListAnswer] = []
+        if self._client is None:
+            return None  # before open() and after close(): the DNS path says why
+        cache = self._cache
+        now = self._clock()
+        expires = math.inf
         asked: list[_ListState] = []
+        verdicts: list[ListAnswer] = []
         for state in lists:
             reason = standing(state.health)
             if reason == UNPROBED:
                 return None  # `_check` waits for its first probe, within the deadline
             if reason:
                 continue  # out of service: it leaves the decision to the others
-            asked.append(state)
-            zone = state.spec.zone
-            found = self._cached(zone, "A", label)
-            if found is None:
+            spec = state.spec
+            entry = cache.entry((spec.zone, "A", label), now)
+            if entry is None:
                 return None
-            answer = interpret(state.spec, found)
-            if answer.status is Status.FOUND:
+            expires = min(expires, entry.answer.expires)
+            # The list's verdict on this answer is kept with it: decided once, not again on
+            # every request (codes classified, the TXT's text cleaned).
+            kept = entry.verdict
+            if kept is None or kept.spec is not spec:
+                bare = interpret(spec, entry.answer)
+                kept = entry.verdict = KeptVerdict(spec, bare, bare)
+            if kept.bare.status is Status.FOUND:
                 # `_check` asks a hit's TXT too, and waits for it within the deadline.
-                txt = self._cached(zone, "TXT", label)
+                txt = cache.entry((spec.zone, "TXT", label), now)
                 if txt is None:
                     return None
-                answer = with_text(state.spec, answer, txt)
-            answers.append(answer)
+                expires = min(expires, txt.answer.expires)
+                if kept.txt is not txt.answer:
+                    kept = entry.verdict = KeptVerdict(
+                        spec, kept.bare, with_text(spec, kept.bare, txt.answer), txt.answer)
+            asked.append(state)
+            verdicts.append(kept.answer)
+
+        # The same lists with the same verdicts as last time: the same result, and the same
+        # count (the identical result lets the `dnsbl` reply be reused as well).
+        who, said = tuple(asked), tuple(verdicts)
+        key = (label, skipped)
+        known = self._combined.get(key)
+        if known is not None and known[0] == who and known[1] == said:
+            return Cached(known[2], known[3], expires)
 
         def count() -> None:
             # As `_check` counts answers without a packet: a query and a cache hit per list
             # asked (one out of service is not asked), and each answer's hit or failure.
-            for state in asked:
+            for state in who:
                 state.counters.queries += 1
                 state.counters.cache_hits += 1
-            self._account_all(asked, answers)
+            self._account_all(who, said)
 
-        return Cached(combine(answers, self._config.threshold, skipped), count)
-
-    def _cached(self, zone: str, rdtype: str, label: str) -> DnsAnswer | None:
-        # Before open() and after close() nothing is "cached": the DNS path then raises.
-        if self._client is None:
-            return None
-        return self._cache.get((zone, rdtype, label))
+        result = combine(said, self._config.threshold, skipped)
+        memo = self._combined
+        if len(memo) >= self._config.cache_size:
+            memo.clear()  # bounded as the cache is; what is still cached is decided again
+        memo[key] = (who, said, result, count)
+        return Cached(result, count, expires)
 
     # -- lookups through DNS -----------------------------------------------------------------
 
@@ -783,6 +868,11 @@ class DnsblSource:
             # Said when it starts (or changes), not every round: a list that merely lacks
             # its positive test point would otherwise nag forever.
             logger.warning("DNSBL %s: %s", name, health.note)
+        self._set_health(state, health)
+
+    def _set_health(self, state: _ListState, health: Health) -> None:
+        if standing(health) != standing(state.health):
+            self._changes += 1  # what was decided with it in or out of service is stale
         state.set_health(health)
 
     def _track(self, state: _ListState, answer: DnsAnswer, started: float) -> None:

@@ -70,6 +70,18 @@ class ListAnswer:
     text: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class KeptVerdict:
+    """One list's verdict on a cached A answer, kept beside it in the cache (not decided
+    again on every request): `bare` from the A records alone, `answer` with the text of
+    `txt`, a hit's TXT answer, and decided again when the cache holds another TXT answer."""
+
+    spec: ListSpec
+    bare: ListAnswer
+    answer: ListAnswer
+    txt: DnsAnswer | None = None
+
+
 def interpret(spec: ListSpec, answer: DnsAnswer) -> ListAnswer:
     """One list's verdict from its A records (without TXT; see `with_text`)."""
     if answer.status is Status.UNKNOWN:
