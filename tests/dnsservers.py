@@ -31,6 +31,7 @@ from pathlib import Path
 import dns.message
 import dns.query
 import dns.rcode
+from support import free_udp_port
 
 ZONES_DIR = Path(__file__).resolve().parent / "data" / "dnsbl"
 RBLDNSD = shutil.which("rbldnsd") or "/usr/sbin/rbldnsd"
@@ -90,21 +91,6 @@ mail6 AAAA 2001:db8::25
 # Served by knot with a missing zone file: every query gets SERVFAIL. 202.2.0.192.bl.test
 # makes one client address of the healthy bl.test list fail (routed there by DnsLab).
 KNOT_BROKEN = ("broken.test", "202.2.0.192.bl.test")
-
-
-def free_udp_port() -> int:
-    """A port nobody uses right now for UDP nor TCP on 127.0.0.1 (knot and dnsmasq listen on
-    both): bind UDP port 0, let the kernel choose, and keep it only if TCP is free too."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, \
-                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            try:
-                tcp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
 
 
 def start_on_a_free_port(start: Callable[[], None], attempts: int = 3) -> None:

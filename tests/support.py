@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,17 +22,37 @@ FIREWALL = TESTDATA / "firewall"
 EXIM = shutil.which("exim4") or shutil.which("exim") or "/usr/sbin/exim4"
 
 
-def free_port(family: int = socket.AF_INET) -> int:
-    """A TCP port nobody listens on right now (bind port 0 and let the kernel choose)."""
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1" if family == socket.AF_INET else "::1", 0))
-        return int(s.getsockname()[1])
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(family: int = socket.AF_INET, *, udp: bool = False) -> int:
+    """A loopback port nobody uses right now for TCP (and UDP with `udp`: DNS servers listen
+    on both), below the kernel's ephemeral range: a port the kernel chose (bind to port 0)
+    can be handed to another process's outgoing connection before the test's server binds
+    it, a port below that range only to another test picking the same one at random."""
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,)
+    low, high = 10000, max(10001, _ephemeral_low() - 1)
+    while True:
+        port = random.randint(low, high)
+        socks = [socket.socket(family, kind) for kind in kinds]
+        try:
+            for sock in socks:
+                sock.bind((host, port))
+            return port
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port(udp=True)
 
 
 def short_dir(prefix: str = "lkd") -> Path:
