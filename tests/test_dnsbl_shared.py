@@ -115,9 +115,17 @@ async def test_an_answer_shared_by_another_host_replaces_what_was_decided(
         assert cluster.up
         clean = await source.check_ip("192.0.2.99")
         assert clean.status is Status.NOT_FOUND and source.cached_ip("192.0.2.99") == clean
+        # This host shares its answer in the background: wait until it is in Redis, so
+        # that it cannot land after (and over) the other host's newer one below.
+        key = "lookupd:dns:A:99.2.0.192.bl.test"
+        for _ in range(200):
+            if redis.cli("GET", key):
+                break
+            await asyncio.sleep(0.01)
+        assert redis.cli("GET", key), "this host's answer never reached Redis"
         # Another host learnt meanwhile that the client is listed.
         later = now[0] + 86400 + 1
-        redis.cli("SET", "lookupd:dns:A:99.2.0.192.bl.test",
+        redis.cli("SET", key,
                   json.dumps({"s": "found", "r": ["127.0.0.2"], "e": later + 600}),
                   "PX", "600000")
         assert source.cached_ip("192.0.2.99") == clean  # this host's answer is still valid
