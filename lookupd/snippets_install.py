@@ -57,6 +57,10 @@ _SETS = re.compile(
 # Sympl's Makefile takes only files named like this.
 _SYMPL_NAME = re.compile(r"[a-z0-9][a-z0-9-]+")
 SYMPL_LOCAL = "sympl.d/00-main/44-lookupd-install"
+# Embedded Perl doing what lookupd answers: the GeoIP country (sympl-email-changes'
+# get_geo, and the like) and the interpreter it needs.
+_PERL_GEO = re.compile(r"\$\{perl\{(get_geo\w*|\w*country\w*)\}", re.IGNORECASE)
+_PERL_STARTUP = re.compile(r"(?m)^\s*perl_startup\s*=")
 # An `accept` statement with an `authenticated =` condition (before the next verb).
 _ACCEPTS_AUTHENTICATED = re.compile(
     r"(?ms)^\s*accept\b(?:(?!^\s*(?:accept|deny|defer|discard|drop|require|warn)\b).)*?"
@@ -153,9 +157,35 @@ def plan(layout: Layout, etc: Path, snippets: Path) -> Plan:
                 result.aside.append(str(path.relative_to(etc)))
                 result.notes.append(f"Sympl: {path.relative_to(etc)} set aside (lookupd's "
                                     "connect verdict does this check)")
+    result.notes.extend(_perl_notes(etc, others))
     if layout == "single" and (etc / "lookupd-exim.conf").exists() and not result.copies:
         result.notes.append("single: lookupd-exim.conf is there already")
     return result
+
+
+def _perl_notes(etc: Path, files: list[Path]) -> list[str]:
+    """Where the tree asks embedded Perl for the country: what to take out once lookupd's
+    connect ACL sets $acl_c_ipcountry (left to the admin: it is their file)."""
+    notes: list[str] = []
+    geo = False
+    for path in files:
+        text = _read(path)
+        for number, line in enumerate(text.splitlines(), 1):
+            found = _PERL_GEO.search(line)
+            if found:
+                geo = True
+                notes.append(f"{path.relative_to(etc)}:{number} asks embedded Perl for the "
+                             f"country (${{perl{{{found.group(1)}}}...}}): lookupd's connect "
+                             "ACL sets $acl_c_ipcountry already, for every later ACL; remove "
+                             "that statement (or set it from $acl_c_ipcountry)")
+    if geo:
+        for path in files:
+            for number, line in enumerate(_read(path).splitlines(), 1):
+                if _PERL_STARTUP.match(line):
+                    notes.append(f"{path.relative_to(etc)}:{number} loads Perl "
+                                 "(perl_startup): once nothing calls ${perl{...}}, remove it "
+                                 "and Exim starts no interpreter")
+    return notes
 
 
 # --- carrying an existing setup over into lookupd.toml -----------------------------------------

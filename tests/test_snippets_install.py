@@ -188,6 +188,31 @@ def test_a_tree_with_its_own_quit_acl(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == os.EX_DATAERR and "sets acl_smtp_quit already" in out
 
 
+def test_embedded_perl_for_the_country_is_pointed_out(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tree that asks embedded Perl for the country: install says where, and that the
+    connect ACL's $acl_c_ipcountry replaces it, and leaves the files alone."""
+    etc = sympl_etc(tmp_path)
+    perl = etc / "sympl.d/00-main/50-perl"
+    perl.write_text("perl_startup = do '/etc/exim4/geoip.pl'\n")
+    geo = etc / "sympl.d/10-acl/10-acl-check-connect/30-geoip"
+    geo.write_text("  warn\n    set acl_c_ipcountry = ${perl{get_geo}{$sender_host_address}}\n")
+    before = (perl.read_bytes(), geo.read_bytes())
+    code, out = run(capsys, "install", "--layout", "sympl", "--snippets", str(SNIPPETS),
+                    "--etc", str(etc))
+    assert code == 0, out
+    assert ("sympl.d/10-acl/10-acl-check-connect/30-geoip:2 asks embedded Perl for the country "
+            "(${perl{get_geo}...}): lookupd's connect ACL sets $acl_c_ipcountry already") in out
+    assert "sympl.d/00-main/50-perl:1 loads Perl (perl_startup): once nothing calls" in out
+    assert (perl.read_bytes(), geo.read_bytes()) == before
+    # Without a ${perl{get_geo}} call, perl_startup is none of lookupd's business.
+    other = sympl_etc(tmp_path / "o")
+    (other / "sympl.d/00-main/50-perl").write_text("perl_startup = do '/etc/x.pl'\n")
+    code, out = run(capsys, "install", "--layout", "sympl", "--dry-run", "--snippets",
+                    str(SNIPPETS), "--etc", str(other))
+    assert code == 0 and "perl_startup" not in out, out
+
+
 def test_sympl_settings_are_carried_over_into_lookupd_toml(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     etc = sympl_etc(tmp_path)
