@@ -3,6 +3,7 @@ a failure is (the list's or the resolver's), and "say it once per period" for lo
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -124,6 +125,23 @@ def resolver_fault(replied: bool, verdicts: Sequence[Health]) -> str:
     if len(verdicts) >= 2 and all(h.quarantine == NOT_ANSWERING for h in verdicts):
         return "no-list-answers"
     return ""
+
+
+def lone_list(health: Health, zone: str, label: str,
+              nameservers: Sequence[tuple[str, int]]) -> Health:
+    """A lone list's "not answering", which nothing tells from a resolver that reaches no
+    list at all: the note says so, with the `dig` that tells them apart (the configured zone,
+    never a DQS key)."""
+    if health.quarantine != NOT_ANSWERING:
+        return health
+    server = ""
+    if nameservers:
+        host, port = nameservers[0]
+        server = f"@{shlex.quote(host)} " + (f"-p {port} " if port != 53 else "")
+    dig = f"dig {server}{shlex.quote(f'{label}.{zone}')} A"
+    return Health(NOT_ANSWERING, f"{health.note}; with no other list to compare, lookupd "
+                                 "cannot tell that from a resolver that reaches no list at "
+                                 f"all: try {dig}, and a name you know, through it")
 
 
 def own_failure(since: float, peers_answered: Sequence[float], last_reply: float) -> bool:

@@ -44,6 +44,7 @@ from lookupd.dnsbl.health import (
     OncePer,
     advice,
     judge,
+    lone_list,
     own_failure,
     resolver_fault,
     standing,
@@ -813,6 +814,11 @@ class DnsblSource:
                 # Not the list's doing: it keeps its standing (unprobed stays unprobed), and
                 # a query waiting for its first probe stops waiting.
                 state.settled.set()
+            elif len(self._lists) == 1:
+                points = probe_points(state.spec.kind, state.spec.families)
+                self._judged(state, lone_list(
+                    health, state.spec.zone, points[0].label,
+                    [(n.host, n.port) for n in self._config.nameservers]))
             else:
                 self._judged(state, health)
         self._remind()
