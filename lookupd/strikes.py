@@ -4,8 +4,9 @@ as `strikes=N` (rule `strikes_threshold`).
 
     strike IP KIND [COUNT] [KIND [COUNT]]...  ->  strikes=N
 
-(COUNT: how many such strikes at once, 1 to MAX_COUNT in all; the snippets send all of a
-connection's strikes in one call when it ends, e.g. `strike 192.0.2.1 auth 3 rcpt 12`.)
+(COUNT: how many such strikes at once, at most MAX_COUNT in all, more counting as that many;
+the snippets send all of a connection's strikes in one call when it ends, e.g.
+`strike 192.0.2.1 auth 3 rcpt 12`.)
 
 An IPv6 client is struck and counted by its network (`connect.strikes_ipv6_prefix`, /64 by
 default): one end site has a /64 or more, and a guesser hopping through it would otherwise
@@ -94,9 +95,11 @@ def check_kind(raw: str) -> str:
 
 
 def check_count(raw: str) -> int:
-    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_COUNT:
-        raise BadRequest(f"strike COUNT is a whole number from 1 to {MAX_COUNT}")
-    return int(raw)
+    """A COUNT: a whole number from 1 up; above MAX_COUNT it counts as MAX_COUNT (a dictionary
+    run of thousands of recipients is struck, not refused as a bad request)."""
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9 or int(raw) < 1:
+        raise BadRequest("strike COUNT is a whole number from 1 up")
+    return min(int(raw), MAX_COUNT)
 
 
 # At most this many KIND [COUNT] pairs in one request.
@@ -120,9 +123,7 @@ def parse_strikes(args: tuple[str, ...]) -> tuple[str, int]:
             check_kind(arg)  # raises: says what a KIND is
     if not 1 <= len(pairs) <= MAX_KINDS:
         raise BadRequest(f"strike takes 1 to {MAX_KINDS} KIND [COUNT] pairs")
-    total = sum(count for _, count in pairs)
-    if total > MAX_COUNT:
-        raise BadRequest(f"strike COUNT is a whole number from 1 to {MAX_COUNT} (in all)")
+    total = min(sum(count for _, count in pairs), MAX_COUNT)
     return ",".join(kind for kind, _ in pairs), total
 
 

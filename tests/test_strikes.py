@@ -40,16 +40,16 @@ def test_strikes_count_and_deny_at_connect(start_lookupd: StartLookupd, tmp_path
     assert daemon.query("strike 192.0.2.3 rcpt 7\n") == "strikes=7"
     assert daemon.query("strike 192.0.2.3 auth 1\n") == "strikes=8"
     assert daemon.query("strike 192.0.2.3 auth 2 rcpt 3 proto \n") == "strikes=14"
-    for bad in ("0", "101", "-1", "1.5", "1e2"):
+    for bad in ("0", "-1", "1.5", "1e2", "9999999999"):
         reply = daemon.query(f"strike 192.0.2.3 auth {bad}\n")
-        assert reply == "error strike COUNT is a whole number from 1 to 100", (bad, reply)
+        assert reply == "error strike COUNT is a whole number from 1 up", (bad, reply)
     pairs = "error strike takes KIND [COUNT] pairs: e.g. strike IP auth 3 rcpt 2"
     assert daemon.query("strike 192.0.2.3 3\n") == pairs
     assert daemon.query("strike 192.0.2.3 auth 2 3\n") == pairs
     assert daemon.query("strike 192.0.2.3 a b c d e\n") == \
         "error strike takes 1 to 4 KIND [COUNT] pairs"
-    assert daemon.query("strike 192.0.2.3 auth 60 rcpt 41\n") == \
-        "error strike COUNT is a whole number from 1 to 100 (in all)"
+    # A dictionary run of thousands of recipients is struck, as 100 at most per call.
+    assert daemon.query("strike 192.0.2.4 auth 60 rcpt 5000\n") == "strikes=100"
     assert daemon.query("strike 192.0.2.9 auth 5\n") == "strikes=0"
     assert fields(daemon.query("connect 192.0.2.3 25\n"))["strikes"] == "14"
     # A warm connect reply of an IPv6 client is not reused past a strike on its /64.
