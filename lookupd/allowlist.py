@@ -11,6 +11,7 @@ safe reading of Exim's first-match rule).
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -190,14 +191,16 @@ class ListFile:
         if signature == self._signature:
             return
         if st.st_size > MAX_FILE_BYTES:
-            self._failed(f"it is larger than {MAX_FILE_BYTES // (1024 * 1024)} MB; is the "
+            self._failed(f"it is larger than {MAX_FILE_BYTES // (1024 * 1024)} MB", "Is the "
                          "path right?")
             return
         try:
             with open(open_regular(self.path), encoding="utf-8", errors="replace") as fh:
                 parsed = parse_lines(fh)
         except OSError as exc:
-            self._failed(f"cannot read it: {exc.strerror}")
+            # EINVAL: not a regular file (regularfile says so, and what to do).
+            self._failed(f"cannot read it: {exc.strerror}",
+                         "" if exc.errno == errno.EINVAL else "Make it readable by lookupd")
             return
         if parsed.skipped:
             number, text = parsed.skipped[0]
@@ -215,12 +218,12 @@ class ListFile:
             self.changes += 1
         self._nets, self._signature, self.status, self._problem = nets, signature, status, ""
 
-    def _failed(self, problem: str) -> None:
+    def _failed(self, problem: str, fix: str = "Make it readable by lookupd") -> None:
         if problem != self._problem:
             kept = ("keeping the entries read before" if self.status is Status.FOUND
                     else "it counts as unknown until it can be read")
-            log.warning("list file %s: %s; %s. Make it readable by lookupd", self.path,
-                        problem, kept)
+            log.warning("list file %s: %s; %s%s", self.path, problem, kept,
+                        f". {fix}" if fix else "")
         self._problem = problem
         if self.status is not Status.FOUND:
             if self.status is not Status.UNKNOWN:

@@ -133,9 +133,17 @@ def plan(layout: Layout, etc: Path, snippets: Path) -> Plan:
                 (("acl_smtp_quit", "acl_smtp_notquit"), "LOOKUPD_NO_QUIT_ACL",
                  "strikes at the end of a connection")):
             option = next((o for o in options if o in setters), None)
-            if option is None or (etc / SYMPL_LOCAL).exists():
+            if option is None:
                 continue
             where = setters[option].relative_to(etc)
+            if (etc / SYMPL_LOCAL).exists():
+                if not re.search(rf"(?m)^\s*{macro}\s*=", _read(etc / SYMPL_LOCAL)):
+                    raise InstallError(
+                        f"{where} sets {option}, and {etc / SYMPL_LOCAL} (kept from an "
+                        f"earlier install) does not define {macro}: add the line "
+                        f"'{macro} = yes' to it, or Exim refuses the configuration "
+                        "(\"set for the second time\")")
+                continue
             local.append(f"# {where} sets {option} already, so lookupd's 45-lookupd-macros "
                          f"must not.\n{macro} = yes\n")
             result.notes.append(f"Sympl: {where} sets {option}: {macro} set in {SYMPL_LOCAL} "
@@ -171,13 +179,14 @@ def _perl_notes(etc: Path, files: list[Path]) -> list[str]:
     for path in files:
         text = _read(path)
         for number, line in enumerate(text.splitlines(), 1):
-            found = _PERL_GEO.search(line)
+            found = None if line.lstrip().startswith("#") else _PERL_GEO.search(line)
             if found:
                 geo = True
                 notes.append(f"{path.relative_to(etc)}:{number} asks embedded Perl for the "
                              f"country (${{perl{{{found.group(1)}}}...}}): lookupd's connect "
-                             "ACL sets $acl_c_ipcountry already, for every later ACL; remove "
-                             "that statement (or set it from $acl_c_ipcountry)")
+                             "statements set $acl_c_ipcountry already, for everything after "
+                             "them; once every check that reads $acl_c_ipcountry comes after "
+                             "lookupd's, remove that statement")
     if geo:
         for path in files:
             for number, line in enumerate(_read(path).splitlines(), 1):

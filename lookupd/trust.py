@@ -11,14 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import logging
 import os
 import pwd
 import time
 
 from lookupd.config import EXIM_GROUPS
+from lookupd.logsummary import Repeats
 from lookupd.protocol import Peer
 
+repeats = Repeats(logging.getLogger(__name__))
 _CACHE_SECONDS = 60.0
+# How long a request waits for a uid's groups (NSS) before that peer counts as not trusted.
+_LOOKUP_SECONDS = 5.0
 
 
 def exim_group_gid() -> int | None:
@@ -65,6 +70,7 @@ class PeerTrust:
         self._admin_gid = group_gid(admin_group) if admin_group else None
         self._own_uid = os.getuid()
         self._cache: dict[int, tuple[float, frozenset[int]]] = {}
+        self._pending: dict[int, asyncio.Future[frozenset[int]]] = {}
 
     def known_use(self, peer: Peer) -> bool | None:
         """May this TCP peer use the user verbs? None: its groups must be looked up first
@@ -110,7 +116,25 @@ class PeerTrust:
         return cached[1] if cached is not None and cached[0] > time.monotonic() else None
 
     async def _groups(self, uid: int) -> frozenset[int]:
-        groups = await asyncio.to_thread(groups_of, uid)
+        """The uid's groups; one lookup at a time per uid, and none waited for longer than
+        _LOOKUP_SECONDS (a hung LDAP): then no groups, not remembered, asked again later."""
+        pending = self._pending.get(uid)
+        if pending is None:
+            pending = self._pending[uid] = asyncio.ensure_future(
+                asyncio.to_thread(groups_of, uid))
+            pending.add_done_callback(lambda _: self._pending.pop(uid, None))
+        try:
+            groups = await asyncio.wait_for(asyncio.shield(pending), _LOOKUP_SECONDS)
+        except TimeoutError:
+            repeats.warning("slow group lookups",
+                            "looking up the groups of uid %s took more than %gs (NSS: is "
+                            "LDAP or sssd slow?); it is not trusted until it answers", uid,
+                            _LOOKUP_SECONDS)
+            return frozenset()
+        except Exception as exc:  # noqa: BLE001  (NSS modules raise what they like)
+            repeats.warning("failed group lookups", "cannot look up the groups of uid %s "
+                            "(%s); it is not trusted", uid, exc)
+            return frozenset()
         if len(self._cache) > 1024:
             self._cache.clear()
         self._cache[uid] = (time.monotonic() + _CACHE_SECONDS, groups)

@@ -631,3 +631,16 @@ def test_whose_failures() -> None:
     # very list, a PTR) shows it is there.
     assert own_failure(10.0, [], last_reply=11.0)
     assert not own_failure(10.0, [], last_reply=9.0)
+
+
+def test_lone_list_hint() -> None:
+    from lookupd.dnsbl.health import lone_list
+
+    silent = Health(NOT_ANSWERING, "no test-point query got an answer (timeout)")
+    said = lone_list(silent, "bl.example", "2.0.0.127", [("127.0.0.1", 5353)]).note
+    assert said.endswith("try dig @127.0.0.1 -p 5353 2.0.0.127.bl.example A, and a name you "
+                         "know, through it")
+    assert "dig 2.0.0.127.bl.example A" in lone_list(silent, "bl.example", "2.0.0.127", []).note
+    dqs = lone_list(silent, "zen.spamhaus.org", "2.0.0.127", [], dqs=True).note
+    assert "dig" not in dqs and dqs.endswith("reaches Spamhaus' dq.spamhaus.net")
+    assert lone_list(Health(), "bl.example", "2.0.0.127", []) == Health()

@@ -66,6 +66,7 @@ STATES = ("running", "absent", "stale", "hung", "restarted", "killed-mid-session
 TIMEOUT = 2  # LOOKUPD_TIMEOUT in seconds (the snippets' default is 3s): the hung state's cost
 BROKEN_KEY = "bogus_mailflow_key"  # an unknown key in [connect]
 AUTH_USER = "carol"
+STRIKE_USER = "mallory"  # AUTH refused (no TLS): a strike when the session ends
 
 # spool_directory and log_file_path from the command line's -D macros (EximDaemon sets them).
 # Debian's main/02_exim4-config_options honours SPOOLDIR itself; it has no log_file_path.
@@ -205,21 +206,20 @@ class Lab:
 
     def session(self, n_messages: int = 1, *, ip: str | None = None, expect_down: int | None = 0,
                 listed: bool = False, strike: bool = False) -> Session:
-        """`strike`: each message names an unknown local recipient first (refused), so the
-        QUIT ACL sends lookupd a strike when the session ends."""
+        """`strike`: the client tries AUTH first (refused: no TLS), so the QUIT ACL sends
+        lookupd a strike when the session ends; its mail goes on unauthenticated."""
         ip = ip or client_ip()
         sender = f"sender@{ip.replace('.', '-')}.example.net"
         messages = [Message.make(sender, LOCAL_RECIPIENT, f"{self.layout}-{self.transport}-{i}")
                     for i in range(n_messages)]
-        recipients = (UNKNOWN_RECIPIENT, LOCAL_RECIPIENT) if strike else (LOCAL_RECIPIENT,)
-        done = smtp_session(self.smtp.port, ip, messages, sender=sender, recipients=recipients,
-                            refusal_expected=recipients[:-1])
+        done = smtp_session(self.smtp.port, ip, messages, sender=sender,
+                            auth_user=STRIKE_USER if strike else None)
         done.expect_down, done.listed = expect_down, listed
         return done
 
     def standard(self, expect_down: int) -> list[Session]:
-        """Two clean clients (one message; two messages in one session, each with an unknown
-        recipient first: strikes at QUIT) and the listed one."""
+        """Two clean clients (one message; two messages in one session after a refused AUTH:
+        a strike at QUIT) and the listed one."""
         return [self.session(1, expect_down=expect_down),
                 self.session(2, expect_down=expect_down, strike=True),
                 self.session(1, ip=LISTED_IP, expect_down=expect_down, listed=True)]
@@ -275,8 +275,8 @@ def state_running(lab: Lab) -> list[Session]:
     # Twice: the first session after a start is slower (cold caches), and the fastest of each
     # kind is the baseline the other states' extra seconds are measured against.
     sessions = lab.standard(expect_down=0) + lab.standard(expect_down=0)
-    for s in sessions:  # the QUIT ACL's strikes reached lookupd: one per unknown recipient
-        want = 2 if len(s.sent) == 2 else 0
+    for s in sessions:  # the QUIT ACL's strike reached lookupd: one per refused AUTH
+        want = 1 if len(s.sent) == 2 else 0
         got = daemon.query(f"connect {s.ip} 25").rsplit(" strikes=", 1)[-1]
         if not s.listed and got != str(want):
             lab.notes.append(f"[{s.ip}] strikes={got}, expected {want}")
@@ -536,15 +536,17 @@ def test_the_harness_sees_exims_stale_descriptor_damage(socket_kind: str, logwri
 def test_fail2ban_bans_exactly_the_refusals_of_these_sessions(lab: Lab) -> None:
     """Runs after the states of its lab (pytest groups the tests of one lab together): the
     shipped refusal filter, through the real fail2ban-regex, on everything Exim logged. Every
-    refusal matched (the listed client while lookupd ran), and nothing else: no 'lookupd
-    down', no accepted session, no defer."""
+    refusal matched (the listed client while lookupd ran, the AUTH refused to the striking
+    clients), and nothing else: no 'lookupd down', no accepted session, no defer."""
     from test_fail2ban import fail2ban_hits
 
     log_text = lab.smtp.read_log()
-    refusals = [line for line in log_text.splitlines()
-                if 'rejected connection in "connect" ACL: lookupd deny' in line]
-    assert refusals and all(f"[{LISTED_IP}]" in line for line in refusals), refusals
+    denied = [line for line in log_text.splitlines()
+              if 'rejected connection in "connect" ACL: lookupd deny' in line]
+    assert denied and all(f"[{LISTED_IP}]" in line for line in denied), denied
+    auth = [line for line in log_text.splitlines() if ": lookupd auth refused " in line]
+    assert auth and all(line.endswith(": AUTH without TLS") for line in auth), auth
     assert "lookupd down:" in log_text  # the other states were logged too
     hits = fail2ban_hits(log_text)
-    assert [line for _, line in hits] == refusals
-    assert {host for host, _ in hits} == {LISTED_IP}
+    assert sorted(line for _, line in hits) == sorted(denied + auth)
+    assert LISTED_IP in {host for host, _ in hits}

@@ -328,3 +328,42 @@ def test_peer_trust_looks_groups_up_off_the_loop_and_remembers_them() -> None:
         asyncio.run(run())
     finally:
         trust_module.groups_of = real
+
+
+def test_a_hung_group_lookup_is_not_waited_for_and_not_trusted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """NSS that hangs (an LDAP server gone): the request waits at most the lookup timeout,
+    the peer is not trusted, nothing is remembered, and one lookup runs per uid."""
+    import asyncio
+    import threading
+
+    from lookupd import trust as trust_module
+    from lookupd.protocol import Peer
+    from lookupd.trust import PeerTrust
+
+    release = threading.Event()
+    calls: list[int] = []
+
+    def hung(uid: int, gid: int | None = None) -> frozenset[int]:
+        calls.append(uid)
+        release.wait(10)
+        return frozenset({0})
+
+    async def run() -> None:
+        trust = PeerTrust(socket_group="root")
+        peer = Peer("tcp", 4242)
+        results = await asyncio.gather(trust.check_use(peer), trust.check_use(peer))
+        assert results == [False, False]
+        assert calls == [4242]  # one lookup for both requests
+        assert trust.known_use(peer) is None  # not remembered: asked again next time
+        release.set()
+
+    real, seconds = trust_module.groups_of, trust_module._LOOKUP_SECONDS
+    trust_module.groups_of = hung  # type: ignore[assignment]
+    trust_module._LOOKUP_SECONDS = 0.2
+    try:
+        asyncio.run(run())
+    finally:
+        trust_module.groups_of, trust_module._LOOKUP_SECONDS = real, seconds
+        release.set()
+    assert "took more than 0.2s (NSS: is LDAP or sssd slow?)" in caplog.text

@@ -181,6 +181,16 @@ def test_a_tree_with_its_own_quit_acl(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "LOOKUPD_NO_AUTH_ACL = yes" in local and "LOOKUPD_NO_QUIT_ACL = yes" in local
     check_exim(build_sympl_tree(etc, tmp_path / "exim4.conf"))
 
+    # 44-lookupd-install kept from an earlier install, without the macro: install stops.
+    kept = sympl_etc(tmp_path / "k")
+    (kept / "sympl.d/00-main/61-notquit").write_text("acl_smtp_notquit = acl_mine\n")
+    (kept / "sympl.d/00-main/44-lookupd-install").write_text("LOOKUPD_NO_AUTH_ACL = yes\n")
+    code, out = run(capsys, "install", "--layout", "sympl", "--snippets", str(SNIPPETS),
+                    "--etc", str(kept))
+    assert code == os.EX_DATAERR and "does not define LOOKUPD_NO_QUIT_ACL: add the line " \
+        "'LOOKUPD_NO_QUIT_ACL = yes' to it" in out, out
+    assert not (kept / "lookupd-snippets.json").exists()
+
     debian = debian_etc(tmp_path / "d")
     (debian / "conf.d/main/01_mine").write_text("acl_smtp_quit = acl_mine\n")
     code, out = run(capsys, "install", "--layout", "debian", "--snippets", str(SNIPPETS),
@@ -196,13 +206,16 @@ def test_embedded_perl_for_the_country_is_pointed_out(
     perl = etc / "sympl.d/00-main/50-perl"
     perl.write_text("perl_startup = do '/etc/exim4/geoip.pl'\n")
     geo = etc / "sympl.d/10-acl/10-acl-check-connect/30-geoip"
-    geo.write_text("  warn\n    set acl_c_ipcountry = ${perl{get_geo}{$sender_host_address}}\n")
+    geo.write_text("  warn\n    set acl_c_ipcountry = ${perl{get_geo}{$sender_host_address}}\n"
+                   "#  warn set acl_c_x = ${perl{get_geo}{$sender_host_address}}\n")
     before = (perl.read_bytes(), geo.read_bytes())
     code, out = run(capsys, "install", "--layout", "sympl", "--snippets", str(SNIPPETS),
                     "--etc", str(etc))
     assert code == 0, out
     assert ("sympl.d/10-acl/10-acl-check-connect/30-geoip:2 asks embedded Perl for the country "
-            "(${perl{get_geo}...}): lookupd's connect ACL sets $acl_c_ipcountry already") in out
+            "(${perl{get_geo}...}): lookupd's connect statements set $acl_c_ipcountry "
+            "already") in out
+    assert "30-geoip:3" not in out  # a comment
     assert "sympl.d/00-main/50-perl:1 loads Perl (perl_startup): once nothing calls" in out
     assert (perl.read_bytes(), geo.read_bytes()) == before
     # Without a ${perl{get_geo}} call, perl_startup is none of lookupd's business.

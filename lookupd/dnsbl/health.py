@@ -128,20 +128,25 @@ def resolver_fault(replied: bool, verdicts: Sequence[Health]) -> str:
 
 
 def lone_list(health: Health, zone: str, label: str,
-              nameservers: Sequence[tuple[str, int]]) -> Health:
-    """A lone list's "not answering", which nothing tells from a resolver that reaches no
-    list at all: the note says so, with the `dig` that tells them apart (the configured zone,
-    never a DQS key)."""
+              nameservers: Sequence[tuple[str, int]], *, dqs: bool = False) -> Health:
+    """A lone list that answered none of its test points: nothing tells that from a resolver
+    that reaches no list at all. The note says so, with the `dig` that tells them apart (the
+    configured zone: never the DQS key, and no `dig` at all for a DQS list, whose public
+    zone answers differently)."""
     if health.quarantine != NOT_ANSWERING:
         return health
-    server = ""
-    if nameservers:
-        host, port = nameservers[0]
-        server = f"@{shlex.quote(host)} " + (f"-p {port} " if port != 53 else "")
-    dig = f"dig {server}{shlex.quote(f'{label}.{zone}')} A"
+    if dqs:
+        how = "check that the resolver reaches Spamhaus' dq.spamhaus.net"
+    else:
+        server = ""
+        if nameservers:
+            host, port = nameservers[0]
+            server = f"@{shlex.quote(host)} " + (f"-p {port} " if port != 53 else "")
+        how = (f"try dig {server}{shlex.quote(f'{label}.{zone}')} A, and a name you know, "
+               "through it")
     return Health(NOT_ANSWERING, f"{health.note}; with no other list to compare, lookupd "
                                  "cannot tell that from a resolver that reaches no list at "
-                                 f"all: try {dig}, and a name you know, through it")
+                                 f"all: {how}")
 
 
 def own_failure(since: float, peers_answered: Sequence[float], last_reply: float) -> bool:

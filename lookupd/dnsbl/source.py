@@ -130,6 +130,8 @@ class _ListState:
     last_answer: float = -math.inf
     # Since when (wall clock) it has been out of service, while it is.
     out_since: float = 0.0
+    # The test points its last probe got no answer for (their labels, in probe order).
+    unanswered: tuple[str, ...] = ()
 
     def set_health(self, health: Health) -> None:
         if health.quarantined != (self.health is not None and self.health.quarantined):
@@ -814,11 +816,13 @@ class DnsblSource:
                 # Not the list's doing: it keeps its standing (unprobed stays unprobed), and
                 # a query waiting for its first probe stops waiting.
                 state.settled.set()
-            elif len(self._lists) == 1:
-                points = probe_points(state.spec.kind, state.spec.families)
+            elif len(self._lists) == 1 and len(state.unanswered) == len(
+                    probe_points(state.spec.kind, state.spec.families)):
+                # No test point answered and no other list to compare with.
                 self._judged(state, lone_list(
-                    health, state.spec.zone, points[0].label,
-                    [(n.host, n.port) for n in self._config.nameservers]))
+                    health, state.spec.zone, state.unanswered[0],
+                    [(n.host, n.port) for n in self._config.nameservers],
+                    dqs=state.qzone != state.spec.zone))
             else:
                 self._judged(state, health)
         self._remind()
@@ -844,6 +848,8 @@ class DnsblSource:
             for p in points))
         health = judge(list(zip(points, answers, strict=True)), self._dqs(state),
                        state.spec.errors)
+        state.unanswered = tuple(p.label for p, a in zip(points, answers, strict=True)
+                                 if a.status is Status.UNKNOWN)
         if health.quarantine != NOT_ANSWERING:
             # It answered: the resolver reaches the lists, whatever it did before.
             state.last_answer = time.monotonic()
