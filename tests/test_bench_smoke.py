@@ -185,3 +185,24 @@ def test_pairs_alternate_abba_and_ratio_is_the_median_of_round_ratios(
     assert c.ratio() == 1.25
     assert b.spread() == (1.5, 6.0) and b.median() == 3.75
     assert pairs.rows([c])[0][-1] == "1.25x"
+
+
+def test_bench_cluster_quick(tmp_path: Path) -> None:
+    """Issue 13's suite end to end on --quick (about 15 s): propagation, the Redis price as
+    ratios of the same round, and the DNSBL questions three hosts send with and without the
+    shared cache, counted in rbldnsd's log."""
+    missing = [t for t in ("redis-server", "rbldnsd")
+               if not (shutil.which(t) or Path(f"/usr/sbin/{t}").exists())]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)}")
+    proc = run_bench(tmp_path, "cluster")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for label in ("redis user-fail", "redis strike"):
+        rows = rows_of(proc.stdout, label)
+        assert rows and all(RATIO.search(row) for row in rows), (label, proc.stdout)
+    alone = re.search(r"\| each host alone \| (\d+) \|", proc.stdout)
+    shared = re.search(r"\| answers shared through Redis \| (\d+) \|", proc.stdout)
+    assert alone and shared, proc.stdout
+    assert int(shared.group(1)) < int(alone.group(1))  # the shared cache saves questions
+    assert re.search(r"(?m)^\| \d+\.\d\d \| \d+\.\d\d \| \d+\.\d\d \|$", proc.stdout)  # p50/p99
+    assert "cluster" in json.loads((tmp_path / "latest.json").read_text())["suites"]
