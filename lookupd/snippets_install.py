@@ -121,6 +121,7 @@ def plan(layout: Layout, etc: Path, snippets: Path) -> Plan:
                            "sets it too. See exim-snippets/README.md (\"Debian, split "
                            "configuration\") for hooking lookupd's ACLs into your own.")
     if layout == "debian":
+        _check_debian_split(etc)
         result.notes.append("Debian: MAIN_ACL_CHECK_RCPT now points at acl_lookupd_check_rcpt, "
                             "which hands over to Debian's acl_check_rcpt")
     if layout == "sympl":
@@ -169,6 +170,31 @@ def plan(layout: Layout, etc: Path, snippets: Path) -> Plan:
     if layout == "single" and (etc / "lookupd-exim.conf").exists() and not result.copies:
         result.notes.append("single: lookupd-exim.conf is there already")
     return result
+
+
+_SPLIT = re.compile(r"""(?m)^\s*dc_use_split_config\s*=\s*['"]?(\w*)""")
+
+
+def _check_debian_split(etc: Path) -> None:
+    """conf.d is read only with Debian's split configuration; a hand-written exim4.conf is
+    read instead of anything update-exim4.conf builds. Either way the snippets would sit
+    there unread: say so, and change nothing."""
+    if (etc / "exim4.conf").exists():
+        raise InstallError(f"{etc / 'exim4.conf'} exists: Exim reads it, not the "
+                           "configuration update-exim4.conf builds from conf.d. Paste the "
+                           "snippets into it by hand, or use --layout single as a model "
+                           "(see exim-snippets/README.md)")
+    settings = etc / "update-exim4.conf.conf"
+    if not settings.exists():
+        return  # not debconf-managed: conf.d is what the admin builds from
+    found = _SPLIT.search(_read(settings))
+    if found is None or found.group(1) != "true":
+        raise InstallError(
+            f"{settings} has dc_use_split_config={found.group(1) if found else 'unset'}: "
+            "Debian builds Exim's configuration from exim4.conf.template, and files in conf.d "
+            "are not read. Switch to the split configuration (dpkg-reconfigure exim4-config, "
+            "or dc_use_split_config='true' there, then update-exim4.conf) and install again, "
+            "or see exim-snippets/README.md, \"Debian, one-file configuration\"")
 
 
 def _perl_notes(etc: Path, files: list[Path]) -> list[str]:

@@ -226,6 +226,29 @@ def test_embedded_perl_for_the_country_is_pointed_out(
     assert code == 0 and "perl_startup" not in out, out
 
 
+def test_debian_one_file_configuration_is_refused_with_the_way_out(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Debian's default one-file configuration (and a hand-written exim4.conf) never reads
+    conf.d: install says so and changes nothing, instead of copying files nobody reads."""
+    etc = debian_etc(tmp_path)
+    settings = etc / "update-exim4.conf.conf"
+    split = settings.read_text()
+    settings.write_text(split.replace("dc_use_split_config='true'",
+                                      "dc_use_split_config='false'"))
+    before = snapshot(etc)
+    code, out = run(capsys, "install", "--layout", "debian", "--snippets", str(SNIPPETS),
+                    "--etc", str(etc))
+    assert code == os.EX_DATAERR, out
+    assert "has dc_use_split_config=false: Debian builds Exim's configuration from " \
+        "exim4.conf.template, and files in conf.d are not read" in out
+    assert snapshot(etc) == before
+    settings.write_text(split)
+    (etc / "exim4.conf").write_text("# the admin's own\n")
+    code, out = run(capsys, "install", "--layout", "debian", "--dry-run", "--snippets",
+                    str(SNIPPETS), "--etc", str(etc))
+    assert code == os.EX_DATAERR and "exim4.conf exists: Exim reads it" in out, out
+
+
 def test_sympl_settings_are_carried_over_into_lookupd_toml(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     etc = sympl_etc(tmp_path)
