@@ -4,17 +4,19 @@ TLS port beside the plain one (a throwaway CA and certificates made with openssl
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from support import free_port
+from support import Lookupd, free_port, short_dir
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_SENTINEL = shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel"
@@ -247,3 +249,28 @@ class RedisSentinel:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def cluster_hosts(redis: RedisServer, names: str, extra: str = "",
+                  timeout: str = "300ms") -> Iterator[list[Lookupd]]:
+    """One `lookupd serve` per name in `names`, each with `extra` configuration and a
+    [cluster] on `redis` (its password in a file), connected to it; stopped afterwards."""
+    password_file = redis.workdir / "lookupd.pw"
+    password_file.write_text(PASSWORD)
+    hosts: list[Lookupd] = []
+    try:
+        for name in names:
+            hosts.append(Lookupd(short_dir(), (
+                f'{extra}[cluster]\nredis = "{redis.url}"\npassword_file = "{password_file}"\n'
+                f'host_name = "{name}"\ntimeout = "{timeout}"\n')).start())
+        deadline = time.monotonic() + 10
+        for daemon in hosts:
+            while "sharing state through Redis" not in daemon.log():
+                assert time.monotonic() < deadline, f"{daemon.workdir} did not reach Redis"
+                time.sleep(0.01)
+        yield hosts
+    finally:
+        for daemon in hosts:
+            daemon.stop()
+            shutil.rmtree(daemon.workdir, ignore_errors=True)

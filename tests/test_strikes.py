@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from conftest import StartLookupd
-from redisserver import PASSWORD, RedisServer
-from support import EXIM, Lookupd, short_dir
+from redisserver import RedisServer, cluster_hosts
+from support import EXIM
 
 from lookupd.ipaddr import parse_ip
 from lookupd.strikes import Strikes, fit_key, strike_key
@@ -120,40 +120,29 @@ def test_strike_keys_and_a_changed_prefix(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_strikes_shared_across_hosts(tmp_path: Path) -> None:
     redis = RedisServer(tmp_path / "redis").start()
-    pw = tmp_path / "pw"
-    pw.write_text(PASSWORD)
-    hosts: list[Lookupd] = []
     try:
-        for name in "abc":
-            hosts.append(Lookupd(short_dir(), (
-                f'[cluster]\nredis = "{redis.url}"\npassword_file = "{pw}"\n'
-                f'host_name = "{name}"\ntimeout = "300ms"\n')).start())
-        for daemon in hosts:
-            _wait(lambda d=daemon: "sharing state through Redis" in d.log())  # type: ignore[misc]
-        a, b, c = hosts
-        assert a.query("strike 203.0.113.5 auth\n") == "strikes=1"
-        assert b.query("strike 203.0.113.5 auth 2\n") == "strikes=3"
-        _wait(lambda: fields(c.query("connect 203.0.113.5 25\n"))["strikes"] == "3")
-        redis.stop()
-        assert a.query("strike 203.0.113.5 rcpt\n") == "strikes=4"  # a alone knows
-        assert c.query("strike 203.0.113.5 rcpt\n") == "strikes=4"  # c too, its own
-        redis.start()
-        # After the merge every host has all five, each counted once.
-        for daemon in hosts:
-            _wait(lambda d=daemon: fields(  # type: ignore[misc]
-                d.query("connect 203.0.113.5 25\n"))["strikes"] == "5")
-        assert redis.cli("ZCARD", "lookupd:strikes:203.0.113.5") == 5
-        # IPv6: one /64 across the hosts, under one key in Redis.
-        assert a.query("strike 2001:db8:5:6::1 auth\n") == "strikes=1"
-        assert b.query("strike 2001:db8:5:6::2 auth\n") == "strikes=2"
-        assert c.query("strike 2001:db8:5:6:ab::3 rcpt\n") == "strikes=3"
-        _wait(lambda: fields(a.query("connect 2001:db8:5:6::99 25\n"))["strikes"] == "3")
-        assert redis.cli("ZCARD", "lookupd:strikes:2001:db8:5:6::/64") == 3
-        assert fields(b.query("connect 2001:db8:5:7::1 25\n"))["strikes"] == "0"
+        with cluster_hosts(redis, "abc") as hosts:
+            a, b, c = hosts
+            assert a.query("strike 203.0.113.5 auth\n") == "strikes=1"
+            assert b.query("strike 203.0.113.5 auth 2\n") == "strikes=3"
+            _wait(lambda: fields(c.query("connect 203.0.113.5 25\n"))["strikes"] == "3")
+            redis.stop()
+            assert a.query("strike 203.0.113.5 rcpt\n") == "strikes=4"  # a alone knows
+            assert c.query("strike 203.0.113.5 rcpt\n") == "strikes=4"  # c too, its own
+            redis.start()
+            # After the merge every host has all five, each counted once.
+            for daemon in hosts:
+                _wait(lambda d=daemon: fields(  # type: ignore[misc]
+                    d.query("connect 203.0.113.5 25\n"))["strikes"] == "5")
+            assert redis.cli("ZCARD", "lookupd:strikes:203.0.113.5") == 5
+            # IPv6: one /64 across the hosts, under one key in Redis.
+            assert a.query("strike 2001:db8:5:6::1 auth\n") == "strikes=1"
+            assert b.query("strike 2001:db8:5:6::2 auth\n") == "strikes=2"
+            assert c.query("strike 2001:db8:5:6:ab::3 rcpt\n") == "strikes=3"
+            _wait(lambda: fields(a.query("connect 2001:db8:5:6::99 25\n"))["strikes"] == "3")
+            assert redis.cli("ZCARD", "lookupd:strikes:2001:db8:5:6::/64") == 3
+            assert fields(b.query("connect 2001:db8:5:7::1 25\n"))["strikes"] == "0"
     finally:
-        for daemon in hosts:
-            daemon.stop()
-            shutil.rmtree(daemon.workdir, ignore_errors=True)
         redis.stop()
 
 
@@ -173,40 +162,29 @@ def test_exim_strikes_on_host_a_refuse_the_client_on_host_c(tmp_path: Path) -> N
     from test_snippets import auth_plain, bh, build_single
 
     redis = RedisServer(tmp_path / "redis").start()
-    pw = tmp_path / "pw"
-    pw.write_text(PASSWORD)
-    hosts: list[Lookupd] = []
     try:
-        for name in "ac":
-            hosts.append(Lookupd(short_dir(), (
-                '[server]\nsocket_mode = "0666"\n[connect]\nstrikes_threshold = 2\n'
-                f'[cluster]\nredis = "{redis.url}"\npassword_file = "{pw}"\n'
-                f'host_name = "{name}"\ntimeout = "300ms"\n')).start())
-        for daemon in hosts:
-            _wait(lambda d=daemon: "sharing state through Redis" in d.log())  # type: ignore[misc]
-        a, c = hosts
-        config = build_single(tmp_path / "exim")
-        guesser, user = "192.0.2.55", "192.0.2.56"
-        clear = [f"LOOKUPD_NOTLS_HOSTS=<; {guesser} ; {user}"]
-        bad = auth_plain("alice", "guess")
-        on_a = bh(config, guesser, f"EHLO x\nAUTH PLAIN {bad}\nAUTH PLAIN {bad}\n"
-                  "MAIL FROM:<a@b.example>\nRCPT TO:<gone@localhost>\n"
-                  "RCPT TO:<gone2@localhost>\nQUIT\n", port=587, sock=a.socket, defines=clear)
-        assert on_a.codes() == ["220", "250", "535", "535", "250", "550", "550", "221"], \
-            on_a.out
-        assert a.query(f"connect {guesser} 25").endswith(" strikes=4")
-        _wait(lambda: c.query(f"connect {guesser} 25").endswith(" strikes=4"), timeout=1.0)
-        on_c = bh(config, guesser, "EHLO x\nQUIT\n", port=25, sock=c.socket)
-        assert on_c.codes() == ["550"], on_c.out
-        assert on_c.logged(f"H=[{guesser}] rejected connection in \"connect\" ACL: lookupd "
-                           "deny rule=strikes")
-        # A real user: one typo, then the right password; never struck, on either host.
-        typo = bh(config, user, f"EHLO x\nAUTH PLAIN {bad}\nAUTH PLAIN {auth_plain('alice')}\n"
-                  "QUIT\n", port=587, sock=a.socket, defines=clear)
-        assert typo.codes() == ["220", "250", "535", "235", "221"], typo.out
-        assert c.query(f"connect {user} 25").endswith(" strikes=0")
+        with cluster_hosts(redis, "ac", '[server]\nsocket_mode = "0666"\n'
+                                        '[connect]\nstrikes_threshold = 2\n') as hosts:
+            a, c = hosts
+            config = build_single(tmp_path / "exim")
+            guesser, user = "192.0.2.55", "192.0.2.56"
+            clear = [f"LOOKUPD_NOTLS_HOSTS=<; {guesser} ; {user}"]
+            bad = auth_plain("alice", "guess")
+            on_a = bh(config, guesser, f"EHLO x\nAUTH PLAIN {bad}\nAUTH PLAIN {bad}\n"
+                      "MAIL FROM:<a@b.example>\nRCPT TO:<gone@localhost>\n"
+                      "RCPT TO:<gone2@localhost>\nQUIT\n", port=587, sock=a.socket, defines=clear)
+            assert on_a.codes() == ["220", "250", "535", "535", "250", "550", "550", "221"], \
+                on_a.out
+            assert a.query(f"connect {guesser} 25").endswith(" strikes=4")
+            _wait(lambda: c.query(f"connect {guesser} 25").endswith(" strikes=4"), timeout=1.0)
+            on_c = bh(config, guesser, "EHLO x\nQUIT\n", port=25, sock=c.socket)
+            assert on_c.codes() == ["550"], on_c.out
+            assert on_c.logged(f"H=[{guesser}] rejected connection in \"connect\" ACL: lookupd "
+                               "deny rule=strikes")
+            # A real user: one typo, then the right password; never struck, on either host.
+            typo = bh(config, user, f"EHLO x\nAUTH PLAIN {bad}\nAUTH PLAIN {auth_plain('alice')}\n"
+                      "QUIT\n", port=587, sock=a.socket, defines=clear)
+            assert typo.codes() == ["220", "250", "535", "235", "221"], typo.out
+            assert c.query(f"connect {user} 25").endswith(" strikes=0")
     finally:
-        for daemon in hosts:
-            daemon.stop()
-            shutil.rmtree(daemon.workdir, ignore_errors=True)
         redis.stop()
