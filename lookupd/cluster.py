@@ -34,6 +34,8 @@ MERGE_TIMEOUT = 30.0
 RECONNECT_EVERY = 0.5
 # The blocks are read whole this often even when pub/sub is quiet (a lost message heals).
 RESYNC_EVERY = 30.0
+# How long a stop (or a reload) waits for the connection loop to end.
+CLOSE_WAIT = 3.0
 # Longest JSON value lookupd accepts from Redis; anything longer is treated as missing.
 MAX_VALUE = 4096
 
@@ -155,7 +157,8 @@ class Cluster:
         loop, no pub/sub; ClusterDown when Redis does not answer within the timeout."""
         self._client = _client(self.config, await self._password())
         try:
-            await asyncio.wait_for(self._client.ping(), self.config.timeout)
+            async with asyncio.timeout(self.config.timeout):
+                await self._client.ping()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -178,14 +181,18 @@ class Cluster:
         self._closed = True
         self._up = False
         if self._task is not None:
-            # Cancelling the loop cancels the listener it awaits.
+            # Cancelling the loop cancels the listener it awaits. Bounded all the same: a
+            # stop must never hang on Redis (the listener also sees _closed within a second).
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            done, _ = await asyncio.wait({self._task}, timeout=CLOSE_WAIT)
+            if not done:
+                log.warning("cluster: the connection loop to Redis at %s did not stop within "
+                            "%gs; closing the connection under it", self.where, CLOSE_WAIT)
             self._task = None
         if self._client is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(_aclose(self._client), self.config.timeout)
+                async with asyncio.timeout(self.config.timeout):
+                    await _aclose(self._client)
             self._client = None
 
     # --- requests --------------------------------------------------------------------------
@@ -196,7 +203,8 @@ class Cluster:
         if not self._up or self._client is None:
             raise ClusterDown("Redis is not reachable")
         try:
-            return await asyncio.wait_for(fn(self._client), timeout or self.config.timeout)
+            async with asyncio.timeout(timeout or self.config.timeout):
+                return await fn(self._client)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # RedisError, OSError, TimeoutError: all mean "not now"
@@ -249,13 +257,16 @@ class Cluster:
     async def _connect(self) -> None:
         client = self._client
         timeout = self.config.timeout
-        await asyncio.wait_for(client.ping(), timeout)
+        async with asyncio.timeout(timeout):
+            await client.ping()
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
-            await asyncio.wait_for(pubsub.subscribe(self.keys.channel), timeout)
+            async with asyncio.timeout(timeout):
+                await pubsub.subscribe(self.keys.channel)
             self._up = True  # before the merge: requests recorded from now go to Redis
             for callback in self._on_up:
-                await asyncio.wait_for(callback(True), MERGE_TIMEOUT)
+                async with asyncio.timeout(MERGE_TIMEOUT):
+                    await callback(True)
             if self._down_since is not None:
                 log.warning("cluster: Redis at %s answers again after %.1fs; merged what was "
                             "recorded meanwhile", self.where,
@@ -265,6 +276,8 @@ class Cluster:
                 self._connected_once = True
                 log.info("cluster: sharing state through Redis at %s as host %s", self.where,
                          self.host)
+            if self._closing():
+                raise asyncio.CancelledError
             self._listener = asyncio.create_task(self._listen(pubsub))
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener  # cancelled by went_down(), or ended by an error
@@ -274,18 +287,20 @@ class Cluster:
         finally:
             self._listener = None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(_aclose(pubsub), timeout)
+                async with asyncio.timeout(timeout):
+                    await _aclose(pubsub)
 
     async def _listen(self, pubsub: Any) -> None:
         last_sync = time.monotonic()
-        while True:
+        while not self._closed:
             message = await pubsub.get_message(timeout=1.0)
             if message is not None and message.get("type") == "message":
                 self._dispatch(message.get("data"))
             if time.monotonic() - last_sync >= RESYNC_EVERY:
                 last_sync = time.monotonic()
                 for callback in self._on_up:
-                    await asyncio.wait_for(callback(False), MERGE_TIMEOUT)
+                    async with asyncio.timeout(MERGE_TIMEOUT):
+                        await callback(False)
 
     def _dispatch(self, data: object) -> None:
         message = decode(data)

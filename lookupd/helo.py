@@ -255,11 +255,12 @@ class HeloChecker:
             forward = self.config.policy != "lenient"
             skipped = DnsAnswer(Status.FOUND, (str(request.ip),))
             try:
-                a, aaaa, mx, listed = await asyncio.wait_for(asyncio.gather(
-                    self.dns.resolve(name, "A") if forward else _given(skipped),
-                    self.dns.resolve(name, "AAAA") if forward else _given(skipped),
-                    self.dns.resolve(name, "MX") if forward else _given(skipped),
-                    self.dns.check_smtp_name(name, request.ip)), self.config.deadline)
+                async with asyncio.timeout(self.config.deadline):
+                    a, aaaa, mx, listed = await asyncio.gather(
+                        self.dns.resolve(name, "A") if forward else _given(skipped),
+                        self.dns.resolve(name, "AAAA") if forward else _given(skipped),
+                        self.dns.resolve(name, "MX") if forward else _given(skipped),
+                        self.dns.check_smtp_name(name, request.ip))
             except TimeoutError:
                 unknown.update(("no_resolve", "not_client", "listed"))
             else:

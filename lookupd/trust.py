@@ -124,7 +124,8 @@ class PeerTrust:
                 asyncio.to_thread(groups_of, uid))
             pending.add_done_callback(lambda _: self._pending.pop(uid, None))
         try:
-            groups = await asyncio.wait_for(asyncio.shield(pending), _LOOKUP_SECONDS)
+            async with asyncio.timeout(_LOOKUP_SECONDS):
+                groups = await asyncio.shield(pending)
         except TimeoutError:
             repeats.warning("slow group lookups",
                             "looking up the groups of uid %s took more than %gs (NSS: is "

@@ -4,6 +4,7 @@ while concurrent user-fail traffic goes on."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -18,6 +19,9 @@ from pathlib import Path
 import pytest
 from redisserver import PASSWORD, RedisSentinel, RedisServer, make_tls_files, tls_problem
 from support import EXIM, EXIM_BASE, Exim, Lookupd, short_dir
+
+from lookupd.cluster import CLOSE_WAIT, Cluster
+from lookupd.config import ClusterConfig
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="needs redis-server (apt-get install redis-server)")
@@ -267,6 +271,38 @@ def test_redis_stopped_and_restarted(hosts: Hosts, redis: RedisServer) -> None:
 
 def test_redis_hung_and_resumed(hosts: Hosts, redis: RedisServer) -> None:
     _outage(hosts, redis, redis.pause, redis.resume)
+
+
+@pytest.mark.parametrize("merge", ["slow", "ends-as-the-stop-comes"])
+async def test_a_stop_during_the_merge_after_redis_came_back_does_not_hang(
+        redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        merge: str) -> None:
+    """A SIGTERM can come while the merge after Redis came back runs: CI once saw lookupd
+    never stop, its connection loop gone on to listen because Python 3.11's wait_for lost the
+    cancel when the merge ended at that moment. Whether the merge takes long or ends just as
+    the stop comes, close() ends the loop, without the warning that it had to give up on it."""
+    password = tmp_path / "redis.pw"
+    password.write_text(PASSWORD + "\n")
+    cluster = Cluster(ClusterConfig(redis=redis.url, password_file=password, timeout=TIMEOUT))
+    merging = asyncio.Event()
+
+    async def on_up(first: bool) -> None:
+        merging.set()  # the test's close() runs before the loop sees this merge has ended
+        if merge == "slow":
+            await asyncio.sleep(30)
+
+    cluster.on_up(on_up)
+    await cluster.open()
+    async with asyncio.timeout(5):
+        await merging.wait()
+    closing = asyncio.ensure_future(cluster.close())
+    done, _ = await asyncio.wait({closing}, timeout=CLOSE_WAIT + 2)  # never cancels close()
+    if not done:
+        closing.cancel()
+    assert done, "close() hung"
+    await asyncio.sleep(0)
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "lookupd-cluster"]
+    assert "did not stop within" not in caplog.text
 
 
 def test_wrong_password_decides_locally(hosts: Hosts, tmp_path: Path) -> None:

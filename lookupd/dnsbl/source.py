@@ -365,7 +365,8 @@ class DnsblSource:
                                  self._next_probe())
             # Woken early by a list that keeps failing with nothing to tell whose fault.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._next_probe())
+                async with asyncio.timeout(self._next_probe()):
+                    await self._wake.wait()
 
     def _next_probe(self) -> float:
         """Seconds to the next probe round: sooner while something is wrong, so that a

@@ -166,7 +166,8 @@ class Notifier:
         except OSError as exc:
             return f"cannot run {self.argv[0]}: {exc.strerror or exc}"
         try:
-            output, _ = await asyncio.wait_for(proc.communicate(mail), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                output, _ = await proc.communicate(mail)
         except TimeoutError:
             _kill_group(proc.pid)
             await proc.wait()

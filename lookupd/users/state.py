@@ -390,7 +390,8 @@ class UserState:
     async def _commit(self, name: str, future: asyncio.Future[T], *,
                          admin: bool = False) -> T | UserStatus:
         try:
-            return await asyncio.wait_for(asyncio.shield(future), WRITE_DEADLINE)
+            async with asyncio.timeout(WRITE_DEADLINE):
+                return await asyncio.shield(future)
         except TimeoutError:
             problem = (f"{self.path} did not answer within {WRITE_DEADLINE:g}s (a slow or "
                        f"failing disk?)")
