@@ -694,8 +694,10 @@ class DnsblSource:
                 await state.settled.wait()
             if state.health is None:  # the probe round blamed the resolver
                 return _unusable(state, RESOLVER_DOWN)
-            if standing(state.health) == QUARANTINED:
-                return None
+        if standing(state.health) == QUARANTINED:
+            # Its first probe came back (just now, or between `_check` choosing the lists
+            # and this task starting) and put it out of service.
+            return None
         answer = await self._lookup(state.spec.zone, "A", label, state.counters,
                                     count_hit=True, track=state)
         return interpret(state.spec, answer)
