@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import MAXMIND, Lookupd, short_dir
+from support import MAXMIND, Lookupd, short_dir, stop_all
 
 
 @pytest.fixture
@@ -35,8 +35,7 @@ def start_lookupd(sockdir: Path) -> Iterator[StartLookupd]:
         return daemon.start(wait=wait)
 
     yield start
-    for daemon in started:
-        daemon.stop()
+    stop_all(started)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from support import Lookupd, free_port, short_dir
+from support import Lookupd, free_port, short_dir, stop_all
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_SENTINEL = shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel"
@@ -271,6 +271,4 @@ def cluster_hosts(redis: RedisServer, names: str, extra: str = "",
                 time.sleep(0.01)
         yield hosts
     finally:
-        for daemon in hosts:
-            daemon.stop()
-            shutil.rmtree(daemon.workdir, ignore_errors=True)
+        stop_all(hosts, remove=True)

@@ -177,6 +177,22 @@ class Lookupd:
             raise AssertionError(f"lookupd did not stop on SIGTERM:\n{self.log()}") from None
 
 
+def stop_all(daemons: Iterable[Lookupd], *, remove: bool = False) -> None:
+    """Stop every daemon, even when one does not stop (its error is raised once the others
+    are stopped): one left running fails a later test with its unreaped process. `remove`
+    also deletes each one's workdir."""
+    errors: list[AssertionError] = []
+    for daemon in daemons:
+        try:
+            daemon.stop()
+        except AssertionError as exc:
+            errors.append(exc)
+        if remove:
+            shutil.rmtree(daemon.workdir, ignore_errors=True)
+    if errors:
+        raise errors[0]
+
+
 @dataclass
 class Exim:
     """A real Exim driven with -C (a config of the test's own), -be and -bh. No MTA runs."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from redisserver import PASSWORD, RedisSentinel, RedisServer, make_tls_files, tls_problem
-from support import EXIM, EXIM_BASE, Exim, Lookupd, short_dir
+from support import EXIM, EXIM_BASE, Exim, Lookupd, short_dir, stop_all
 
 from lookupd.cluster import CLOSE_WAIT, Cluster
 from lookupd.config import ClusterConfig
@@ -63,9 +63,7 @@ def hosts(redis: RedisServer, tmp_path: Path) -> Iterator[Hosts]:
         return started[-len(names):]
 
     yield start
-    for daemon in started:
-        daemon.stop()
-        shutil.rmtree(daemon.workdir, ignore_errors=True)
+    stop_all(started, remove=True)
 
 
 def _connected(daemon: Lookupd) -> Callable[[], bool]:
@@ -369,9 +367,7 @@ def test_acl_user(tmp_path: Path) -> None:
             assert "acl-Secret-77" not in daemon.log()
             assert "malformed" not in daemon.log() and "does not answer" not in daemon.log()
     finally:
-        for daemon in hosts:
-            daemon.stop()
-            shutil.rmtree(daemon.workdir, ignore_errors=True)
+        stop_all(hosts, remove=True)
         redis.stop()
 
 
@@ -391,9 +387,7 @@ def _hosts(cluster: str, names: str = "ac", wait: str = "ac") -> Iterator[list[L
                 wait_for(_connected(daemon), 5)
         yield daemons
     finally:
-        for daemon in daemons:
-            daemon.stop()
-            shutil.rmtree(daemon.workdir, ignore_errors=True)
+        stop_all(daemons, remove=True)
 
 
 def _shares(a: Lookupd, c: Lookupd, redis: RedisServer, user: str, ip: str) -> None:
@@ -502,9 +496,7 @@ def test_sentinel_failover_loses_no_answered_block(tmp_path: Path) -> None:
         assert merged <= in_redis, (merged - in_redis, daemons[0].log()[-3000:])
         assert all(PASSWORD not in d.log() for d in daemons)
     finally:
-        for daemon in daemons:
-            daemon.stop()
-            shutil.rmtree(daemon.workdir, ignore_errors=True)
+        stop_all(daemons, remove=True)
         sentinel.stop()
         replica.stop()
         primary.stop()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from dnsservers import Rbldnsd
 from redisserver import PASSWORD, RedisServer
-from support import Lookupd, short_dir
+from support import Lookupd, short_dir, stop_all
 
 from lookupd.cluster import Cluster
 from lookupd.config import ClusterConfig, DnsblConfig, DnsblListConfig, HostPort
@@ -58,9 +58,7 @@ def run_hosts(rbl: Rbldnsd, cluster: str) -> int:
                                         else "verdict=clean"), reply
         time.sleep(0.3)  # rbldnsd's log is unbuffered, but give it a moment
     finally:
-        for daemon in hosts:
-            daemon.stop()
-            shutil.rmtree(daemon.workdir, ignore_errors=True)
+        stop_all(hosts, remove=True)
     return len(_client_questions(rbl)) - before
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import REPO, Lookupd, with_test_defaults
+from support import REPO, Lookupd, stop_all, with_test_defaults
 
 from lookupd.config import UsersConfig
 from lookupd.users import store
@@ -57,8 +57,7 @@ class Daemon(Lookupd):
 def daemons() -> Iterator[list[Daemon]]:
     started: list[Daemon] = []
     yield started
-    for daemon in started:
-        daemon.stop()
+    stop_all(started)
 
 
 def launch(daemons: list[Daemon], workdir: Path, state_dir: Path, **kw: object) -> Daemon:
