@@ -157,8 +157,7 @@ class Cluster:
         loop, no pub/sub; ClusterDown when Redis does not answer within the timeout."""
         self._client = _client(self.config, await self._password())
         try:
-            async with asyncio.timeout(self.config.timeout):
-                await self._client.ping()
+            await _within(self._client.ping(), self.config.timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -191,8 +190,7 @@ class Cluster:
             self._task = None
         if self._client is not None:
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(self.config.timeout):
-                    await _aclose(self._client)
+                await _within(_aclose(self._client), self.config.timeout)
             self._client = None
 
     # --- requests --------------------------------------------------------------------------
@@ -203,8 +201,7 @@ class Cluster:
         if not self._up or self._client is None:
             raise ClusterDown("Redis is not reachable")
         try:
-            async with asyncio.timeout(timeout or self.config.timeout):
-                return await fn(self._client)
+            return await _within(fn(self._client), timeout or self.config.timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # RedisError, OSError, TimeoutError: all mean "not now"
@@ -250,19 +247,13 @@ class Cluster:
             first = not self._connected_once
             await asyncio.sleep(RECONNECT_EVERY)
 
-    def _closing(self) -> bool:
-        task = asyncio.current_task()
-        return self._closed or (task is not None and task.cancelling() > 0)
-
     async def _connect(self) -> None:
         client = self._client
         timeout = self.config.timeout
-        async with asyncio.timeout(timeout):
-            await client.ping()
+        await _within(client.ping(), timeout)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
-            async with asyncio.timeout(timeout):
-                await pubsub.subscribe(self.keys.channel)
+            await _within(pubsub.subscribe(self.keys.channel), timeout)
             self._up = True  # before the merge: requests recorded from now go to Redis
             for callback in self._on_up:
                 async with asyncio.timeout(MERGE_TIMEOUT):
@@ -276,19 +267,19 @@ class Cluster:
                 self._connected_once = True
                 log.info("cluster: sharing state through Redis at %s as host %s", self.where,
                          self.host)
-            if self._closing():
+            if self._closed:  # close(): not task.cancelling(), which redis-py 4.3's
+                # async_timeout leaves raised after a timeout it handled itself
                 raise asyncio.CancelledError
             self._listener = asyncio.create_task(self._listen(pubsub))
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener  # cancelled by went_down(), or ended by an error
-            if self._closing():
+            if self._closed:
                 raise asyncio.CancelledError
             raise ClusterDown("pub/sub stopped")
         finally:
             self._listener = None
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(timeout):
-                    await _aclose(pubsub)
+                await _within(_aclose(pubsub), timeout)
 
     async def _listen(self, pubsub: Any) -> None:
         last_sync = time.monotonic()
@@ -344,6 +335,32 @@ def _why(exc: BaseException) -> str:
 
 def _text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def _within(call: Awaitable[T], timeout: float) -> T:
+    """`call` (redis-py's) in a task of its own, for at most `timeout`, else TimeoutError.
+
+    Not asyncio.timeout in the caller's task: redis-py 4.3 (Debian 12) bounds its reads with
+    async_timeout, which cancels the task it runs in and, when that coincides with another
+    cancel, leaves one pending: it would hit the caller's next await (a request's sqlite
+    write). Not asyncio.wait_for either: on Python 3.11 it loses a cancel of the caller that
+    comes as `call` ends, and a stop then hangs."""
+    task = asyncio.ensure_future(call)
+    task.add_done_callback(_retrieved)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    finally:
+        if not task.done():  # timed out, or the caller was cancelled
+            task.cancel()
+    if not done:
+        raise TimeoutError
+    return task.result()
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Nothing is logged for a call given up on: its caller already said why."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _aclose(obj: Any) -> Awaitable[None]:
