@@ -31,6 +31,7 @@ from lookupd.dnsbl.render import VERDICTS, exim_value, printable
 from lookupd.dnsbl.source import Cached
 from lookupd.dnsbl.verdict import DnsblResult, PtrResult
 from lookupd.errors import BadRequest
+from lookupd.fastpath import Keep
 from lookupd.geoip import AsnResult, CountryResult
 from lookupd.incidents import IncidentsResult
 from lookupd.ipaddr import IPAddress, is_public, parse_ip
@@ -346,6 +347,9 @@ class ConnectChecker:
         # The request's words -> the reply `answer_now` gave them, and what it came from.
         self._warm: dict[tuple[str, ...], _Warm] = {}
         self._broken = 0  # from-memory lookups that failed (their facts are not reused)
+        # The last reply's word for the compiled front end (lookupd/fastpath.py), when the
+        # same request may get it again without Python: an accept, not a logged refusal.
+        self.kept: Keep | None = None
 
     def replay(self, words: tuple[str, ...]) -> str | None:
         """The reply `answer_now` gave the same request words, when no source it came from
@@ -375,6 +379,7 @@ class ConnectChecker:
         for count in warm.counts:
             count()
         self._announce(warm.verdict, facts, warm.line)
+        self.kept = self._keep(warm)
         return warm.reply
 
     def answer_now(self, request: ConnectRequest,
@@ -389,7 +394,7 @@ class ConnectChecker:
         try:
             # What the reply depends on, read before the facts: a change in between shows
             # at the next `replay` as a change, never the other way round.
-            versions = self._versions() if words is not None else None
+            versions = self.versions() if words is not None else None
             dnsbl = self.dnsbl.peek_ip(ip)
             ptr = self.dnsbl.peek_ptr(ip) if dnsbl is not None else None
             helo = (self._peek_helo(request.helo, ip) if dnsbl is not None and ptr is not None
@@ -410,14 +415,29 @@ class ConnectChecker:
         dns, geoip, incidents, allowlist, access = versions
         if len(self._warm) >= _CONCLUDED_MAX:
             self._warm.clear()
-        self._warm[words] = _Warm(
+        warm = self._warm[words] = _Warm(
             facts, "" if self.strikes is None else self.strikes.key(ip), verdict, line, reply,
             (dnsbl.counter, ptr.counter, helo.counter),
             dns, min(dnsbl.expires, ptr.expires, helo.expires), facts.incidents.until,
             geoip, incidents, allowlist, access)
+        self.kept = self._keep(warm)
         return reply
 
-    def _versions(self) -> tuple[int, object, object, int, int]:
+    def _keep(self, warm: _Warm) -> Keep | None:
+        """For the compiled front end: an accept with no strikes (a count that falls with
+        time) is the same reply until its answers expire, while the token (`versions` and
+        the strikes' changes) stays the same; each reuse counts as `replay` counts."""
+        if warm.line is not None or warm.facts.strikes:
+            return None
+        verdict, facts, announce = warm.verdict, warm.facts, self._announce
+
+        def counted() -> None:
+            announce(verdict, facts, None)
+
+        return Keep(min(warm.until, warm.dns_until), (*warm.counts, counted))
+
+    def versions(self) -> tuple[int, object, object, int, int]:
+        """What a warm reply depends on besides the strikes: each source's version."""
         access = self.access
         return (self.dnsbl.generation, self.geoip.version(), self.incidents.version(),
                 self.allowlist.version(), access.version() if access is not None else 0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol, TypeVar
@@ -23,6 +23,7 @@ from lookupd.dnsbl import Cached, DnsblResult, render_dnsbl, render_ptr, render_
 from lookupd.dnsbl.names import normalize_domain
 from lookupd.dnsbl.verdict import PtrResult
 from lookupd.errors import BadRequest
+from lookupd.fastpath import ALWAYS, Keep
 from lookupd.geoip import AsnResult, CountryResult
 from lookupd.helo import HELO_FAIL_OPEN, HeloChecker
 from lookupd.helo import parse_args as parse_helo
@@ -92,6 +93,9 @@ class Dispatcher:
         self.problem = problem  # why lookupd runs fail-open ("" when it does not)
         self.trust = trust or PeerTrust()
         self.pending = 0  # coroutine answers in flight (the server closes a retired set at 0)
+        # Set by a handler whose reply the same request would get again (lookupd/fastpath.py);
+        # the server takes it after each request.
+        self.kept: Keep | None = None
         # (verb, arguments) -> the reply last answered from the DNS cache alone.
         self._replies: dict[tuple[str, tuple[str, ...]], _Kept] = {}
         self.connect_checker = None if sources is None else ConnectChecker(
@@ -102,7 +106,7 @@ class Dispatcher:
             sources.config.helo, sources.dnsbl, ListFiles(sources.config.connect.allowlist_files),
             on_verdict=control.metrics.helo_verdict if control is not None else None)
         self.table: dict[str, Handler] = {
-            "ping": Handler(lambda a, p: "pong", 0, 0),
+            "ping": Handler(self.ping, 0, 0),
             "version": Handler(lambda a, p: f"lookupd {__version__}", 0, 0),
             # Exim sends an empty argument for local submissions: `country ` answers --.
             "country": Handler(self.country, 0, 1),
@@ -156,6 +160,16 @@ class Dispatcher:
         handler = self.table.get(verb)
         return handler is not None and (handler.needs_peer or handler.exim_only)
 
+    def token(self) -> Hashable:
+        """Changes whenever a reply a handler said to keep (`self.kept`) may change: the DNS
+        cache's generation, the versions of the GeoIP files, the incidents index and the list
+        files, the strikes' changes. Each looks for changes as a lookup does."""
+        sources = self.sources
+        checker = self.connect_checker
+        if sources is None or checker is None:
+            return id(self)
+        return (id(self), checker.versions(), sources.strikes.changes)
+
     def handle(self, request: Request, peer: Peer) -> Reply:
         """The reply (or a coroutine producing it) for one request; bad requests get `error`."""
         handler = self.table.get(request.verb)
@@ -200,13 +214,21 @@ class Dispatcher:
                         "the command as root)", request.verb, peer.uid)
         return error_reply("not permitted")
 
+    def ping(self, args: tuple[str, ...], peer: Peer) -> str:
+        self.kept = ALWAYS
+        return "pong"
+
     # --- GeoIP ---------------------------------------------------------------------------
 
     def country(self, args: tuple[str, ...], peer: Peer) -> str:
-        return render_country(self.live.geoip.country(_optional_ip(args)))
+        reply = render_country(self.live.geoip.country(_optional_ip(args)))
+        self.kept = ALWAYS  # while the GeoIP files are the same (the token)
+        return reply
 
     def asn(self, args: tuple[str, ...], peer: Peer) -> str:
-        return render_asn(self.live.geoip.asn(_optional_ip(args)))
+        reply = render_asn(self.live.geoip.asn(_optional_ip(args)))
+        self.kept = ALWAYS
+        return reply
 
     # --- firewall incidents --------------------------------------------------------------
 
@@ -214,7 +236,9 @@ class Dispatcher:
         ip = _optional_ip(args)
         if ip is None:
             return "0"
-        return render_incidents(self.live.incidents.count(ip))
+        result = self.live.incidents.count(ip)
+        self.kept = Keep(result.until)  # while the same index answers (the token)
+        return render_incidents(result)
 
     # --- DNSBL, DBL, reverse DNS (from the DNS cache at once; else a coroutine) ------------
 
@@ -286,6 +310,7 @@ class Dispatcher:
         if kept is None or not self.live.dnsbl.holds(kept.generation, kept.expires):
             return None
         kept.counter()
+        self.kept = Keep(kept.expires, (kept.counter,))
         return kept.reply
 
     def _answered(self, verb: str, args: tuple[str, ...], peek: Callable[[], Cached[R] | None],
@@ -305,6 +330,7 @@ class Dispatcher:
             self._replies.clear()
         self._replies[verb, args] = _Kept(generation, cached.expires, cached.counter, result,
                                           reply)
+        self.kept = Keep(cached.expires, (cached.counter,))
         return reply
 
     def stats(self, args: tuple[str, ...], peer: Peer) -> str:
@@ -315,14 +341,15 @@ class Dispatcher:
     def connect(self, args: tuple[str, ...], peer: Peer) -> Reply:
         checker = self.connect_checker
         assert checker is not None
+        checker.kept = None
         reply = checker.replay(args)  # the same request, and no source would say otherwise
-        if reply is not None:
-            return reply
-        request = parse_args(args)
-        reply = checker.answer_now(request, args)
-        if reply is not None:
-            return reply
-        return self._connect(request)
+        if reply is None:
+            request = parse_args(args)
+            reply = checker.answer_now(request, args)
+            if reply is None:
+                return self._connect(request)
+        self.kept, checker.kept = checker.kept, None
+        return reply
 
     async def _connect(self, request: ConnectRequest) -> str:
         assert self.connect_checker is not None

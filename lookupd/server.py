@@ -4,7 +4,9 @@ Exim opens a new connection for every lookup, so the per-connection cost is the 
 (bench/NOTES.md has the figures). The listening socket's readiness callback accepts, reads the
 request the client has already written, answers from memory, writes and closes, with no
 transport or protocol object; only a client whose request has not arrived waits on the loop
-(a Connection, under the read timeout), and only a coroutine answer gets a task.
+(a Connection, under the read timeout), and only a coroutine answer gets a task. On the Unix
+socket the compiled front end (lookupd/fastpath.py) does the accepting and reading, and
+itself answers a request whose reply is kept; Python sees the others.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from lookupd import systemd
 from lookupd.config import EXIM_GROUPS, Config, HostPort
 from lookupd.dispatch import Control, Dispatcher
 from lookupd.errors import BadRequest, ConfigError, ListenError
+from lookupd.fastpath import DRAIN_EVERY, KeptReplies, compiled, describe_fastpath
 from lookupd.logsummary import Repeats
 from lookupd.metrics import Metrics, exposition, serve_http
 from lookupd.peercred import tcp_peer_uid
@@ -62,6 +65,7 @@ _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 Client = _socket.socket  # an accepted connection
 _READ = 4096  # a request is at most MAX_REQUEST bytes; more per read only drops faster
 _ACCEPT_BATCH = 64  # connections accepted per wake-up before other callbacks get a turn
+_READS_COUNTS = frozenset(("metrics", "status", "stats"))
 
 
 class Connection:
@@ -205,6 +209,10 @@ class Server:
         self.last_reload = ""  # what the last reload did: "ok" or "refused: ..."
         self.reload_config: Callable[[], Config] | None = None
         self.metrics = Metrics()
+        # The compiled front end and the replies it gives again (lookupd/fastpath.py).
+        self.fast = compiled()
+        self.kept = KeptReplies(self.metrics)
+        self._drain_timer: asyncio.TimerHandle | None = None
         self.started = time.time()
         self.http: asyncio.Server | None = None
         self._idle = asyncio.Event()
@@ -238,10 +246,43 @@ class Server:
                 continue  # ECONNABORTED and the like: that client is gone
             self._serve(sock, kind)
 
-    def _serve(self, sock: Client, kind: Literal["unix", "tcp"]) -> None:
+    def _accept_fast(self, listener: socket.socket, kind: Literal["unix", "tcp"]) -> None:
+        """As `_accept`, through the compiled front end: it answers the clients whose request
+        has a kept reply, and hands the others back with what they sent."""
+        serve, kept = self.fast, self.kept
+        assert serve is not None
+        if kept.table:
+            try:
+                kept.check(self.dispatcher.token())
+            except Exception:
+                log.exception("internal error checking the kept replies; please report this")
+                kept.clear()
+        answered, rest, failed = serve(listener.fileno(), kept.table, time.time(),
+                                       _ACCEPT_BATCH)
+        if answered and self._drain_timer is None:
+            self._drain_timer = self.loop.call_later(DRAIN_EVERY, self._drain)
+        if rest:
+            family, type_, proto = int(listener.family), int(listener.type), listener.proto
+            for fd, data, complete in rest:
+                sock = Client(family, type_, proto, fd)
+                if complete:
+                    end = request_end(data)
+                    self.answer(sock, kind, data if end < 0 else data[: end + 1], None)
+                else:
+                    self._serve(sock, kind, data)
+        if failed:
+            repeats.warning("accepts that failed for want of resources",
+                            "cannot accept a connection: %s", os.strerror(failed))
+            self.shed_idle(None)
+
+    def _drain(self) -> None:
+        """The kept replies' hits reach the metrics and the sources' figures (DRAIN_EVERY)."""
+        self._drain_timer = None
+        self.kept.drain()
+
+    def _serve(self, sock: Client, kind: Literal["unix", "tcp"], buffer: bytes = b"") -> None:
         """Answer a new client at once if its request is there (Exim writes it right after
-        connecting), else wait for it on the loop."""
-        buffer = b""
+        connecting), else wait for it on the loop. `buffer`: what was read already."""
         while True:
             try:
                 data = sock.recv(_READ, socket.MSG_DONTWAIT)
@@ -277,7 +318,10 @@ class Server:
         if self.debug:  # built only when wanted: this is the hot path
             log.debug("request %s %s", request.verb, shown(" ".join(request.args)))
         verb = request.verb if request.verb in VERBS else "unknown"
+        if verb in _READS_COUNTS:
+            self.kept.drain()  # the figures it shows include the kept replies' hits
         dispatcher = self.dispatcher
+        dispatcher.kept = None
         try:
             reply = dispatcher.handle(request, _peer(sock, kind,
                                                      dispatcher.needs_peer(request.verb)))
@@ -286,6 +330,11 @@ class Server:
                           shown(request.verb))
             reply = ERR_INTERNAL
         if isinstance(reply, str):
+            keep = dispatcher.kept
+            if (keep is not None and conn is None and kind == "unix" and self.fast is not None
+                    and not self.debug and not reply.startswith("error")):
+                with contextlib.suppress(ValueError):
+                    self.kept.keep(bytes(data), verb, check_reply(reply), keep)
             self.send(sock, reply, verb, started, conn)
             return
         if conn is None:
@@ -368,6 +417,7 @@ class Server:
     def swap(self, dispatcher: Dispatcher) -> None:
         """Make `dispatcher` the one that answers; retire the one it replaces."""
         old, self.dispatcher = self.dispatcher, dispatcher
+        self.kept.clear()  # replies of the old configuration; counted on the old sources
         self.retired.append(old)
         self.answered_on(old)
         if old in self.retired:  # requests still in flight: close it after them, or later
@@ -394,6 +444,7 @@ class Server:
                        sources=dispatcher.sources)
 
     def metrics_text(self) -> str:
+        self.kept.drain()
         return exposition(self.metrics, self.status())
 
     def answered_on(self, dispatcher: Dispatcher) -> None:
@@ -417,7 +468,11 @@ class Server:
             # a full backlog makes a burst of Exim processes' non-blocking connects fail.
             sock.listen(BACKLOG)
             sock.setblocking(False)
-            self.loop.add_reader(sock.fileno(), self._accept, sock, kind)
+            # The compiled front end answers kept replies on the Unix socket, where every
+            # client is Exim (its permissions decide); TCP goes through Python.
+            accept = self._accept_fast if self.fast is not None and kind == "unix" else \
+                self._accept
+            self.loop.add_reader(sock.fileno(), accept, sock, kind)
             self.listeners.append(sock)
 
     async def stop(self, drain_timeout: float) -> None:
@@ -425,6 +480,7 @@ class Server:
         for sock in self.listeners:
             self.loop.remove_reader(sock.fileno())
             sock.close()
+        self.kept.clear()
         if self.http is not None:
             self.http.close()
         with contextlib.suppress(TimeoutError):
@@ -604,7 +660,8 @@ async def run(config: Config, reload_config: Callable[[], Config] | None = None,
             log.error("metrics.listen: cannot listen on %s (%s); the metrics verb still "
                       "answers", config.metrics.listen, exc.strerror or exc)
     where = ", ".join(_describe(s) for s in sockets)
-    log.info("lookupd ready on %s%s", where, " (socket-activated)" if inherited else "")
+    log.info("lookupd ready on %s%s; %s", where, " (socket-activated)" if inherited else "",
+             describe_fastpath(server.fast is not None))
     if problem:
         _warn_fail_open(problem)
         server.track(loop.create_task(_remind_fail_open(server)))

@@ -138,6 +138,8 @@ class Strikes:
         self.cluster = cluster
         # strike_key -> {strike id: time}; ordered by the last strike, oldest first.
         self._seen: OrderedDict[str, dict[str, float]] = OrderedDict()
+        # Strikes added (here or by another host): shared with the set a reload replaces.
+        self._added = [0]
         self._taken_over = False
         # Strikes Redis did not take (down): published to the other hosts by the next merge.
         self._unsent: list[str] = []
@@ -150,6 +152,7 @@ class Strikes:
         """On a reload: the same memory (requests still in flight on the old set count);
         counted again by the new IPv6 prefix if it changed."""
         self._taken_over = True
+        self._added = previous._added
         if previous.ipv6_prefix == self.ipv6_prefix:
             self._seen = previous._seen
             return
@@ -244,7 +247,13 @@ class Strikes:
                         "an IPv6 network of /%d or longer; give every host the same "
                         "connect.strikes_ipv6_prefix", text[:60], self.ipv6_prefix)
 
+    @property
+    def changes(self) -> int:
+        """Grows with every strike added (a count that only falls with time is not one)."""
+        return self._added[0]
+
     def _add(self, address: str, sid: str, at: float) -> None:
+        self._added[0] += 1
         strikes = self._seen.get(address)
         if strikes is None:
             strikes = self._seen[address] = {}

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import StartLookupd
 from dnsservers import RBLDNSD, Dnsmasq, Knot, Rbldnsd, SilentServer, ask
-from support import FIREWALL, MAXMIND
+from support import FIREWALL, MAXMIND, Lookupd
 
 from lookupd.config import load_config
 from lookupd.connect import parse_args
@@ -426,3 +426,100 @@ async def test_a_warm_connect_follows_the_lists_health(tmp_path: Path) -> None:
             assert dnsbl() == check
         finally:
             await sources.close()
+
+
+# --- the compiled front end (lookupd/fastpath.py) ------------------------------------------
+
+
+def _metric(daemon: Lookupd, name: str, **labels: str) -> float:
+    """One sample of `metrics` (0 when absent), its labels in any order."""
+    want = sorted(f'{k}="{v}"' for k, v in labels.items())
+    for line in daemon.query("metrics").splitlines():
+        sample, _, value = line.rpartition(" ")
+        metric, _, rest = sample.partition("{")
+        if metric == name and sorted(rest.rstrip("}").split(",") if rest else []) == want:
+            return float(value)
+    return 0.0
+
+
+def _queries(daemon: Lookupd, zone: str) -> int:
+    figures = fields(daemon.query("stats"))[zone]
+    return int(dict(f.split(":", 1) for f in figures.split(","))["queries"])
+
+
+@pytest.mark.parametrize("front_end", ["compiled", "python"])
+def test_repeated_lookups_get_the_same_answers_counted_and_logged_as_new_ones(
+        start_lookupd: StartLookupd, lab: ConnectLab, tmp_path: Path, front_end: str) -> None:
+    """Each request asked 11 times: the same reply every time; every one counted in the
+    metrics (requests, connect verdicts) and the lists' figures, and every refusal logged,
+    whether the compiled front end gave it again (lookupd_requests_kept says how many) or
+    Python did (LOOKUPD_NO_FASTPATH set: none kept)."""
+    env = {} if front_end == "compiled" else {"LOOKUPD_NO_FASTPATH": "1"}
+    daemon = start_lookupd(lookupd_config(lab.resolver_port, tmp_path), env=env)
+    requests = {"ping": "ping", "country": f"country {CLEAN}", "dnsbl": f"dnsbl {LISTED}",
+                "connect": f"connect {CLEAN} 25", "deny": f"connect {INCIDENTS} 25"}
+    first = {name: daemon.query(text) for name, text in requests.items()}  # DNS asked here
+    asked = {verb: _metric(daemon, "lookupd_requests_total", verb=verb, outcome="ok")
+             for verb in ("ping", "country", "dnsbl", "connect")}
+    accepted = _metric(daemon, "lookupd_connect_verdicts_total", action="accept", rule="none",
+                       would="none")
+    listed_before = _queries(daemon, "bl.test")
+    for _ in range(10):
+        for name, text in requests.items():
+            assert daemon.query(text) == first[name], name
+    assert first["dnsbl"].startswith("verdict=listed ")
+    assert fields(first["connect"])["action"] == "accept"
+    assert fields(first["deny"])["action"] == "deny"
+    for verb, n in (("ping", 10), ("country", 10), ("dnsbl", 10), ("connect", 20)):
+        got = _metric(daemon, "lookupd_requests_total", verb=verb, outcome="ok")
+        assert got - asked[verb] == n, verb
+    assert _metric(daemon, "lookupd_connect_verdicts_total", action="accept", rule="none",
+                   would="none") - accepted == 10
+    assert _queries(daemon, "bl.test") - listed_before == 30  # dnsbl, and both connects
+    assert daemon.log().count(f"connect deny: [{INCIDENTS}] port 25") == 11
+    kept = {verb: _metric(daemon, "lookupd_requests_kept_total", verb=verb)
+            for verb in ("ping", "country", "dnsbl", "connect")}
+    if front_end == "compiled":
+        assert "repeated lookups answered by the compiled front end" in daemon.log()
+        # The accepted connect is given again; a refusal never is (its line is logged). The
+        # first dnsbl and connect went to DNS: the second, from the DNS cache, is Python's,
+        # which keeps it for the other nine.
+        assert kept == {"ping": 10, "country": 10, "dnsbl": 9, "connect": 9}, kept
+    else:
+        assert "compiled front end switched off (LOOKUPD_NO_FASTPATH is set)" in daemon.log()
+        assert kept == {"ping": 0, "country": 0, "dnsbl": 0, "connect": 0}, kept
+
+
+def test_a_kept_reply_ends_with_the_dns_answer_it_came_from(start_lookupd: StartLookupd,
+                                                             tmp_path: Path) -> None:
+    """A listing with a TTL of 2s, then delisted at the list: the compiled front end gives
+    the kept `listed` until the answer expires, then lookupd asks again and says clean."""
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    zone = BL_ZONE.replace("$TTL 120", "$TTL 2")
+    (zones / "short.zone").write_text(zone)
+    rbl = Rbldnsd(tmp_path / "rbldnsd", zones=(("bl.test", "ip4set", "short.zone"),),
+                  source_dir=zones).start()
+    try:
+        daemon = start_lookupd(f"""
+[dnsbl]
+nameservers = ["127.0.0.1:{rbl.port}"]
+min_ttl = "1s"
+[[dnsbl.list]]
+zone = "bl.test"
+families = ["ipv4"]
+query_special = true
+""")
+        assert daemon.query(f"dnsbl {LISTED}").startswith("verdict=listed ")
+        for _ in range(5):
+            assert daemon.query(f"dnsbl {LISTED}").startswith("verdict=listed ")
+        assert _metric(daemon, "lookupd_requests_kept_total", verb="dnsbl") >= 4
+        rbl.zone_file("short.zone").write_text(zone.replace(f"{LISTED}\n", ""))
+        rbl.reload()
+        deadline = time.monotonic() + 10
+        while daemon.query(f"dnsbl {LISTED}").startswith("verdict=listed "):
+            assert time.monotonic() < deadline, "the kept reply outlived its DNS answer"
+            time.sleep(0.05)
+        assert daemon.query(f"dnsbl {LISTED}").startswith("verdict=clean ")
+    finally:
+        rbl.stop()

@@ -161,7 +161,7 @@ def _copy_tree(dest: Path) -> None:
     skip = {".git", ".venv", ".venv-bookworm", "build", ".pybuild", ".mypy_cache",
             ".ruff_cache", ".pytest_cache", "__pycache__", "out", "manpages-built"}
     shutil.copytree(REPO, dest, symlinks=True, ignore=lambda _dir, names: [
-        n for n in names if n in skip or n.endswith(".egg-info")])
+        n for n in names if n in skip or n.endswith((".egg-info", ".so"))])
 
 
 @pytest.mark.debian_package
@@ -173,7 +173,8 @@ def test_package_builds_installs_answers_and_purges(tmp_path: Path) -> None:
     src = tmp_path / "src"
     _copy_tree(src)
     _run("dpkg-buildpackage", "-us", "-uc", "-b", cwd=src, timeout=600)
-    deb = tmp_path / f"lookupd_{__version__}_all.deb"
+    arch = _run("dpkg", "--print-architecture").stdout.strip()
+    deb = tmp_path / f"lookupd_{__version__}_{arch}.deb"
     assert deb.exists(), sorted(p.name for p in tmp_path.iterdir())
 
     made_private_root = not PRIVATE_STATE.parent.exists()
@@ -207,6 +208,9 @@ def _check_installed_files(files: set[str]) -> None:
                     "/usr/share/man/man8/lookupd.8.gz", "/usr/share/man/man5/lookupd.toml.5.gz",
                     "/usr/share/doc/lookupd/copyright", "/usr/lib/python3/dist-packages/lookupd"):
         assert shipped in files, shipped
+    # The compiled front end, built for Debian's python3 (lookupd/fastpath.py).
+    assert [f for f in files if f.startswith("/usr/lib/python3/dist-packages/lookupd/_fastpath.")
+            and f.endswith(".so")], "the compiled front end is not in the package"
     # The conffile is the repository's example, every setting commented out.
     conffiles = _run("dpkg-query", "-W", "-f=${Conffiles}", "lookupd").stdout
     assert "/etc/lookupd/lookupd.toml " in conffiles
@@ -263,6 +267,7 @@ def _check_runs(tmp_path: Path) -> None:
                 stdout=fh, stderr=subprocess.STDOUT, env=_system_env())
         try:
             _wait_for_ping(sockdir / "s", proc, log)
+            assert "repeated lookups answered by the compiled front end" in log.read_text()
             out = _run("lookupd", "query", "--socket", sockdir / "s", "ping")
             assert out.stdout == "pong\n"
             out = _run("lookupd", "query", "--socket", sockdir / "s", "version")
