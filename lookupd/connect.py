@@ -35,7 +35,7 @@ from lookupd.fastpath import Keep
 from lookupd.geoip import AsnResult, CountryResult
 from lookupd.incidents import IncidentsResult
 from lookupd.ipaddr import IPAddress, is_public, parse_ip
-from lookupd.outcome import Status
+from lookupd.outcome import Count, Status
 from lookupd.protocol import shown
 from lookupd.replies import UNKNOWN, render_asn, render_country, render_incidents
 
@@ -314,7 +314,7 @@ class _Warm:
     line: str | None
     reply: str
     # What taking the DNSBL, PTR and HELO results counted: counted again for each reuse.
-    counts: tuple[Callable[[], None], ...]
+    counts: tuple[Count, ...]
     dns: int  # the DNS source's generation, and the earliest expiry of the answers used
     dns_until: float
     until: float  # the incidents count holds until then (time.time(); a Sympl window)
@@ -330,7 +330,7 @@ class ConnectChecker:
 
     def __init__(self, config: ConnectConfig, geoip: GeoIPLookup, incidents: IncidentsLookup,
                  dnsbl: DnsblLookup, *,
-                 on_verdict: Callable[[Verdict, Facts], None] | None = None,
+                 on_verdict: Callable[[Verdict, Facts, int], None] | None = None,
                  strikes: StrikesLookup | None = None) -> None:
         self.config = config
         self.strikes = strikes
@@ -429,10 +429,11 @@ class ConnectChecker:
         the strikes' changes) stays the same; each reuse counts as `replay` counts."""
         if warm.line is not None or warm.facts.strikes:
             return None
-        verdict, facts, announce = warm.verdict, warm.facts, self._announce
+        verdict, facts, on_verdict = warm.verdict, warm.facts, self.on_verdict
 
-        def counted() -> None:
-            announce(verdict, facts, None)
+        def counted(n: int = 1) -> None:  # as `_announce` counts an accept (it logs nothing)
+            if on_verdict is not None:
+                on_verdict(verdict, facts, n)
 
         return Keep(min(warm.until, warm.dns_until), (*warm.counts, counted))
 
@@ -475,7 +476,7 @@ class ConnectChecker:
     def _announce(self, verdict: Verdict, facts: Facts, line: str | None) -> None:
         """Count the verdict and log a refusal: for every answer, new or reused."""
         if self.on_verdict is not None:
-            self.on_verdict(verdict, facts)
+            self.on_verdict(verdict, facts, 1)
         if line is not None:
             # One line per refusal: the admin's record of why (Exim logs the SMTP side).
             log.info("%s", line)
@@ -548,7 +549,7 @@ class ConnectChecker:
         return failed if result is None else result
 
 
-def _nothing() -> None:
+def _nothing(n: int = 1) -> None:
     """What taking a result that needed no lookup counts: nothing."""
 
 

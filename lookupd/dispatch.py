@@ -31,7 +31,7 @@ from lookupd.incidents import IncidentsResult
 from lookupd.ipaddr import parse_ip
 from lookupd.logsummary import Repeats
 from lookupd.metrics import Metrics
-from lookupd.outcome import Status
+from lookupd.outcome import Count, Status
 from lookupd.protocol import VERBS, Document, Peer, Request, error_reply, shown
 from lookupd.replies import render_asn, render_country, render_incidents
 from lookupd.sources import Sources
@@ -56,7 +56,7 @@ class _Kept:
 
     generation: int
     expires: float
-    counter: Callable[[], None]
+    counter: Count
     result: object
     reply: str
 

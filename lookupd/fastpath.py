@@ -8,8 +8,8 @@ other clients (a new request, an expired reply, a request not all there).
 
 What a reused answer would have done besides its reply is done all the same, later: each
 hit is counted in the entry, and `drain` (before `metrics`, `status` and `stats` answer, when
-the table is emptied, and every DRAIN_EVERY seconds) adds the hits to the metrics and calls
-each `Keep.counts` once per hit (the DNSBL figures, connect's verdict counts). A reply that
+the table is emptied, and every DRAIN_EVERY seconds) adds the hits to the metrics and gives
+each `Keep.counts` the number of hits (the DNSBL figures, connect's verdict counts). A reply that
 logs (a refusal) or changes state is never kept.
 
 What keeps the table true: an entry's `expires` (the earliest TTL of the DNS answers it came
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lookupd.metrics import Metrics
+from lookupd.outcome import Count
 
 try:
     from lookupd import _fastpath  # type: ignore[attr-defined]
@@ -42,7 +43,7 @@ MAX_ENTRIES = 4096
 # Longer replies are not kept: a new Unix socket's buffer takes a kept reply in one write.
 MAX_REPLY = 1024
 # How often hits reach the metrics and the sources' figures while no one reads them.
-DRAIN_EVERY = 1.0
+DRAIN_EVERY = 0.1
 
 Serve = Callable[[int, dict[bytes, list[Any]], float, int],
                  tuple[int, list[tuple[int, bytes, bool]], int]]
@@ -73,7 +74,7 @@ class Keep:
     a new answer would have counted, called once per reuse."""
 
     expires: float = float("inf")
-    counts: tuple[Callable[[], None], ...] = ()
+    counts: tuple[Count, ...] = ()
 
 
 ALWAYS = Keep()
@@ -86,7 +87,7 @@ class KeptReplies:
         self.metrics = metrics
         # request bytes -> [reply bytes, expires, hits, seconds]: read and counted by C.
         self.table: dict[bytes, list[Any]] = {}
-        self._owed: dict[bytes, tuple[str, tuple[Callable[[], None], ...]]] = {}
+        self._owed: dict[bytes, tuple[str, tuple[Count, ...]]] = {}
         self._token: Hashable = None
 
     def __len__(self) -> int:
@@ -128,5 +129,4 @@ class KeptReplies:
         verb, counts = self._owed[request]
         self.metrics.answered_many(verb, hits, seconds)
         for count in counts:
-            for _ in range(hits):
-                count()
+            count(hits)

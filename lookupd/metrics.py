@@ -74,17 +74,18 @@ class Metrics:
         self.kept[verb] += count
         row[3 + bisect.bisect_left(BUCKETS, seconds / count)] += count
 
-    def verdict(self, verdict: Verdict, facts: Facts) -> None:
-        """One connect verdict; the facts a source could not give are counted too."""
-        self.verdicts[verdict.action, verdict.rule, verdict.would] += 1
+    def verdict(self, verdict: Verdict, facts: Facts, n: int = 1) -> None:
+        """`n` connect verdicts (the same one given `n` times); the facts a source could not
+        give are counted too."""
+        self.verdicts[verdict.action, verdict.rule, verdict.would] += n
         if facts.country.status is UNKNOWN:
-            self.unknown_facts["country"] += 1
+            self.unknown_facts["country"] += n
         if facts.incidents.status is UNKNOWN:
-            self.unknown_facts["incidents"] += 1
+            self.unknown_facts["incidents"] += n
         if facts.dnsbl.status is UNKNOWN:
-            self.unknown_facts["dnsbl"] += 1
+            self.unknown_facts["dnsbl"] += n
         if facts.ptr.status is UNKNOWN:
-            self.unknown_facts["ptr"] += 1
+            self.unknown_facts["ptr"] += n
 
 
     def helo_verdict(self, action: str, check: str, would: str) -> None:

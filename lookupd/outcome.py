@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Protocol
 
 
 class Status(enum.Enum):
@@ -11,3 +12,10 @@ class Status(enum.Enum):
     FOUND = "found"
     NOT_FOUND = "not_found"
     UNKNOWN = "unknown"
+
+
+class Count(Protocol):
+    """What a reused answer counts again (a DNS list's figures, a connect verdict), `n` times
+    at once: the compiled front end's hits are counted with one call per kept reply."""
+
+    def __call__(self, n: int = 1) -> None: ...

@@ -490,7 +490,7 @@ def test_a_warm_reply_is_reused_only_while_every_source_would_say_the_same(
                            submission_countries=("SE",))
     actions: list[str] = []
     checker = ConnectChecker(config, geoip, incidents, dns, strikes=strikes,
-                             on_verdict=lambda verdict, facts: actions.append(verdict.action))
+                             on_verdict=lambda verdict, facts, n: actions.append(verdict.action))
     # The list files are looked at on every request here, not once a second.
     checker.allowlist = ListFiles((allow,), check_interval=0)
     checker.access = ListFiles((access,), check_interval=0)

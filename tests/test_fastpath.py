@@ -96,20 +96,21 @@ def test_the_hits_reach_the_metrics_and_the_counts_once_each() -> None:
     metrics = Metrics()
     kept = KeptReplies(metrics)
     kept.check("t1")  # the token the replies below are kept under
-    counted: list[str] = []
+    counted: list[tuple[str, int]] = []
     kept.keep(b"dnsbl 192.0.2.4", "dnsbl", b"verdict=listed",
-              Keep(100.0, (lambda: counted.append("a"), lambda: counted.append("b"))))
+              Keep(100.0, (lambda n=1: counted.append(("a", n)),
+                           lambda n=1: counted.append(("b", n)))))
     kept.table[b"dnsbl 192.0.2.4"][2:] = [3, 0.0003]  # as the C code counts three hits
     kept.drain()
-    assert counted == ["a"] * 3 + ["b"] * 3
+    assert counted == [("a", 3), ("b", 3)]  # one call each for all the hits
     assert metrics.by_verb["dnsbl"][0] == 3 and metrics.kept["dnsbl"] == 3
     kept.drain()
-    assert len(counted) == 6  # counted once
+    assert len(counted) == 2  # counted once
     # The same token keeps it; a new one empties it, after counting what it still owed.
     kept.check("t1")
     kept.table[b"dnsbl 192.0.2.4"][2] = 1
     kept.check("t2")
-    assert len(counted) == 8 and not kept.table
+    assert counted[2:] == [("a", 1), ("b", 1)] and not kept.table
 
 
 def test_the_table_stays_bounded_and_long_replies_are_not_kept() -> None:

@@ -83,7 +83,7 @@ from lookupd.dnsbl.verdict import (
     with_text,
 )
 from lookupd.errors import BadRequest
-from lookupd.outcome import Status
+from lookupd.outcome import Count, Status
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class _Handover:
 R = TypeVar("R")
 
 
-def _counted() -> None:
+def _counted(n: int = 1) -> None:
     """What a Cached result counts once it has been taken: nothing more."""
 
 
@@ -174,7 +174,7 @@ class Cached(Generic[R]):
 
     __slots__ = ("_count", "counter", "expires", "result")
 
-    def __init__(self, result: R, count: Callable[[], None],
+    def __init__(self, result: R, count: Count,
                  expires: float = math.inf) -> None:
         self.result = result
         self.counter = count
@@ -189,11 +189,10 @@ class Cached(Generic[R]):
 
 # What `_peek_check` decided from cached answers, reused while the same lists (in service)
 # give the same verdicts: the lists asked, their verdicts, the result, and its count.
-_Combined = tuple[tuple["_ListState", ...], tuple[ListAnswer, ...], DnsblResult,
-                  Callable[[], None]]
+_Combined = tuple[tuple["_ListState", ...], tuple[ListAnswer, ...], DnsblResult, Count]
 # What `peek_ptr` decided: the PTR answer and the forward answers (by name) it came from,
 # the result, and its count.
-_PtrMemo = tuple[DnsAnswer, tuple[tuple[str, DnsAnswer], ...], PtrResult, Callable[[], None]]
+_PtrMemo = tuple[DnsAnswer, tuple[tuple[str, DnsAnswer], ...], PtrResult, Count]
 
 
 class DnsblSource:
@@ -491,11 +490,11 @@ class DnsblSource:
                 expires = min(expires, found.answer.expires)
         result = decide_fcrdns(address, ptr, forwards)
 
-        def count() -> None:
+        def count(n: int = 1) -> None:
             # As `ptr` counts an answer without a packet: a query and a cache hit.
-            self._ptr_counters.queries += 1
-            self._ptr_counters.cache_hits += 1
-            self._account_ptr(result)
+            self._ptr_counters.queries += n
+            self._ptr_counters.cache_hits += n
+            self._account_ptr(result, n)
 
         memo = self._ptr_memo
         if len(memo) >= self._config.cache_size:
@@ -565,13 +564,13 @@ class DnsblSource:
         if known is not None and known[0] == who and known[1] == said:
             return Cached(known[2], known[3], expires)
 
-        def count() -> None:
+        def count(n: int = 1) -> None:
             # As `_check` counts answers without a packet: a query and a cache hit per list
             # asked (one out of service is not asked), and each answer's hit or failure.
             for state in who:
-                state.counters.queries += 1
-                state.counters.cache_hits += 1
-            self._account_all(who, said)
+                state.counters.queries += n
+                state.counters.cache_hits += n
+            self._account_all(who, said, n)
 
         result = combine(said, self._config.threshold, skipped)
         memo = self._combined
@@ -748,33 +747,34 @@ class DnsblSource:
         return DnsAnswer(answer.status, tuple(redact(r, key) for r in answer.records),
                          answer.reason, answer.expires)
 
-    def _account_all(self, lists: Sequence[_ListState], answers: Sequence[ListAnswer]) -> None:
+    def _account_all(self, lists: Sequence[_ListState], answers: Sequence[ListAnswer],
+                     n: int = 1) -> None:
         for state, answer in zip(lists, answers, strict=True):
-            self._account(state, answer)
+            self._account(state, answer, n)
 
-    def _account_ptr(self, result: PtrResult) -> None:
+    def _account_ptr(self, result: PtrResult, n: int = 1) -> None:
         # A hit is "has a PTR"; a failed PTR or forward lookup is a timeout or an error (not
         # while the resolver is down: that is said once, for everything).
         if result.status is Status.FOUND:
-            self._ptr_counters.hits += 1
+            self._ptr_counters.hits += n
         if result.fcrdns == "unknown" and result.reason != RESOLVER_DOWN:
             if result.reason == "timeout":
-                self._ptr_counters.timeouts += 1
+                self._ptr_counters.timeouts += n
             else:
-                self._ptr_counters.errors += 1
+                self._ptr_counters.errors += n
 
-    def _account(self, state: _ListState, answer: ListAnswer) -> None:
+    def _account(self, state: _ListState, answer: ListAnswer, n: int = 1) -> None:
         counters = state.counters
         if answer.status is Status.FOUND:
-            counters.hits += 1
+            counters.hits += n
             return
         if answer.status is not Status.UNKNOWN or answer.reason in (QUARANTINED, UNPROBED,
                                                                      RESOLVER_DOWN):
             return
         if answer.reason == "timeout":
-            counters.timeouts += 1
+            counters.timeouts += n
         else:
-            counters.errors += 1
+            counters.errors += n
         if not self._once((state.spec.name, answer.reason)):
             return
         if answer.reason.startswith("error-code-"):
