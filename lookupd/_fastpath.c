@@ -72,6 +72,10 @@ static int answer_from(PyObject *table, int fd, const char *req, Py_ssize_t len,
     close(fd);
     /* Counted for Python, which adds them to the metrics and the sources' figures. */
     Py_ssize_t count = PyLong_AsSsize_t(hits);
+    if (count < 0) { /* never, as Python resets it; not an error to leave set */
+        PyErr_Clear();
+        count = 0;
+    }
     PyObject *more = PyLong_FromSsize_t(count + 1);
     PyObject *spent = PyFloat_FromDouble(PyFloat_AS_DOUBLE(seconds) + monotonic() - started);
     if (more == NULL || spent == NULL) {
@@ -141,8 +145,11 @@ static PyObject *serve(PyObject *Py_UNUSED(self), PyObject *args)
         }
         PyObject *item = Py_BuildValue("(iy#O)", fd, buf, n, (len > 0) ? Py_True : Py_False);
         if (item == NULL || PyList_Append(rest, item) < 0) {
+            /* Out of memory: no client accepted here is left open. */
             Py_XDECREF(item);
             close(fd);
+            for (Py_ssize_t j = 0; j < PyList_GET_SIZE(rest); j++)
+                close((int)PyLong_AsLong(PyTuple_GET_ITEM(PyList_GET_ITEM(rest, j), 0)));
             Py_DECREF(rest);
             return NULL;
         }

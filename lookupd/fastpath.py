@@ -110,6 +110,11 @@ class KeptReplies:
                 self.clear()
             self._token = token
 
+    def reset(self, token: Hashable) -> None:
+        """Empty the table (a reload): what is kept from now on is kept under `token`."""
+        self.clear()
+        self._token = token
+
     def clear(self) -> None:
         self.drain()
         self.table.clear()

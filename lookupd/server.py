@@ -263,13 +263,23 @@ class Server:
             self._drain_timer = self.loop.call_later(DRAIN_EVERY, self._drain)
         if rest:
             family, type_, proto = int(listener.family), int(listener.type), listener.proto
-            for fd, data, complete in rest:
-                sock = Client(family, type_, proto, fd)
-                if complete:
+            pending = rest[::-1]
+            try:
+                while pending:
+                    fd, data, complete = pending.pop()
+                    sock = Client(family, type_, proto, fd)
                     end = request_end(data)
-                    self.answer(sock, kind, data if end < 0 else data[: end + 1], None)
-                else:
-                    self._serve(sock, kind, data)
+                    if end >= 0:
+                        self.answer(sock, kind, data[: end + 1], None)
+                    elif len(data) > MAX_REQUEST:  # too long: dropped, then said (as _serve)
+                        Connection(self, sock, kind, data).park()
+                    elif complete:  # EOF: the request is what came
+                        self.answer(sock, kind, data, None)
+                    else:
+                        self._serve(sock, kind, data)
+            finally:
+                for fd, _, _ in pending:  # not reached: an error answering one before them
+                    os.close(fd)
         if failed:
             repeats.warning("accepts that failed for want of resources",
                             "cannot accept a connection: %s", os.strerror(failed))
@@ -417,7 +427,8 @@ class Server:
     def swap(self, dispatcher: Dispatcher) -> None:
         """Make `dispatcher` the one that answers; retire the one it replaces."""
         old, self.dispatcher = self.dispatcher, dispatcher
-        self.kept.clear()  # replies of the old configuration; counted on the old sources
+        # Replies of the old configuration, counted on the old sources; the new one's token.
+        self.kept.reset(dispatcher.token())
         self.retired.append(old)
         self.answered_on(old)
         if old in self.retired:  # requests still in flight: close it after them, or later

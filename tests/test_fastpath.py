@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 from support import short_dir
 
+from lookupd.dnsbl.answers import DnsAnswer
+from lookupd.dnsbl.cache import AnswerCache
 from lookupd.fastpath import MAX_ENTRIES, Keep, KeptReplies, compiled
 from lookupd.metrics import Metrics
+from lookupd.outcome import Status
 
 serve = compiled()
 needs_compiled = pytest.mark.skipif(serve is None, reason="the compiled front end is not built")
@@ -131,3 +134,16 @@ def test_the_module_is_built_where_the_tests_run() -> None:
     """scripts/test installs gcc and python3-dev: the suite must run the compiled path (a
     build that silently fell back would leave it untested)."""
     assert serve is not None, Path(__file__).parent.parent / "lookupd" / "_fastpath.c"
+
+
+def test_answers_used_again_by_kept_replies_stay_the_most_recently_used() -> None:
+    """A kept reply's hits touch its DNS answers when they are counted: the busiest clients'
+    answers are not the first a full cache drops (each drop would also empty the table)."""
+    cache = AnswerCache(2, clock=lambda: 1000.0)
+    listed = DnsAnswer(Status.FOUND, ("127.0.0.2",), expires=2000.0)
+    cache.put(("bl.test", "A", "busy"), listed)
+    cache.put(("bl.test", "A", "once"), listed)
+    cache.touch([("bl.test", "A", "busy"), ("bl.test", "A", "gone")])
+    cache.put(("bl.test", "A", "new"), listed)  # full: the least recently used goes
+    assert cache.get(("bl.test", "A", "busy")) is listed
+    assert cache.get(("bl.test", "A", "once")) is None

@@ -83,6 +83,16 @@ class AnswerCache:
         entries[key] = entry
         return entry
 
+    def touch(self, keys: Iterable[CacheKey]) -> None:
+        """Make these answers the most recently used (a reply given again without a lookup,
+        lookupd/fastpath.py, used them): the busiest clients' answers are not the first to
+        go when the cache is full."""
+        entries = self._entries
+        for key in keys:
+            entry = entries.pop(key, None)
+            if entry is not None:
+                entries[key] = entry
+
     def put(self, key: CacheKey, answer: DnsAnswer) -> None:
         # An answer already expired (TTL 0, errors with error_ttl 0) is not kept, and takes
         # the key's older answer with it: it is still shared by the in-flight waiters.

@@ -490,11 +490,15 @@ class DnsblSource:
                 expires = min(expires, found.answer.expires)
         result = decide_fcrdns(address, ptr, forwards)
 
+        used = (("", "PTR", label), *(("", rdtype, name) for name in forwards))
+
         def count(n: int = 1) -> None:
-            # As `ptr` counts an answer without a packet: a query and a cache hit.
+            # As `ptr` counts an answer without a packet: a query and a cache hit; the
+            # answers are used again, as a lookup uses them.
             self._ptr_counters.queries += n
             self._ptr_counters.cache_hits += n
             self._account_ptr(result, n)
+            cache.touch(used)
 
         memo = self._ptr_memo
         if len(memo) >= self._config.cache_size:
@@ -564,13 +568,18 @@ class DnsblSource:
         if known is not None and known[0] == who and known[1] == said:
             return Cached(known[2], known[3], expires)
 
+        used = tuple((s.spec.zone, rdtype, label) for s, said_one in zip(who, said, strict=True)
+                     for rdtype in (("A", "TXT") if said_one.status is Status.FOUND else ("A",)))
+
         def count(n: int = 1) -> None:
             # As `_check` counts answers without a packet: a query and a cache hit per list
-            # asked (one out of service is not asked), and each answer's hit or failure.
+            # asked (one out of service is not asked), and each answer's hit or failure; the
+            # answers are used again, as a lookup uses them.
             for state in who:
                 state.counters.queries += n
                 state.counters.cache_hits += n
             self._account_all(who, said, n)
+            cache.touch(used)
 
         result = combine(said, self._config.threshold, skipped)
         memo = self._combined
