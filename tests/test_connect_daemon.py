@@ -512,10 +512,12 @@ zone = "bl.test"
 families = ["ipv4"]
 query_special = true
 """)
-        assert daemon.query(f"dnsbl {LISTED}").startswith("verdict=listed ")
-        for _ in range(5):
+        # Asked until the compiled front end gives it again (the first probe round, which
+        # changes the list's standing, empties the table once).
+        deadline = time.monotonic() + 10
+        while _metric(daemon, "lookupd_requests_kept_total", verb="dnsbl") < 2:
             assert daemon.query(f"dnsbl {LISTED}").startswith("verdict=listed ")
-        assert _metric(daemon, "lookupd_requests_kept_total", verb="dnsbl") >= 4
+            assert time.monotonic() < deadline, "the compiled front end never answered"
         rbl.zone_file("short.zone").write_text(zone.replace(f"{LISTED}\n", ""))
         rbl.reload()
         deadline = time.monotonic() + 10
