@@ -71,7 +71,7 @@ def describe_fastpath(on: bool) -> str:
 class Keep:
     """A handler's word on the reply it just gave: the same request gets the same reply until
     `expires` (time.time()) while the dispatcher's token stays the same; `counts` are what
-    a new answer would have counted, called once per reuse."""
+    a new answer would have counted, each called with the number of reuses."""
 
     expires: float = float("inf")
     counts: tuple[Count, ...] = ()
