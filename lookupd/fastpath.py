@@ -90,9 +90,6 @@ class KeptReplies:
         self._owed: dict[bytes, tuple[str, tuple[Count, ...]]] = {}
         self._token: Hashable = None
 
-    def __len__(self) -> int:
-        return len(self.table)
-
     def keep(self, request: bytes, verb: str, reply: bytes, keep: Keep) -> None:
         if len(reply) > MAX_REPLY or len(request) > MAX_REPLY:
             return

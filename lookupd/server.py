@@ -65,7 +65,8 @@ _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 Client = _socket.socket  # an accepted connection
 _READ = 4096  # a request is at most MAX_REQUEST bytes; more per read only drops faster
 _ACCEPT_BATCH = 64  # connections accepted per wake-up before other callbacks get a turn
-_READS_COUNTS = frozenset(("metrics", "status", "stats"))
+# Verbs that show counts (`metrics` too: metrics_text drains, for the HTTP page as well).
+_READS_COUNTS = frozenset(("status", "stats"))
 
 
 class Connection:
@@ -266,17 +267,8 @@ class Server:
             pending = rest[::-1]
             try:
                 while pending:
-                    fd, data, complete = pending.pop()
-                    sock = Client(family, type_, proto, fd)
-                    end = request_end(data)
-                    if end >= 0:
-                        self.answer(sock, kind, data[: end + 1], None)
-                    elif len(data) > MAX_REQUEST:  # too long: dropped, then said (as _serve)
-                        Connection(self, sock, kind, data).park()
-                    elif complete:  # EOF: the request is what came
-                        self.answer(sock, kind, data, None)
-                    else:
-                        self._serve(sock, kind, data)
+                    fd, data, ended = pending.pop()
+                    self._serve(Client(family, type_, proto, fd), kind, data, ended)
             finally:
                 for fd, _, _ in pending:  # not reached: an error answering one before them
                     os.close(fd)
@@ -290,10 +282,21 @@ class Server:
         self._drain_timer = None
         self.kept.drain()
 
-    def _serve(self, sock: Client, kind: Literal["unix", "tcp"], buffer: bytes = b"") -> None:
+    def _serve(self, sock: Client, kind: Literal["unix", "tcp"], buffer: bytes = b"",
+               ended: bool = False) -> None:
         """Answer a new client at once if its request is there (Exim writes it right after
-        connecting), else wait for it on the loop. `buffer`: what was read already."""
+        connecting), else wait for it on the loop. `buffer`: what was read already (the
+        compiled front end's); `ended`: its line end or EOF was read too."""
         while True:
+            end = request_end(buffer)
+            if end >= 0:
+                self.answer(sock, kind, buffer[: end + 1], None)
+                return
+            if len(buffer) > MAX_REQUEST:
+                break  # the Connection drops the rest and says it was too long
+            if ended:  # EOF: the request is what came (Exim half-closes after its write)
+                self.answer(sock, kind, buffer, None)
+                return
             try:
                 data = sock.recv(_READ, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
@@ -301,16 +304,8 @@ class Server:
             except OSError:  # reset by the client: nobody to answer
                 sock.close()
                 return
-            if not data:  # EOF: the request is what came (Exim half-closes after its write)
-                self.answer(sock, kind, buffer, None)
-                return
+            ended = not data
             buffer += data
-            end = request_end(buffer)
-            if end >= 0:
-                self.answer(sock, kind, buffer[: end + 1], None)
-                return
-            if len(buffer) > MAX_REQUEST:
-                break  # the Connection drops the rest and says it was too long
         Connection(self, sock, kind, buffer).park()
 
     def answer(self, sock: Client, kind: Literal["unix", "tcp"],
