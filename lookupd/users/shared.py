@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from lookupd.cluster import Cluster, decode, finite
@@ -77,14 +78,19 @@ return 1
 
 # How long reading every block may take (a merge, not a request).
 SNAPSHOT_TIMEOUT = 10.0
+# How long `lookupd users block|unblock` waits for Redis. An admin's command is not on Exim's
+# path, so cluster.timeout (a request's bound, often a few hundred ms) would only make it give
+# up on a busy Redis or a cold start (its first script is sent in full) and share later.
+ADMIN_TIMEOUT = 5.0
 
 T = TypeVar("T")
 
 
 async def share_now(config: Config, change: Callable[[SharedUsers], Awaitable[T]]) -> T:
     """For `lookupd users`: connect to Redis, make `change` (published to every host at once),
-    disconnect. ClusterDown when Redis does not answer in cluster.timeout."""
-    cluster = Cluster(config.cluster)
+    disconnect. ClusterDown when Redis does not answer within ADMIN_TIMEOUT (or cluster.timeout
+    if longer)."""
+    cluster = Cluster(replace(config.cluster, timeout=max(config.cluster.timeout, ADMIN_TIMEOUT)))
     try:
         await cluster.connect_once()
         return await change(SharedUsers(cluster, config.users))
