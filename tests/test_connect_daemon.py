@@ -483,10 +483,12 @@ def test_repeated_lookups_get_the_same_answers_counted_and_logged_as_new_ones(
         assert "repeated lookups answered by the compiled front end" in daemon.log()
         # The accepted connect is given again; a refusal never is (its line is logged), or
         # connect's could reach 19. The first dnsbl and connect went to DNS: the second, from
-        # the DNS cache, is Python's, which keeps it for the other nine. Any change in the
-        # DNS cache (an answer replaced) empties the table: Python answers the next one.
+        # the DNS cache, is Python's, which keeps it for the other nine. Python also answers
+        # a client whose request was not there yet when it was accepted (on a loaded machine
+        # the client may not have run its write yet: 16 of 38 in one run), and the
+        # next one after any change in the DNS cache empties the table. So at least one each.
         most = {"ping": 10, "country": 10, "dnsbl": 9, "connect": 9}
-        assert all(5 <= kept[verb] <= most[verb] for verb in most), kept
+        assert all(1 <= kept[verb] <= most[verb] for verb in most), kept
     else:
         assert "compiled front end switched off (LOOKUPD_NO_FASTPATH is set)" in daemon.log()
         assert kept == {"ping": 0, "country": 0, "dnsbl": 0, "connect": 0}, kept
