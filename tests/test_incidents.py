@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -195,7 +196,7 @@ async def test_version_follows_the_index_answering(make_source: MakeSource,
     first = src.version()
     await asyncio.sleep(0.05)
     assert src.version() == first
-    with sqlite3.connect(db) as con:
+    with contextlib.closing(sqlite3.connect(db)) as con, con:  # closed: Python 3.13 warns
         con.execute("UPDATE blacklist SET matchcount = matchcount + 1")
     await eventually(lambda: src.version() != first)
     assert src.count(parse_ip("203.0.113.7")).count == 43

@@ -3,6 +3,7 @@ and who may run user-block / user-unblock (root, admin_group, not others, never 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -121,7 +122,8 @@ def test_admin_group_members_may_administer(start_lookupd: StartLookupd) -> None
     # A uid whose primary and supplementary groups lack nogroup: refused.
     assert ask_as(daemon, "user-unblock mallory", "--reuid=daemon", "--regid=daemon",
                   "--clear-groups") == "error not permitted"
-    history = sqlite3.connect(daemon.workdir / "state" / "users.sqlite").execute(
-        "SELECT action, by FROM history WHERE user = 'mallory' ORDER BY rowid").fetchall()
+    with contextlib.closing(sqlite3.connect(daemon.workdir / "state" / "users.sqlite")) as db:
+        history = db.execute("SELECT action, by FROM history WHERE user = 'mallory' "
+                             "ORDER BY rowid").fetchall()
     assert [a for a, _ in history] == ["block", "unblock"]
     assert all(by.startswith("nobody (uid 65534") for _, by in history)
