@@ -11,11 +11,17 @@
  *
  * table: dict, request bytes -> [reply bytes, expires (time.time() scale), hits (int),
  *                                 seconds spent on those hits (float)]
+ *
+ * Built against the stable ABI of Python 3.11 (abi3): the same file runs on every later
+ * Python, so a dist-upgrade of python3 keeps the front end (and the Debian package needs no
+ * rebuild for it).
  */
 #define PY_SSIZE_T_CLEAN
+#define Py_LIMITED_API 0x030B0000
 #include <Python.h>
 
 #include <errno.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -54,21 +60,26 @@ static int answer_from(PyObject *table, int fd, const char *req, Py_ssize_t len,
         PyErr_Clear();
         return 0;
     }
-    if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 4)
+    if (!PyList_CheckExact(entry) || PyList_Size(entry) != 4)
         return 0;
-    PyObject *reply = PyList_GET_ITEM(entry, 0);
-    PyObject *expires = PyList_GET_ITEM(entry, 1);
-    PyObject *hits = PyList_GET_ITEM(entry, 2);
-    PyObject *seconds = PyList_GET_ITEM(entry, 3);
+    PyObject *reply = PyList_GetItem(entry, 0); /* borrowed, as the three below */
+    PyObject *expires = PyList_GetItem(entry, 1);
+    PyObject *hits = PyList_GetItem(entry, 2);
+    PyObject *seconds = PyList_GetItem(entry, 3);
     if (!PyBytes_CheckExact(reply) || !PyFloat_CheckExact(expires) ||
         !PyLong_CheckExact(hits) || !PyFloat_CheckExact(seconds))
         return 0;
-    if (!(now < PyFloat_AS_DOUBLE(expires)))
+    if (!(now < PyFloat_AsDouble(expires)))
         return 0;
-    Py_ssize_t size = PyBytes_GET_SIZE(reply);
+    char *data;
+    Py_ssize_t size;
+    if (PyBytes_AsStringAndSize(reply, &data, &size) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
     /* A fresh Unix socket's buffer holds far more than a kept reply (Python keeps only
      * short ones): a short write means the client is gone, as an error does. */
-    (void)send(fd, PyBytes_AS_STRING(reply), (size_t)size, MSG_DONTWAIT | MSG_NOSIGNAL);
+    (void)send(fd, data, (size_t)size, MSG_DONTWAIT | MSG_NOSIGNAL);
     close(fd);
     /* Counted for Python, which adds them to the metrics and the sources' figures. */
     Py_ssize_t count = PyLong_AsSsize_t(hits);
@@ -77,7 +88,7 @@ static int answer_from(PyObject *table, int fd, const char *req, Py_ssize_t len,
         count = 0;
     }
     PyObject *more = PyLong_FromSsize_t(count + 1);
-    PyObject *spent = PyFloat_FromDouble(PyFloat_AS_DOUBLE(seconds) + monotonic() - started);
+    PyObject *spent = PyFloat_FromDouble(PyFloat_AsDouble(seconds) + monotonic() - started);
     if (more == NULL || spent == NULL) {
         Py_XDECREF(more);
         Py_XDECREF(spent);
@@ -148,8 +159,8 @@ static PyObject *serve(PyObject *Py_UNUSED(self), PyObject *args)
             /* Out of memory: no client accepted here is left open. */
             Py_XDECREF(item);
             close(fd);
-            for (Py_ssize_t j = 0; j < PyList_GET_SIZE(rest); j++)
-                close((int)PyLong_AsLong(PyTuple_GET_ITEM(PyList_GET_ITEM(rest, j), 0)));
+            for (Py_ssize_t j = 0; j < PyList_Size(rest); j++)
+                close((int)PyLong_AsLong(PyTuple_GetItem(PyList_GetItem(rest, j), 0)));
             Py_DECREF(rest);
             return NULL;
         }

@@ -176,6 +176,10 @@ def test_package_builds_installs_answers_and_purges(tmp_path: Path) -> None:
     arch = _run("dpkg", "--print-architecture").stdout.strip()
     deb = tmp_path / f"lookupd_{__version__}_{arch}.deb"
     assert deb.exists(), sorted(p.name for p in tmp_path.iterdir())
+    # The compiled front end is built for the stable ABI: a newer python3 (a dist-upgrade)
+    # keeps it, so the package must not hold python3 back or be removed by the upgrade.
+    depends = _run("dpkg-deb", "-f", str(deb), "Depends").stdout
+    assert "python3 (>= 3.11~)" in depends and "python3 (<<" not in depends, depends
 
     made_private_root = not PRIVATE_STATE.parent.exists()
     state_was = _listing(STATE)
@@ -209,8 +213,8 @@ def _check_installed_files(files: set[str]) -> None:
                     "/usr/share/doc/lookupd/copyright", "/usr/lib/python3/dist-packages/lookupd"):
         assert shipped in files, shipped
     # The compiled front end, built for Debian's python3 (lookupd/fastpath.py).
-    assert [f for f in files if f.startswith("/usr/lib/python3/dist-packages/lookupd/_fastpath.")
-            and f.endswith(".so")], "the compiled front end is not in the package"
+    assert "/usr/lib/python3/dist-packages/lookupd/_fastpath.abi3.so" in files, \
+        "the compiled front end is not in the package"
     # The conffile is the repository's example, every setting commented out.
     conffiles = _run("dpkg-query", "-W", "-f=${Conffiles}", "lookupd").stdout
     assert "/etc/lookupd/lookupd.toml " in conffiles

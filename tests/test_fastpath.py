@@ -5,6 +5,7 @@ by the rest of the suite, and in test_connect_daemon (counted, logged, expired, 
 
 from __future__ import annotations
 
+import importlib
 import socket
 import time
 from collections.abc import Iterator
@@ -134,6 +135,13 @@ def test_the_module_is_built_where_the_tests_run() -> None:
     """scripts/test installs gcc and python3-dev: the suite must run the compiled path (a
     build that silently fell back would leave it untested)."""
     assert serve is not None, Path(__file__).parent.parent / "lookupd" / "_fastpath.c"
+
+
+def test_the_module_is_built_for_the_stable_abi() -> None:
+    """One file for Python 3.11 and every later one: a dist-upgrade of python3 keeps the
+    compiled front end, and the Debian package does not pin python3 (<< 3.12)."""
+    module = importlib.import_module("lookupd._fastpath")
+    assert (module.__file__ or "").endswith(".abi3.so"), module.__file__
 
 
 def test_answers_used_again_by_kept_replies_stay_the_most_recently_used() -> None:
