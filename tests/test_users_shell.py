@@ -92,7 +92,11 @@ def test_suggested_commands_survive_a_shell(start_lookupd: StartLookupd, tmp_pat
     mails = tmp_path / "mails"
     mails.mkdir()
     capture = tmp_path / "capture.sh"
-    capture.write_text(f'#!/bin/sh\ncat > "$(mktemp "{mails}/mail.XXXXXX")"\n')
+    # Written beside, then moved in: a mail in `mails` is whole.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    capture.write_text(f'#!/bin/sh\nt="$(mktemp "{partial}/mail.XXXXXX")"\ncat > "$t"\n'
+                       f'mv "$t" "{mails}/"\n')
     capture.chmod(0o755)
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -110,7 +114,6 @@ def test_suggested_commands_survive_a_shell(start_lookupd: StartLookupd, tmp_pat
     while len(list(mails.iterdir())) < len(HOSTILE):
         assert time.monotonic() < deadline, f"{len(list(mails.iterdir()))} mails\n{daemon.log()}"
         time.sleep(0.05)
-    time.sleep(0.2)  # the last `cat` finishes writing
 
     seen = set()
     for path in mails.iterdir():
