@@ -195,13 +195,13 @@ def test_connect_answers_within_its_deadline_when_dns_hangs(start_lookupd: Start
             started = time.monotonic()
             got = fields(daemon.query(f"connect {ip} 25"))
             took = time.monotonic() - started
-            assert 0.35 < took < 1.5, took
+            assert 0.35 < took < 5, took  # connect's deadline, not the DNSBL one (10s)
             assert (got["action"], got["dnsbl"], got["ptr"], got["fcrdns"]) == \
                 (action, "unknown", "??", "unknown")
         # A second request for the same client waits no longer than the first.
         started = time.monotonic()
         daemon.query(f"connect {CLEAN} 25")
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 5
     finally:
         silent.stop()
 

@@ -218,9 +218,9 @@ async def test_a_dead_first_nameserver_costs_a_share_of_the_deadline(
     for i in range(30, 36):  # new clients, not listed
         (clean, elapsed) = await timed(source.check_ip(f"198.51.100.{i}"))
         assert render_dnsbl(clean) == 'verdict=clean score=0 lists="" unknown="" text="" skipped=""'
-    assert elapsed < 0.2
+    assert elapsed < 0.45  # one round trip to rbldnsd, not the dead one's share (0.5 s)
     (listed, elapsed) = await timed(source.check_ip("198.51.100.21"))
-    assert listed.status.name == "FOUND" and elapsed < 0.2
+    assert listed.status.name == "FOUND" and elapsed < 0.45
     await source.probe()
     assert states(source) == ["ok", "ok"]
 
@@ -382,9 +382,9 @@ async def test_a_list_that_stops_answering_is_quarantined_by_real_queries(
         assert min(waits) > 0.45  # each waited the whole deadline
         took = await until(lambda: states(source)[-1] == "quarantined-not-answering", 1.0)
         if len(lists) == 2:
-            assert took < 0.2  # at the third timeout: no probe round (0.5 s) was needed
+            assert took < 0.45  # at the third timeout: no probe round (0.5 s) was needed
         (result, elapsed) = await timed(source.check_ip("198.51.100.43"))
-        assert elapsed < 0.1  # out of service: left out of the verdict, not waited for
+        assert elapsed < 0.3  # out of service: left out, not waited for (its deadline, 0.5 s)
         assert render_dnsbl(result) == CLEAN
         assert [a.name for a in result.answers] == [c.zone for c in lists[:-1]]
         said = warnings(caplog, "quarantined")

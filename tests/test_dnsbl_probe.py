@@ -320,7 +320,7 @@ async def test_take_over_keeps_unchanged_lists_trusted_and_the_cache(
         assert render_dnsbl(fresh) == (
             'verdict=listed score=1 lists=good.test:127.0.0.2 unknown="" '
             'text="good.test: Listed in good.test: 192.0.2.5" skipped=""')
-        assert elapsed < 0.3
+        assert elapsed < 0.5  # not after a probe (0.6 s)
         with pytest.raises(RuntimeError, match="before open"):
             new.take_over(old)
         # The old source is closed by the caller; the new one shares nothing it closes.
@@ -374,7 +374,7 @@ async def test_take_over_starts_changed_lists_unprobed(
                 "verdict=listed score=2 lists=good.test:127.0.0.2,other.test:127.0.0.4 "
                 'unknown="" ')
         elif change == "codes":
-            assert elapsed < 0.3
+            assert elapsed < 0.5  # not after a probe (0.6 s)
             assert render_dnsbl(result).startswith(
                 'verdict=listed score=2 lists=good:127.0.0.2 unknown="" ')
         else:

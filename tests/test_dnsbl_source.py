@@ -202,27 +202,29 @@ async def test_domain_list(open_source: OpenSource) -> None:
 ])
 async def test_failures_are_unknown_never_clean(open_source: OpenSource, ip: str,
                                                 reason: str) -> None:
-    source = await open_source(BL, deadline=0.3)
+    # Deadlines of 1s here: a loaded machine's round trip through dnsmasq and knot stays far
+    # below it, so a slow answer is not taken for a timeout.
+    source = await open_source(BL, deadline=1.0)
     started = time.monotonic()
     result = await source.check_ip(ip)
     elapsed = time.monotonic() - started
     assert render_dnsbl(result) == \
         f'verdict=unknown score=0 lists="" unknown=bl.test:{reason} text="" skipped=""'
     if reason == "timeout":
-        assert 0.25 <= elapsed < 0.6
+        assert 0.95 <= elapsed < 2.0
     else:
-        assert elapsed < 0.25  # an answer, not the deadline
+        assert elapsed < 0.5  # an answer, not the deadline
 
 
 async def test_at_the_deadline_it_answers_with_what_it_has(open_source: OpenSource) -> None:
-    source = await open_source(BL, COP, deadline=0.3)
+    source = await open_source(BL, COP, deadline=1.0)
     started = time.monotonic()
     result = await source.check_ip("192.0.2.201")  # bl.test times out, cop.test lists it
-    assert time.monotonic() - started < 0.6
+    assert time.monotonic() - started < 2.0
     assert render_dnsbl(result).startswith(
         "verdict=listed score=1 lists=cop.test:127.0.0.2 unknown=bl.test:timeout ")
     # With a threshold the missing list could have reached, the verdict is unknown.
-    strict = await open_source(BL, COP, deadline=0.3, threshold=2.0)
+    strict = await open_source(BL, COP, deadline=1.0, threshold=2.0)
     assert (await strict.check_ip("192.0.2.201")).status is UNKNOWN
 
 
@@ -275,10 +277,10 @@ async def test_odd_test_points_are_said_once(open_source: OpenSource,
 @pytest.mark.parametrize("dead", [SLOW, BROKEN])
 async def test_a_list_that_stops_answering_is_quarantined(open_source: OpenSource,
                                                           dead: DnsblListConfig) -> None:
-    source = await open_source(dead, BL, deadline=0.3)
+    source = await open_source(dead, BL, deadline=1.0)
     started = time.monotonic()
     result = await source.check_ip("192.0.2.4")
-    assert time.monotonic() - started < 0.25  # the dead list is not even asked (deadline 0.3)
+    assert time.monotonic() - started < 0.5  # the dead list is not even asked (deadline 1s)
     assert [a.name for a in result.answers] == ["bl.test"] and result.reason == ""
     assert source.stats().lists[0].quarantine == "not-answering"
 
@@ -472,7 +474,7 @@ async def test_dqs_key_is_used_but_never_shown(open_source: OpenSource, lab: Dns
     ("198.51.100.1", 'name="" fcrdns=unknown'),
 ])
 async def test_ptr(open_source: OpenSource, ip: str, reply: str) -> None:
-    source = await open_source(deadline=0.3)
+    source = await open_source(deadline=1.0)  # two round trips (PTR, then A) on a loaded box
     assert render_ptr(await source.ptr(ip)) == reply
 
 
@@ -506,7 +508,9 @@ async def test_stats(open_source: OpenSource) -> None:
 
 async def test_cold_queries_to_three_lists_cost_one_round_trip(open_source: OpenSource,
                                                                lab: DnsLab) -> None:
-    delay = 0.08
+    # 0.3s: what a loaded machine adds to a round trip is small beside it (the DNS client
+    # asks again only at half the 1s deadline).
+    delay = 0.3
     proxy = DelayProxy(lab.rbldnsd.port, delay)
     try:
         one = await open_source(BL, port=proxy.port)

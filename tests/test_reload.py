@@ -218,8 +218,11 @@ def test_overlapping_sighups_are_folded_and_leak_nothing(
     finally:
         stop.set()
         runner.join()
-    reloads = daemon.log().count("configuration and databases reloaded") - warmed_up
-    assert 1 <= reloads < 50, reloads  # folded, yet the last signal was honoured
+    def reloads() -> int:
+        return daemon.log().count("configuration and databases reloaded") - warmed_up
+
+    wait_for(lambda: reloads() >= 1, timeout=10)  # a loaded machine may still be at it
+    assert reloads() < 50, reloads()  # folded, yet the signals were honoured
     # Every retired set is closed: no thread or descriptor per reload is left. Allowed slack:
     # asyncio's worker pool may still grow to its bound (min(32, cores + 4) threads), and
     # sqlite keeps the descriptor of a closed connection open while another connection of

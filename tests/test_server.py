@@ -163,7 +163,8 @@ def test_many_idle_clients_do_not_block_others(daemon) -> None:  # type: ignore[
     try:
         started = time.monotonic()
         assert daemon.query("country 81.2.69.142") == "GB"
-        assert time.monotonic() - started < 1.0
+        # Far below read_timeout (3s), which answering behind the idle clients would take.
+        assert time.monotonic() - started < 2.5
     finally:
         for sock in idle:
             sock.close()
@@ -287,7 +288,7 @@ def test_sigterm_lets_requests_in_flight_finish(start_lookupd: StartLookupd) -> 
         daemon = start_lookupd(CONFIG + f"""
 [dnsbl]
 nameservers = ["127.0.0.1:{port}"]
-deadline = "1s"
+deadline = "3s"
 [[dnsbl.list]]
 zone = "bl.test"
 query_special = true  # 192.0.2.1 is a documentation address: asked only so
@@ -295,9 +296,9 @@ query_special = true  # 192.0.2.1 is a documentation address: asked only so
         result: list[str] = []
         thread = threading.Thread(target=lambda: result.append(daemon.query("dnsbl 192.0.2.1")))
         thread.start()
-        time.sleep(0.3)
+        time.sleep(1.0)  # the request is in (even on a loaded machine) and waits for 3s
         assert daemon.stop() == 0
-        thread.join(5)
+        thread.join(10)
     assert len(result) == 1 and result[0].startswith("verdict=unknown"), result
     assert "finishing requests in flight" in daemon.log()
 
