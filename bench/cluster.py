@@ -118,7 +118,8 @@ def run(ctx: Context) -> SuiteResult:
             ctx, config=LOCAL.format(limit=10**9), name="local"))
         shared = cluster("shared", 10**9)
         a, c = cluster("a", 1), cluster("c", 1)
-        time.sleep(1.0)  # the first connection to Redis
+        for server in (shared, a, c):  # each measured through Redis, not alone
+            _wait_for_redis(server)
         delays = propagation(a.endpoint, c.endpoint)
         tables = [Table(
             title=f"Block propagation host a -> host c ({len(delays)} blocks)",
