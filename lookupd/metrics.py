@@ -40,13 +40,18 @@ UNKNOWN = Status.UNKNOWN
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+def _row() -> list[float]:
+    """A verb's first reply: [ok, error, sum of seconds, count per bucket ..., +Inf]."""
+    return [0.0] * (len(BUCKETS) + 4)
+
+
 class Metrics:
     """Counters kept for the daemon's whole life (a reload keeps them)."""
 
     def __init__(self) -> None:
         # verb -> [ok, error, sum of seconds, count per bucket ..., +Inf]: one dict lookup
         # and list stores a reply.
-        self.by_verb: dict[str, list[float]] = {}
+        self.by_verb: defaultdict[str, list[float]] = defaultdict(_row)
         self.verdicts: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.helo_verdicts: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.unknown_facts = {"country": 0, "incidents": 0, "dnsbl": 0, "ptr": 0}
@@ -56,9 +61,7 @@ class Metrics:
 
     def answered(self, verb: str, error: bool, seconds: float) -> None:
         """One reply: its verb ("-" for a request that did not parse) and how long it took."""
-        row = self.by_verb.get(verb)
-        if row is None:
-            row = self.by_verb[verb] = [0.0] * (len(BUCKETS) + 4)
+        row = self.by_verb[verb]
         row[error] += 1
         row[2] += seconds
         row[3 + bisect.bisect_left(BUCKETS, seconds)] += 1
@@ -66,9 +69,7 @@ class Metrics:
     def answered_many(self, verb: str, count: int, seconds: float) -> None:
         """`count` replies given by the compiled front end (lookupd/fastpath.py), which took
         `seconds` in all: each is put in the bucket of their mean (all well under 0.5 ms)."""
-        row = self.by_verb.get(verb)
-        if row is None:
-            row = self.by_verb[verb] = [0.0] * (len(BUCKETS) + 4)
+        row = self.by_verb[verb]
         row[0] += count
         row[2] += seconds
         self.kept[verb] += count
