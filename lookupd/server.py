@@ -336,11 +336,13 @@ class Server:
             reply = ERR_INTERNAL
         if isinstance(reply, str):
             keep = dispatcher.kept
+            wire = None
             if (keep is not None and conn is None and kind == "unix" and self.fast is not None
                     and not self.debug and not reply.startswith("error")):
-                with contextlib.suppress(ValueError):
-                    self.kept.keep(bytes(data), verb, check_reply(reply), keep)
-            self.send(sock, reply, verb, started, conn)
+                with contextlib.suppress(ValueError):  # send() says what is wrong with it
+                    wire = check_reply(reply)
+                    self.kept.keep(bytes(data), verb, wire, keep)
+            self.send(sock, reply, verb, started, conn, wire)
             return
         if conn is None:
             conn = Connection(self, sock, kind)
@@ -349,15 +351,17 @@ class Server:
         self.track(self.loop.create_task(conn.finish(reply, dispatcher, verb, started)))
 
     def send(self, sock: Client, reply: str, verb: str, started: float,
-             conn: Connection | None) -> None:
-        """Write the reply and close; count it (`started`: 0 for replies to no request)."""
+             conn: Connection | None, data: bytes | None = None) -> None:
+        """Write the reply and close; count it (`started`: 0 for replies to no request).
+        `data`: the reply as `check_reply` encoded it already (a kept one), or None."""
         if sock.fileno() < 0:  # closed already: shed, or stopped
             return
-        try:
-            data = check_reply(reply)
-        except ValueError:
-            log.exception("internal error: a reply had a line break; please report this")
-            data = ERR_INTERNAL.encode()
+        if data is None:
+            try:
+                data = check_reply(reply)
+            except ValueError:
+                log.exception("internal error: a reply had a line break; please report this")
+                data = ERR_INTERNAL.encode()
         try:
             sent = sock.send(data, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
